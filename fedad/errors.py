@@ -1,0 +1,21 @@
+"""One exception type for user errors, and the clean exit that reports it."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+
+class FedadError(Exception):
+    """A mistake the user can fix: a bad path, column, config value or input file.
+
+    The message is one paragraph that names what was wrong and how to fix it.
+    Entry points print it without a traceback and exit non-zero.
+    """
+
+
+def exit_with(error: FedadError, code: int = 2) -> None:
+    """Print ``error`` as one wrapped paragraph on stderr and exit with ``code``."""
+    text = " ".join(str(error).split())
+    print("fedad: error: " + textwrap.fill(text, width=100, subsequent_indent="  "), file=sys.stderr)
+    raise SystemExit(code)
