@@ -1,0 +1,1 @@
+"""Data layer: load, audit, split, preprocess and partition IoT traffic."""

@@ -1,0 +1,180 @@
+"""Client partitions of the training set: row indices per simulated IoT site."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import datasets
+import numpy as np
+import pandas as pd
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+    SizePartitioner,
+)
+
+from fedad.errors import FedadError
+
+PARTITIONS = ("iid", "dirichlet", "pathological", "quantity", "natural")
+
+
+def partition(
+    cfg: Mapping,
+    y: np.ndarray,
+    num_clients: int,
+    seed: int,
+    groups: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Split training rows among clients with a ``flwr_datasets`` partitioner.
+
+    Parameters
+    ----------
+    cfg : Mapping
+        The ``partition`` config: ``name`` plus the partitioner's settings
+        (``alpha``, ``classes_per_client``, ``beta``, ``min_size``).
+    y : np.ndarray
+        Training class codes; label skew is drawn over them.
+    num_clients : int
+        Number of clients; ignored by ``natural``, which makes one client per
+        distinct value of ``groups``.
+    seed : int
+        Seed for every random choice, so a seed gives the same partitions.
+    groups : np.ndarray, optional
+        Per-row natural id (site, device) for the ``natural`` partition.
+
+    Returns
+    -------
+    list[np.ndarray]
+        Sorted row indices into ``y`` for each client. Together they cover every
+        training row exactly once.
+    """
+    name = cfg["name"]
+    if name not in PARTITIONS:
+        raise FedadError(
+            f"Unknown partition '{name}'. Choose one of {', '.join(PARTITIONS)}, "
+            f"e.g. `partition=dirichlet partition.alpha=0.5`."
+        )
+    n = len(y)
+    min_size = int(cfg.get("min_size", 10))
+    if name != "natural":
+        _check_client_count(num_clients, n, min_size)
+
+    table = {"idx": np.arange(n), "label": np.asarray(y)}
+    if name == "natural":
+        if groups is None:
+            raise FedadError(
+                "partition=natural needs a per-row id column (such as `site`), but this "
+                "dataset names none. Set `dataset.natural_column` to a column of the data "
+                "file, or choose another partition (iid, dirichlet, pathological, quantity)."
+            )
+        table["group"] = pd.Series(groups).astype(str).to_numpy()
+        partitioner: Partitioner = NaturalIdPartitioner(partition_by="group")
+    elif name == "iid":
+        partitioner = IidPartitioner(num_partitions=num_clients)
+    elif name == "dirichlet":
+        alpha = float(cfg["alpha"])
+        if not alpha > 0:
+            raise FedadError(
+                f"partition.alpha must be > 0 (got {alpha}). Small values such as 0.1 give "
+                "strong label skew between clients, large ones such as 100 nearly IID splits."
+            )
+        partitioner = DirichletPartitioner(
+            num_partitions=num_clients,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_size,
+            self_balancing=bool(cfg.get("self_balancing", False)),
+            seed=seed,
+        )
+    elif name == "pathological":
+        k = int(cfg["classes_per_client"])
+        n_classes = len(np.unique(y))
+        if not 1 <= k <= n_classes:
+            raise FedadError(
+                f"partition.classes_per_client must be between 1 and the number of classes "
+                f"({n_classes}); got {k}."
+            )
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_clients,
+            partition_by="label",
+            num_classes_per_partition=k,
+            class_assignment_mode=str(cfg.get("class_assignment_mode", "random")),
+            seed=seed,
+        )
+    else:
+        partitioner = SizePartitioner(_quantity_sizes(cfg, n, num_clients, min_size, seed))
+
+    ds = datasets.Dataset.from_dict(table)
+    if name in ("iid", "quantity"):
+        # Both partitioners cut contiguous blocks, so shuffle rows first.
+        ds = ds.shuffle(seed=seed).flatten_indices()
+    partitioner.dataset = ds
+    try:
+        parts = [
+            np.sort(np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64))
+            for i in range(partitioner.num_partitions)
+        ]
+    except ValueError as err:
+        raise FedadError(
+            f"The '{name}' partitioner could not split {n} training rows into "
+            f"{num_clients} clients: {err} Use fewer clients, a larger `partition.alpha`, or a "
+            "smaller `partition.min_size`."
+        ) from err
+    return [p for p in parts if len(p) > 0]
+
+
+def _check_client_count(num_clients: int, n_rows: int, min_size: int) -> None:
+    if num_clients < 1:
+        raise FedadError(f"simulation.num_clients must be at least 1 (got {num_clients}).")
+    if num_clients > n_rows:
+        raise FedadError(
+            f"simulation.num_clients={num_clients} is more than the {n_rows} training rows, so "
+            "some clients would hold no data. Use fewer clients or a larger dataset."
+        )
+    if num_clients * min_size > n_rows:
+        raise FedadError(
+            f"{num_clients} clients with at least partition.min_size={min_size} rows each need "
+            f"{num_clients * min_size} rows, but the training set has {n_rows}. Lower "
+            "simulation.num_clients or partition.min_size."
+        )
+
+
+def _quantity_sizes(
+    cfg: Mapping, n_rows: int, num_clients: int, min_size: int, seed: int
+) -> list[int]:
+    """Draw skewed client sizes from a Dirichlet(beta), each at least ``min_size``."""
+    beta = float(cfg.get("beta", 0.5))
+    if not beta > 0:
+        raise FedadError(
+            f"partition.beta must be > 0 (got {beta}); smaller values give more unequal sizes."
+        )
+    rng = np.random.default_rng(seed)
+    spare = n_rows - num_clients * min_size
+    shares = rng.dirichlet(np.full(num_clients, beta))
+    sizes = min_size + np.floor(shares * spare).astype(int)
+    # Flooring loses a few rows; hand them out so the sizes sum to the training set.
+    sizes[np.argsort(-shares)[: n_rows - sizes.sum()]] += 1
+    return [int(s) for s in sizes]
+
+
+def summarize(parts: list[np.ndarray], y: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """Per-client size and class counts, one row per client."""
+    counts = np.stack([np.bincount(y[p], minlength=len(class_names)) for p in parts])
+    frame = pd.DataFrame(counts, columns=list(class_names))
+    frame.insert(0, "n", counts.sum(axis=1))
+    frame.insert(0, "client", np.arange(len(parts)))
+    return frame
+
+
+def label_skew(summary: pd.DataFrame, class_names: list[str]) -> float:
+    """Mean total-variation distance between each client's class mix and the pooled mix.
+
+    0 means every client sees the pooled class distribution; 1 means disjoint.
+    """
+    counts = summary[list(class_names)].to_numpy(dtype=float)
+    mixes = counts / counts.sum(axis=1, keepdims=True)
+    pooled = counts.sum(axis=0) / counts.sum()
+    return float(0.5 * np.abs(mixes - pooled).sum(axis=1).mean())

@@ -1,0 +1,67 @@
+"""The prepared train/test arrays every model in a run shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.preprocessing import StandardScaler
+
+
+@dataclass
+class PreparedData:
+    """Encoded, imputed and log-transformed features, before scaling.
+
+    Label ``0`` is always the normal (benign) class; ``class_names[0]`` names it.
+    Centralized models scale with :attr:`scaler`, fitted on the training part
+    only. Federated clients scale their own shards (locally, or with statistics
+    aggregated across sites), so the arrays here stay unscaled.
+
+    Attributes
+    ----------
+    X_train, X_test : np.ndarray
+        ``float32`` arrays of shape ``(n, n_features)``.
+    y_train, y_test : np.ndarray
+        ``int64`` class codes in ``range(len(class_names))``.
+    feature_names : list[str]
+        One name per column of ``X_*`` (one-hot columns read ``col=value``).
+    class_names : list[str]
+        Class code to name; ``["normal", "attack"]`` for the binary task.
+    task : str
+        ``"binary"`` or ``"multiclass"``.
+    groups_train : np.ndarray or None
+        Per-row value of the natural-partition column (e.g. ``site``), if any.
+    scaler : StandardScaler
+        Fitted on ``X_train`` only.
+    notes : dict
+        Facts worth reporting: duplicates dropped, shared train/test
+        duplicates, cleaned numeric cells, audit flags.
+    """
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    feature_names: list[str]
+    class_names: list[str]
+    task: str
+    groups_train: np.ndarray | None = None
+    scaler: StandardScaler = field(default_factory=StandardScaler)
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        """Number of feature columns."""
+        return self.X_train.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes (2 for the binary task)."""
+        return len(self.class_names)
+
+    def scaled(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(X_train, X_test)`` standardized with the training scaler."""
+        return (
+            self.scaler.transform(self.X_train).astype(np.float32),
+            self.scaler.transform(self.X_test).astype(np.float32),
+        )

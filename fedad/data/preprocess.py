@@ -1,0 +1,128 @@
+"""Turn raw feature columns into numbers: cleaning, encoding, signed log. Fitted on train only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.preprocessing import OneHotEncoder
+
+# A column is categorical when fewer than this share of its non-empty cells parse as numbers.
+NUMERIC_SHARE = 0.5
+
+
+def signed_log1p(x: np.ndarray) -> np.ndarray:
+    """``sign(x) * log1p(|x|)``: tames heavy-tailed counts, keeps sign, needs no fitting."""
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def infer_categorical(frame: pd.DataFrame) -> list[str]:
+    """Columns whose non-empty cells are mostly not numbers."""
+    found = []
+    for col in frame.columns:
+        if pd.api.types.is_numeric_dtype(frame[col]) or pd.api.types.is_bool_dtype(frame[col]):
+            continue
+        cells = frame[col].dropna()
+        parsed = pd.to_numeric(cells, errors="coerce").notna().mean() if len(cells) else 1.0
+        if parsed < NUMERIC_SHARE:
+            found.append(col)
+    return found
+
+
+class Preprocessor:
+    """Numeric cleaning and one-hot encoding, fitted on training rows only.
+
+    Policy for bad numeric cells: text that does not parse as a number, NaN and
+    ±inf all become missing and are filled with the training median of the
+    column (0 when the column has no finite training value). How many cells
+    each rule touched is kept in :attr:`cleaned`. Categories unseen in training
+    encode as all zeros. With ``log_transform`` numeric columns go through
+    :func:`signed_log1p` before the median is taken.
+
+    Parameters
+    ----------
+    categorical : Sequence[str]
+        Columns to one-hot encode; every other column is numeric.
+    log_transform : bool
+        Apply :func:`signed_log1p` to numeric columns.
+    max_categories : int
+        Rarer categories beyond this many per column share one "infrequent" slot.
+    """
+
+    def __init__(
+        self, categorical: Sequence[str], log_transform: bool = True, max_categories: int = 64
+    ) -> None:
+        self.categorical = list(categorical)
+        self.log_transform = log_transform
+        self.encoder = OneHotEncoder(
+            handle_unknown="infrequent_if_exist",
+            max_categories=max_categories,
+            sparse_output=False,
+            dtype=np.float32,
+        )
+        self.numeric: list[str] = []
+        self.medians: np.ndarray = np.empty(0)
+        self.cleaned: dict[str, int] = {}
+
+    def fit(self, frame: pd.DataFrame) -> Preprocessor:
+        """Learn numeric medians and the category vocabulary from training rows."""
+        self.numeric = [c for c in frame.columns if c not in self.categorical]
+        values, _ = self._numeric(frame)
+        with np.errstate(all="ignore"):
+            medians = np.nanmedian(values, axis=0) if len(values) else np.zeros(values.shape[1])
+        self.medians = np.nan_to_num(medians, nan=0.0)
+        if self.categorical:
+            self.encoder.fit(self._text(frame))
+        return self
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """Encode ``frame`` with what :meth:`fit` learned, as a ``float32`` array."""
+        values, counts = self._numeric(frame)
+        for key, value in counts.items():
+            self.cleaned[key] = self.cleaned.get(key, 0) + value
+        missing = np.isnan(values)
+        values[missing] = np.broadcast_to(self.medians, values.shape)[missing]
+        parts = [values.astype(np.float32)]
+        if self.categorical:
+            parts.append(self.encoder.transform(self._text(frame)))
+        return np.hstack(parts)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Output column names; one-hot columns read ``column=value``."""
+        names = list(self.numeric)
+        if self.categorical:
+            names += self._onehot_names()
+        return names
+
+    def _onehot_names(self) -> list[str]:
+        names = []
+        for col, cats, infrequent in zip(
+            self.categorical,
+            self.encoder.categories_,
+            self.encoder.infrequent_categories_,
+            strict=True,
+        ):
+            rare = set(infrequent) if infrequent is not None else set()
+            names += [f"{col}={c}" for c in cats if c not in rare]
+            if rare:
+                names.append(f"{col}=<infrequent>")
+        return names
+
+    def _numeric(self, frame: pd.DataFrame) -> tuple[np.ndarray, dict[str, int]]:
+        raw = frame[self.numeric]
+        parsed = raw.apply(pd.to_numeric, errors="coerce")
+        values = parsed.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
+        counts = {
+            "junk_text": int((parsed.isna() & raw.notna()).to_numpy().sum()),
+            "missing": int(raw.isna().to_numpy().sum()),
+            "infinite": int(np.isinf(values).sum()),
+        }
+        values[np.isinf(values)] = np.nan
+        if self.log_transform:
+            values = signed_log1p(values)
+        return values, counts
+
+    def _text(self, frame: pd.DataFrame) -> np.ndarray:
+        return frame[self.categorical].astype(str).apply(lambda s: s.str.strip()).to_numpy()

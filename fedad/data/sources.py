@@ -1,0 +1,132 @@
+"""Read a dataset named by config into raw train (and test) frames."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fedad.data import synthetic
+from fedad.errors import FedadError
+
+
+@dataclass
+class RawData:
+    """Raw frames as read, before any cleaning.
+
+    ``test`` is None when the dataset is one file; the caller then splits ``train``.
+    """
+
+    train: pd.DataFrame
+    test: pd.DataFrame | None
+    origin: str
+
+
+def load(cfg: Mapping, data_dir: str | Path, seed: int) -> RawData:
+    """Load the dataset that ``cfg`` (the ``dataset`` config group) describes.
+
+    Parameters
+    ----------
+    cfg : Mapping
+        ``name: synthetic`` calls the built-in generator; anything else is read
+        as CSV from ``path``, or from ``train_file`` and ``test_file``, relative
+        to ``data_dir`` unless absolute.
+    data_dir : str or Path
+        Folder holding the real datasets (``data_dir`` in the run config).
+    seed : int
+        Seed for the synthetic generator.
+
+    Returns
+    -------
+    RawData
+        The train frame, the test frame if the dataset ships one, and a short
+        description of where they came from.
+    """
+    if cfg["name"] == "synthetic":
+        frame = synthetic.generate(
+            n_rows=int(cfg["n_rows"]),
+            n_sites=int(cfg["n_sites"]),
+            attack_share=float(cfg["attack_share"]),
+            overlap=float(cfg["overlap"]),
+            seed=seed,
+        )
+        return RawData(frame, None, f"synthetic generator (seed {seed})")
+
+    if cfg.get("train_file"):
+        if not cfg.get("test_file"):
+            raise FedadError(
+                f"dataset '{cfg['name']}' sets dataset.train_file but no dataset.test_file. "
+                "Give both, or give a single file as dataset.path and fedad splits it."
+            )
+        train = _read_csv(cfg, data_dir, "train_file")
+        test = _read_csv(cfg, data_dir, "test_file")
+        _check_same_columns(train, test, cfg)
+        return RawData(train, test, f"{cfg['train_file']} -> {cfg['test_file']}")
+    if cfg.get("path"):
+        return RawData(_read_csv(cfg, data_dir, "path"), None, str(cfg["path"]))
+    raise FedadError(
+        f"dataset '{cfg['name']}' names no file. Set dataset.path=<file.csv> (fedad splits it "
+        "into train and test), or dataset.train_file and dataset.test_file."
+    )
+
+
+def resolve(data_dir: str | Path, relative: str) -> Path:
+    """Return ``relative`` under ``data_dir`` unless it is already absolute."""
+    path = Path(relative).expanduser()
+    return path if path.is_absolute() else Path(data_dir).expanduser() / path
+
+
+def _read_csv(cfg: Mapping, data_dir: str | Path, key: str) -> pd.DataFrame:
+    path = resolve(data_dir, str(cfg[key]))
+    if not path.is_file():
+        where = cfg.get("source") or "the dataset's publisher"
+        raise FedadError(
+            f"Data file not found: {path} (from dataset.{key}='{cfg[key]}' under "
+            f"data_dir='{data_dir}'). Download it from {where}, put it there, or point "
+            "data_dir (or the FEDAD_DATA_DIR environment variable) at the folder that holds it."
+        )
+    columns = list(cfg["columns"]) if cfg.get("columns") else None
+    try:
+        frame = pd.read_csv(
+            path,
+            sep=cfg.get("sep", ","),
+            header=0 if cfg.get("header", True) else None,
+            names=columns,
+            skipinitialspace=True,
+            low_memory=False,
+        )
+    except pd.errors.EmptyDataError as err:
+        raise FedadError(
+            f"Data file {path} (dataset.{key}) is empty. Check that the download finished and "
+            "that the file is the CSV the dataset config expects."
+        ) from err
+    except (pd.errors.ParserError, UnicodeDecodeError, csv.Error, EOFError, OSError) as err:
+        reason = " ".join(str(err).split())
+        raise FedadError(
+            f"Data file {path} (dataset.{key}) could not be read as CSV: {reason}. Check the "
+            f"delimiter (dataset.sep='{cfg.get('sep', ',')}'), the header setting "
+            f"(dataset.header={cfg.get('header', True)}) and that the file is not truncated or "
+            "corrupted."
+        ) from err
+    if frame.empty:
+        raise FedadError(
+            f"Data file {path} (dataset.{key}) has a header but no data rows. Check that the "
+            "download finished."
+        )
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _check_same_columns(train: pd.DataFrame, test: pd.DataFrame, cfg: Mapping) -> None:
+    missing = [c for c in train.columns if c not in test.columns]
+    extra = [c for c in test.columns if c not in train.columns]
+    if missing or extra:
+        raise FedadError(
+            f"The test file ({cfg['test_file']}) and the train file ({cfg['train_file']}) have "
+            f"different columns: missing from test {missing or 'none'}, only in test "
+            f"{extra or 'none'}. Both files must share one schema; fix the files or "
+            "dataset.columns."
+        )
