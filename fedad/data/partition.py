@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -178,3 +179,27 @@ def label_skew(summary: pd.DataFrame, class_names: list[str]) -> float:
     mixes = counts / counts.sum(axis=1, keepdims=True)
     pooled = counts.sum(axis=0) / counts.sum()
     return float(0.5 * np.abs(mixes - pooled).sum(axis=1).mean())
+
+
+def plot_heatmap(summary: pd.DataFrame, class_names: list[str], path: Path, title: str) -> None:
+    """Save a heatmap of each client's class mix (rows: clients, columns: classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = summary[list(class_names)].to_numpy(dtype=float)
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    height = min(0.25 * len(summary) + 1.5, 14)
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(class_names) + 2.5), height))
+    image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    step = max(1, len(summary) // 40)
+    ax.set_yticks(range(0, len(summary), step), summary["client"].iloc[::step])
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of client's rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,78 @@
+"""Partition properties: coverage, determinism, skew that follows alpha, natural ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedad.data.partition import label_skew, partition, summarize
+
+RNG = np.random.default_rng(0)
+Y = RNG.choice(5, size=4000, p=[0.2, 0.4, 0.2, 0.15, 0.05])
+NAMES = ["normal", "a", "b", "c", "d"]
+
+
+def _cfg(name, **kw):
+    return {"name": name, "min_size": 10, **kw}
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        _cfg("iid"),
+        _cfg("dirichlet", alpha=0.5),
+        _cfg("pathological", classes_per_client=2),
+        _cfg("quantity", beta=0.5),
+    ],
+    ids=lambda c: c["name"],
+)
+def test_partitions_cover_every_row_once_and_are_deterministic(cfg):
+    parts = partition(cfg, Y, num_clients=8, seed=3)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(Y) and len(np.unique(joined)) == len(Y)
+    assert min(len(p) for p in parts) >= 1
+    again = partition(cfg, Y, num_clients=8, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = partition(cfg, Y, num_clients=8, seed=4)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+def test_smaller_alpha_gives_more_label_skew():
+    skew = {}
+    for alpha in (0.1, 1.0, 100.0):
+        parts = partition(_cfg("dirichlet", alpha=alpha), Y, num_clients=10, seed=0)
+        skew[alpha] = label_skew(summarize(parts, Y, NAMES), NAMES)
+    assert skew[0.1] > skew[1.0] + 0.1 > skew[100.0] + 0.1
+    iid = partition(_cfg("iid"), Y, num_clients=10, seed=0)
+    assert label_skew(summarize(iid, Y, NAMES), NAMES) < 0.05
+
+
+def test_dirichlet_respects_min_size():
+    parts = partition(_cfg("dirichlet", alpha=0.3, min_size=50), Y, num_clients=10, seed=1)
+    assert min(len(p) for p in parts) >= 50
+
+
+def test_pathological_gives_each_client_k_classes():
+    parts = partition(_cfg("pathological", classes_per_client=2), Y, num_clients=10, seed=0)
+    assert all(len(np.unique(Y[p])) <= 2 for p in parts)
+
+
+def test_quantity_sizes_are_skewed_but_labels_iid():
+    parts = partition(_cfg("quantity", beta=0.3), Y, num_clients=10, seed=0)
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.max() > 3 * sizes.min()
+    assert sizes.sum() == len(Y)
+
+
+def test_natural_partition_follows_the_column():
+    sites = np.array([f"site_{i % 7}" for i in range(len(Y))])
+    parts = partition(_cfg("natural", min_size=1), Y, num_clients=99, seed=0, groups=sites)
+    assert len(parts) == 7
+    assert all(len(np.unique(sites[p])) == 1 for p in parts)
+
+
+def test_summary_counts_match():
+    parts = partition(_cfg("iid"), Y, num_clients=4, seed=0)
+    summary = summarize(parts, Y, NAMES)
+    assert summary["n"].sum() == len(Y)
+    assert (summary[NAMES].sum(axis=0).to_numpy() == np.bincount(Y)).all()
