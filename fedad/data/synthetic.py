@@ -1,0 +1,265 @@
+"""Built-in synthetic IoT site traffic: offline, deterministic, naturally non-IID across sites."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fedad.errors import FedadError
+
+DEVICES = ("camera", "thermostat", "smart_plug", "doorbell", "hub", "smart_speaker", "sensor")
+FAMILIES = ("ddos", "port_scan", "botnet_c2", "brute_force", "exfiltration")
+SERVICES = ("http", "https", "dns", "mqtt", "coap", "ssh", "telnet", "rtsp", "ntp", "other")
+# Transport of each service; "other" is drawn from _OTHER_PROTOCOLS.
+_SERVICE_PROTOCOL = np.array(["tcp", "tcp", "udp", "mqtt", "coap", "tcp", "tcp", "tcp", "udp", ""])
+_OTHER_PROTOCOLS, _OTHER_P = np.array(["icmp", "tcp", "udp"]), np.array([0.5, 0.3, 0.2])
+
+# Latent traits of a flow in natural units: packets and payload bytes per direction, duration (s),
+# inter-arrival and payload coefficients of variation, TCP window, distinct ports and hosts and
+# connections/s of the source in its window, ttl, then per-packet TCP flag probabilities
+# (syn ack fin rst psh urg). The first _N_LOG traits mix and vary on a log scale (heavy tails).
+_N_LOG = 11
+_NOISE = np.array([0.5, 0.5, 0.3, 0.3, 0.7, 0.3, 0.3, 0.2, 0.3, 0.3, 0.5, 2.0] + [0.04] * 6)
+_DEVICE_TRAITS = np.array([
+    # fwd  bwd  fpay  bpay dur  iat  pcv  win    prt ip  conn ttl syn  ack  fin  rst  psh urg
+    [400, 100, 1100, 60, 30, 0.5, 0.3, 29200, 1, 1, 0.5, 64, .01, .95, .01, .002, .3, 0],  # camera
+    [6, 5, 80, 60, 0.5, 0.2, 0.2, 14600, 1, 1, 0.2, 64, .15, .8, .1, .01, .4, 0],  # thermostat
+    [8, 6, 120, 90, 1, 0.3, 0.2, 14600, 1, 1, 0.3, 64, .12, .8, .1, .01, .4, 0],  # smart_plug
+    [150, 40, 700, 80, 10, 0.6, 0.4, 29200, 1, 1, 0.5, 64, .02, .9, .02, .005, .3, 0],  # doorbell
+    [40, 40, 300, 300, 5, 0.8, 0.6, 64240, 3, 3, 5, 64, .05, .9, .04, .01, .4, 0],  # hub
+    [60, 300, 200, 900, 20, 0.5, 0.4, 29200, 1, 2, 1, 64, .02, .95, .01, .005, .3, 0],  # speaker
+    [3, 2, 40, 20, 0.1, 0.2, 0.2, 5840, 1, 1, 0.2, 64, .3, .6, .2, .02, .3, 0],  # sensor
+])
+_FAMILY_TRAITS = np.array([
+    [1100, 2, 20, 10, 5, 0.1, 0.05, 1024, 1, 1, 200, 50, .9, .05, 0, .05, 0, .02],  # ddos
+    [2, 1, 5, 5, 0.01, 0.1, 0.05, 1024, 100, 20, 80, 52, .9, .1, .05, .6, 0, .01],  # port_scan
+    [10, 10, 90, 110, 60, 0.05, 0.1, 8192, 1, 1, 0.5, 48, .05, .9, .05, .02, .5, 0],  # botnet_c2
+    [15, 12, 60, 70, 2, 0.3, 0.2, 14600, 1, 1, 30, 50, .1, .8, .1, .15, .5, 0],  # brute_force
+    [800, 20, 1300, 50, 90, 1.0, 0.15, 64240, 1, 1, 1, 64, .01, .95, .01, .005, .4, 0],  # exfil
+])
+_SERVICE_MIX = np.array([
+    # http https dns mqtt coap ssh telnet rtsp ntp other
+    [.10, .25, .10, 0, 0, 0, 0, .45, .05, .05],  # camera
+    [0, .30, .10, .50, 0, 0, 0, 0, .10, 0],  # thermostat
+    [.10, .20, .15, .40, .10, 0, 0, 0, .05, 0],  # smart_plug
+    [.10, .45, .15, 0, 0, 0, 0, .25, .05, 0],  # doorbell
+    [.10, .25, .10, .25, .15, .05, 0, 0, .05, .05],  # hub
+    [.10, .60, .20, 0, 0, 0, 0, 0, .05, .05],  # smart_speaker
+    [0, 0, .10, .30, .50, 0, 0, 0, .05, .05],  # sensor
+    [.35, .15, .20, 0, 0, 0, 0, 0, .10, .20],  # ddos
+    [.10, .10, 0, .05, 0, .10, .15, .10, 0, .40],  # port_scan
+    [.20, .30, .15, .20, 0, 0, 0, 0, 0, .15],  # botnet_c2
+    [.15, 0, 0, .05, 0, .40, .40, 0, 0, 0],  # brute_force
+    [.10, .50, .30, 0, 0, 0, 0, 0, 0, .10],  # exfiltration
+])
+# Which devices each family tends to hit (row 0: normal traffic, no preference). Attackers favour
+# devices exposing telnet/ssh/rtsp; exfiltration needs something worth stealing.
+_AFFINITY = np.array([
+    # cam therm plug bell hub spk sensor
+    [1, 1, 1, 1, 1, 1, 1],  # normal
+    [2, 1, 2, 2, 1, 1, 1],  # ddos (compromised bots flood out)
+    [1, 1, 1, 1, 2, 1, 1],  # port_scan
+    [3, 1, 1, 2, 1, 1, 0.5],  # botnet_c2
+    [3, 0.5, 0.5, 2, 2, 0.5, 0.5],  # brute_force
+    [3, 0.5, 0.5, 2, 2, 2, 0.5],  # exfiltration
+])
+_MTU_PAYLOAD = 1460.0
+
+
+def _to_latent(traits: np.ndarray) -> np.ndarray:
+    latent = traits.astype(float)
+    latent[:, :_N_LOG] = np.log(latent[:, :_N_LOG])
+    return latent
+
+
+_DEVICE_LATENT, _FAMILY_LATENT = _to_latent(_DEVICE_TRAITS), _to_latent(_FAMILY_TRAITS)
+
+
+def _categorical(rng: np.random.Generator, weights: np.ndarray) -> np.ndarray:
+    """Draw one index per row of non-negative (unnormalised) ``weights``."""
+    cum = np.cumsum(weights, axis=1)
+    u = rng.random(len(weights)) * cum[:, -1]
+    return np.minimum((cum < u[:, None]).sum(axis=1), weights.shape[1] - 1)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return _is_int(value) or isinstance(value, (float, np.floating))
+
+
+def _validate(n_rows: int, n_sites: int, attack_share: float, overlap: float,
+              concentration: float) -> None:
+    checks = (
+        ("n_rows", n_rows, _is_int(n_rows) and n_rows >= 1, "an integer of at least 1"),
+        ("n_sites", n_sites, _is_int(n_sites) and n_sites >= 1, "an integer of at least 1"),
+        ("attack_share", attack_share, _is_real(attack_share) and 0 <= attack_share < 1,
+         "a number in [0, 1)"),
+        ("overlap", overlap, _is_real(overlap) and 0 <= overlap <= 1, "a number in [0, 1]"),
+        ("concentration", concentration, _is_real(concentration) and concentration > 0,
+         "a number greater than 0"),
+    )
+    for name, value, ok, valid in checks:
+        if not ok:
+            raise FedadError(
+                f"synthetic dataset: {name}={value!r} is not valid; {name} must be {valid}. "
+                "Fix it in conf/dataset/synthetic.yaml or on the command line."
+            )
+
+
+def generate(n_rows: int = 30000, n_sites: int = 8, attack_share: float = 0.84,
+             overlap: float = 0.35, seed: int = 0, concentration: float = 0.5) -> pd.DataFrame:
+    """Generate labelled IoT flows from several sites with different devices and attacks.
+
+    Parameters
+    ----------
+    n_rows : int
+        Number of flows (rows), at least 1.
+    n_sites : int
+        Number of sites, at least 1. Site sizes vary moderately.
+    attack_share : float
+        Share of attack rows in ``[0, 1)``; exact up to rounding to a whole row.
+    overlap : float
+        In ``[0, 1]``: the share of attacks that are stealthy (drawn part-way between the
+        device's normal profile and the attack's), and, scaled by 0.4, of normal flows that
+        burst toward an attack-like profile. Higher values make detection harder.
+    seed : int
+        Seed of the only random generator used; the same seed gives an identical frame.
+    concentration : float
+        Dirichlet concentration (> 0) of the per-site device and attack-family mixes; small
+        values make sites more different (more non-IID).
+
+    Returns
+    -------
+    pd.DataFrame
+        One row per flow, in random order. Metadata: ``site`` (``site_00`` ...) and ``device``.
+        Categorical features: ``protocol`` and ``service``. 36 numeric features (counts as
+        ``int64``, the rest ``float64``; ``distinct_dst_ports``, ``distinct_dst_ips`` and
+        ``src_conn_rate`` describe the source in the flow's time window). Labels:
+        ``attack_type`` (``normal`` or one of :data:`FAMILIES`) and ``is_attack`` (0/1, a
+        restatement of ``attack_type``: never use it as a feature).
+
+    Raises
+    ------
+    FedadError
+        If an argument is of the wrong type or out of range.
+    """
+    _validate(n_rows, n_sites, attack_share, overlap, concentration)
+    rng = np.random.default_rng(seed)
+    n_dev, n_fam = len(DEVICES), len(FAMILIES)
+
+    # A small floor keeps every device and family present somewhere however peaked the draw.
+    site_size = rng.dirichlet(np.full(n_sites, 4.0))
+    device_mix = rng.dirichlet(np.full(n_dev, concentration), size=n_sites) + 0.02
+    family_mix = rng.dirichlet(np.full(n_fam, concentration), size=n_sites) + 0.02
+    attack_bias = rng.normal(0.0, 0.8, n_sites)
+    # Sites sit on different networks (hop counts, link speeds): a small shift of every trait.
+    site_shift = rng.normal(0.0, 0.3, (n_sites, len(_NOISE))) * _NOISE
+
+    site = rng.choice(n_sites, size=n_rows, p=site_size)
+    # Top-k of bias plus logistic noise: exactly the requested number of attacks, and a site's
+    # bias shifts its attack log-odds, so every site keeps some normal traffic.
+    n_attack = round(attack_share * n_rows)
+    is_attack = np.zeros(n_rows, dtype=bool)
+    is_attack[np.argsort(-(attack_bias[site] + rng.logistic(size=n_rows)))[:n_attack]] = True
+    family = np.full(n_rows, -1)
+    family[is_attack] = _categorical(rng, family_mix[site[is_attack]])
+    device = _categorical(rng, device_mix[site] * _AFFINITY[family + 1])
+
+    # Weight of the attack profile in each flow's traits (0 = the device's normal profile).
+    weight = np.where(is_attack, rng.uniform(0.75, 1.0, n_rows), 0.0)
+    stealthy = is_attack & (rng.random(n_rows) < overlap)
+    weight[stealthy] = rng.uniform(0.35, 0.8, stealthy.sum())
+    # Benign bursts (firmware updates, reconnect storms, scans by the hub) look attack-like.
+    target = family.copy()
+    bursty = ~is_attack & (rng.random(n_rows) < 0.4 * overlap)
+    target[bursty] = rng.integers(n_fam, size=bursty.sum())
+    weight[bursty] = rng.uniform(0.1, 0.5, bursty.sum())
+    target = np.maximum(target, 0)
+
+    w = weight[:, None]
+    base = _DEVICE_LATENT[device]
+    latent = (base + w * (_FAMILY_LATENT[target] - base) + site_shift[site]
+              + rng.normal(size=base.shape) * _NOISE)
+    svc = _categorical(rng, (1 - w) * _SERVICE_MIX[device] + w * _SERVICE_MIX[n_dev + target])
+    protocol = _SERVICE_PROTOCOL[svc]
+    other = protocol == ""
+    protocol[other] = rng.choice(_OTHER_PROTOCOLS, size=other.sum(), p=_OTHER_P)
+    return _flows(rng, latent, protocol, svc, site, device, family)
+
+
+def _flows(rng: np.random.Generator, latent: np.ndarray, protocol: np.ndarray, svc: np.ndarray,
+           site: np.ndarray, device: np.ndarray, family: np.ndarray) -> pd.DataFrame:
+    """Turn latent traits into observable, mutually consistent flow features."""
+    n = len(latent)
+    t = np.exp(latent[:, :_N_LOG])
+    ttl, flag_p = latent[:, _N_LOG], np.clip(latent[:, _N_LOG + 1:], 0.0, 1.0)
+    tcp = np.isin(protocol, ["tcp", "mqtt"])
+    header = np.where(tcp, 40.0, 28.0)
+
+    fwd = np.maximum(1, np.rint(t[:, 0])).astype(np.int64)
+    bwd = np.floor(t[:, 1]).astype(np.int64)
+    total = fwd + bwd
+    fwd_pay = np.minimum(t[:, 2], _MTU_PAYLOAD)
+    bwd_pay = np.where(bwd > 0, np.minimum(t[:, 3], _MTU_PAYLOAD), 0.0)
+    pay_cv, iat_cv = t[:, 6], t[:, 5]
+    # Extremes of k draws sit about sqrt(2 ln k) standard deviations from the mean.
+    spread = np.sqrt(2 * np.log1p(total))
+    duration = t[:, 4]
+    fwd_bytes, bwd_bytes = fwd * (fwd_pay + header), bwd * (bwd_pay + header)
+    iat_mean = duration / np.maximum(total - 1, 1)
+
+    f = {
+        "duration": duration,
+        "fwd_packets": fwd,
+        "bwd_packets": bwd,
+        "total_packets": total,
+        "fwd_bytes": fwd_bytes,
+        "bwd_bytes": bwd_bytes,
+        "total_bytes": fwd_bytes + bwd_bytes,
+        "fwd_header_bytes": fwd * header,
+        "bwd_header_bytes": bwd * header,
+        "fwd_payload_mean": fwd_pay,
+        "fwd_payload_std": np.where(fwd > 1, fwd_pay * pay_cv, 0.0),
+        "bwd_payload_mean": bwd_pay,
+        "bwd_payload_std": np.where(bwd > 1, bwd_pay * pay_cv, 0.0),
+        "payload_min": np.minimum(fwd_pay, np.where(bwd > 0, bwd_pay, fwd_pay))
+        * np.clip(1 - pay_cv * spread / 3, 0.0, 1.0),
+        "payload_max": np.minimum(np.maximum(fwd_pay, bwd_pay) * (1 + pay_cv * spread / 3),
+                                  _MTU_PAYLOAD),
+        "avg_packet_size": (fwd_bytes + bwd_bytes) / total,
+        "iat_mean": iat_mean,
+        "iat_std": iat_mean * iat_cv,
+        "iat_min": iat_mean / (1 + iat_cv * spread),
+        "iat_max": np.minimum(iat_mean * (1 + iat_cv * spread), duration),
+        "bytes_per_s": (fwd_bytes + bwd_bytes) / duration,
+        "packets_per_s": total / duration,
+        "fwd_packets_per_s": fwd / duration,
+        "down_up_ratio": bwd_bytes / fwd_bytes,
+    }
+    # A TCP flow opens with at least one SYN; UDP, CoAP and ICMP carry no TCP flags.
+    flags = rng.binomial(total[:, None], flag_p) * tcp[:, None]
+    flags[:, 0] = np.maximum(flags[:, 0], tcp)
+    for i, name in enumerate(("syn", "ack", "fin", "rst", "psh", "urg")):
+        f[f"{name}_count"] = flags[:, i]
+    window = np.clip(np.rint(t[:, 7]), 1, 65535).astype(np.int64)
+    bwd_window = np.clip(np.rint(t[:, 7] * np.exp(rng.normal(0.0, 0.3, n))), 1, 65535)
+    f["init_win_fwd"] = window * tcp
+    f["init_win_bwd"] = bwd_window.astype(np.int64) * (tcp & (bwd > 0))
+    f["distinct_dst_ports"] = np.maximum(1, np.rint(t[:, 8])).astype(np.int64)
+    f["distinct_dst_ips"] = np.maximum(1, np.rint(t[:, 9])).astype(np.int64)
+    f["src_conn_rate"] = t[:, 10]
+    f["ttl_mean"] = np.clip(ttl, 1.0, 255.0)
+
+    names = np.array(["normal", *FAMILIES])
+    meta = {
+        "site": np.char.add("site_", np.char.zfill(site.astype(str), 2)).astype(object),
+        "device": np.array(DEVICES, dtype=object)[device],
+        "protocol": protocol.astype(object),
+        "service": np.array(SERVICES, dtype=object)[svc],
+    }
+    labels = {"attack_type": names.astype(object)[family + 1],
+              "is_attack": (family >= 0).astype(np.int64)}
+    return pd.DataFrame({**meta, **f, **labels})
