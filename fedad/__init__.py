@@ -1,3 +1,8 @@
 """fedad: federated learning of IoT intrusion and anomaly detectors, simulated with Flower."""
 
+import os
+
+# TensorFlow's C++ start-up chatter drowns the per-round lines; keep warnings and errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 __version__ = "0.1.0"

@@ -1,0 +1,264 @@
+"""`python -m fedad.simulate`: one federated run and its centralized baselines on one split."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from fedad import __version__, comparison
+from fedad.baselines.runner import ModelResult, run_baselines
+from fedad.data.partition import label_skew, partition, plot_heatmap, summarize
+from fedad.data.prepare import prepare
+from fedad.data.prepared import PreparedData
+from fedad.errors import FedadError, exit_with
+from fedad.explain import permutation_importance_table, plot_importance_side_by_side
+from fedad.plots import plot_confusion, plot_roc
+
+log = logging.getLogger("fedad")
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Prepare the data, partition it, train every selected model and write the outputs.
+
+    Each finished step writes its files at once, so an error later in the run
+    loses nothing already computed.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed ``conf/config.yaml``.
+    run_dir : Path
+        Where outputs go (Hydra's run directory).
+
+    Returns
+    -------
+    dict
+        The content of ``results.json``.
+    """
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    results: dict = {"status": "running", "settings": _settings(cfg), "versions": _versions()}
+    _save(results, run_dir)
+
+    data = prepare(
+        cfg.dataset, cfg.preprocess, cfg.task, to_absolute_path(cfg.data_dir), int(cfg.seed)
+    )
+    results["data"] = _describe(data)
+    parts, results["partition"] = _partition(cfg, data, run_dir)
+    _save(results, run_dir)
+
+    models: list[ModelResult] = []
+    if cfg.federated:
+        models.append(_federated(cfg, data, parts, run_dir))
+        _record(results, models, run_dir)
+    models += run_baselines(
+        cfg.baselines,
+        data,
+        cfg.train,
+        keras_epochs=int(cfg.simulation.num_rounds) * int(cfg.train.local_epochs),
+        seed=int(cfg.seed),
+        model_cfgs=_model_cfgs(cfg),
+    )
+    _record(results, models, run_dir)
+    if models:
+        _figures(models, data, run_dir)
+        results["importance"] = _explain(models, data, run_dir, int(cfg.seed))
+
+    results["status"] = "done"
+    results["wall_seconds"] = round(time.perf_counter() - started, 2)
+    _save(results, run_dir)
+    print(comparison.to_markdown(comparison.table(models)) if models else "no models ran")
+    log.info("outputs in %s", run_dir)
+    return results
+
+
+def _partition(cfg: DictConfig, data: PreparedData, run_dir: Path) -> tuple[list[np.ndarray], dict]:
+    parts = partition(
+        cfg.partition,
+        data.y_train,
+        int(cfg.simulation.num_clients),
+        int(cfg.seed),
+        groups=data.groups_train,
+    )
+    summary = summarize(parts, data.y_train, data.class_names)
+    summary.to_csv(run_dir / "partition.csv", index=False)
+    plot_heatmap(
+        summary,
+        data.class_names,
+        run_dir / "partition.png",
+        f"{cfg.partition.name} partition of {cfg.dataset.name}",
+    )
+    skew = label_skew(summary, data.class_names)
+    log.info(
+        "partition %s: %d clients, sizes %d..%d (median %d), label skew %.3f (0 = IID)",
+        cfg.partition.name,
+        len(parts),
+        summary["n"].min(),
+        summary["n"].max(),
+        int(summary["n"].median()),
+        skew,
+    )
+    log.info("class counts per client:\n%s", summary.head(20).to_string(index=False))
+    return parts, {"clients": len(parts), "label_skew": skew}
+
+
+def _federated(
+    cfg: DictConfig, data: PreparedData, parts: list[np.ndarray], run_dir: Path
+) -> ModelResult:
+    from fedad.federated.engine import run_federated
+
+    fed = run_federated(cfg, data, parts, run_dir)
+    return ModelResult(
+        name=f"federated_{cfg.model.name}",
+        kind="federated",
+        metrics=fed.metrics,
+        scores=fed.scores,
+        train_seconds=fed.train_seconds,
+        model=fed.model_path,
+        info={"strategy": cfg.strategy.name, "rounds": int(cfg.simulation.num_rounds)},
+    )
+
+
+def _model_cfgs(cfg: DictConfig) -> dict:
+    """Architectures for the central Keras baselines: the federated one as configured."""
+    cfgs = {}
+    for path in sorted((CONF / "model").glob("*.yaml")):
+        cfgs[path.stem] = OmegaConf.load(path)
+    cfgs[cfg.model.name] = cfg.model
+    return cfgs
+
+
+def _record(results: dict, models: list[ModelResult], run_dir: Path) -> None:
+    table = comparison.table(models)
+    comparison.write(table, run_dir)
+    results["models"] = {
+        m.name: {"kind": m.kind, **m.metrics, "train_seconds": m.train_seconds, "info": m.info}
+        for m in models
+    }
+    _save(results, run_dir)
+
+
+def _figures(models: list[ModelResult], data: PreparedData, run_dir: Path) -> None:
+    plot_roc(models, run_dir / "roc.png", y_true=data.y_test)
+    for m in models:
+        names = data.class_names if len(m.metrics["confusion"]) == data.n_classes else None
+        plot_confusion(
+            m.metrics["confusion"],
+            names or ["normal", "attack"],
+            m.name,
+            run_dir / f"confusion_{m.name}.png",
+        )
+
+
+def _explain(
+    models: list[ModelResult], data: PreparedData, run_dir: Path, seed: int
+) -> dict[str, list[str]]:
+    """Permutation importance of the federated model and the best centralized one."""
+    _, X_test = data.scaled()
+    supervised = [m for m in models if m.kind == "supervised"]
+    chosen = [m for m in models if m.kind == "federated"]
+    if supervised:
+        chosen.append(max(supervised, key=lambda m: m.metrics.get("macro_f1") or 0.0))
+    tables = {}
+    for m in chosen:
+        predict = _keras_predict(m.model) if m.kind == "federated" else m.model.predict_scores
+        table = permutation_importance_table(
+            predict, X_test, data.y_test, data.feature_names, seed=seed
+        )
+        table.to_csv(run_dir / f"importance_{m.name}.csv", index=False)
+        tables[m.name] = table
+    if tables:
+        plot_importance_side_by_side(tables, run_dir / "importance.png")
+    return {name: t["feature"].head(10).tolist() for name, t in tables.items()}
+
+
+def _keras_predict(model_path: Path):
+    import keras
+
+    model = keras.models.load_model(model_path)
+    return lambda X: model.predict(X, batch_size=4096, verbose=0)
+
+
+def _describe(data: PreparedData) -> dict:
+    notes = {k: v for k, v in data.notes.items() if k != "audit"}
+    return {
+        "n_train": int(len(data.y_train)),
+        "n_test": int(len(data.y_test)),
+        "n_features": data.n_features,
+        "classes": data.class_names,
+        "train_class_counts": np.bincount(data.y_train, minlength=data.n_classes).tolist(),
+        "test_class_counts": np.bincount(data.y_test, minlength=data.n_classes).tolist(),
+        **notes,
+    }
+
+
+def _settings(cfg: DictConfig) -> dict:
+    return {
+        "dataset": cfg.dataset.name,
+        "task": cfg.task,
+        "partition": cfg.partition.name,
+        "alpha": cfg.partition.get("alpha"),
+        "num_clients": cfg.simulation.num_clients,
+        "num_rounds": cfg.simulation.num_rounds,
+        "model": cfg.model.name,
+        "strategy": cfg.strategy.name,
+        "seed": cfg.seed,
+    }
+
+
+def _versions() -> dict:
+    import flwr
+    import sklearn
+
+    return {
+        "fedad": __version__,
+        "python": platform.python_version(),
+        "flwr": flwr.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def _save(results: dict, run_dir: Path) -> None:
+    tmp = run_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=_jsonable))
+    tmp.replace(run_dir / "results.json")
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a user error ends the run with one paragraph, not a traceback."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, run_dir)
+    except FedadError as err:
+        failed = {"status": "failed", "error": " ".join(str(err).split())}
+        (run_dir / "failed.json").write_text(json.dumps(failed, indent=2))
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # One bad job must not end the sweep; the report lists it as failed.
+            log.error("job failed: %s", failed["error"])
+            return
+        exit_with(err)
+
+
+if __name__ == "__main__":
+    main()
