@@ -1,0 +1,274 @@
+"""Run the configured centralized baselines and score them on the test set."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from fedad.baselines.supervised import SUPERVISED_DEFAULTS, fit_supervised
+from fedad.baselines.unsupervised import (
+    FIT_ON,
+    UNSUPERVISED_DEFAULTS,
+    fit_detector,
+    resolve_contamination,
+)
+from fedad.data.prepared import PreparedData
+from fedad.errors import FedadError
+from fedad.metrics import compute_metrics
+
+BASELINES = tuple(SUPERVISED_DEFAULTS) + tuple(UNSUPERVISED_DEFAULTS)
+
+
+@dataclass
+class ModelResult:
+    """One model's test-set outcome, comparable across federated and central runs.
+
+    Attributes
+    ----------
+    name : str
+        Model name, e.g. ``xgboost`` or ``federated_cnn``.
+    kind : str
+        ``supervised``, ``unsupervised`` or ``federated``.
+    metrics : dict
+        Output of :func:`fedad.metrics.compute_metrics` on the test set
+        (binary view for unsupervised models).
+    scores : np.ndarray
+        Test scores: class probabilities ``(n, n_classes)``, or a 1-D attack
+        score for unsupervised models; :func:`fedad.metrics.attack_score` turns
+        either into the binary ROC view.
+    train_seconds : float
+        Wall time to fit (including threshold tuning), excluding test scoring.
+    model : object
+        The fitted model, with ``predict_scores(X)``, ``decide(scores)`` and
+        ``predict(X)``; ``.estimator`` is the underlying library model.
+    info : dict
+        Settings and facts: ``params``, ``binary_view``, unsupervised
+        ``method``/``flipped``/``threshold``..., and ``cv`` when enabled.
+    """
+
+    name: str
+    kind: str
+    metrics: dict
+    scores: np.ndarray
+    train_seconds: float
+    model: object
+    info: dict = field(default_factory=dict)
+
+
+def run_baselines(
+    cfg_baselines: Mapping,
+    data: PreparedData,
+    train_cfg: Mapping,
+    keras_epochs: int,
+    seed: int,
+    model_cfgs: Mapping[str, Mapping] | None = None,
+) -> list[ModelResult]:
+    """Fit every baseline named in the config on ``data.scaled()`` and score it on test.
+
+    Supervised models train on all training rows and predict the argmax class.
+    Unsupervised detectors work on the binary view (normal vs any attack, also
+    for the multiclass task): a stratified validation slice of the training
+    rows orients their score and tunes their threshold; they fit on the rest.
+
+    Parameters
+    ----------
+    cfg_baselines : Mapping
+        A ``conf/baselines/*.yaml`` config: ``models`` (name -> settings),
+        ``cv_folds``, ``val_fraction``, ``fit_on``, ``contamination``.
+    data : PreparedData
+        The split the federated model uses.
+    train_cfg : Mapping
+        The federated ``train`` config; the central Keras models use its batch
+        size, learning rate, optimizer, class weights and early stopping.
+    keras_epochs : int
+        Epochs for the central Keras models (fair budget: federated rounds x
+        local epochs).
+    seed : int
+        Random seed for every model and split.
+    model_cfgs : Mapping[str, Mapping], optional
+        Federated model configs by name (``cnn``, ``logistic``); required when
+        ``central_cnn`` or ``central_logistic`` is selected.
+
+    Returns
+    -------
+    list[ModelResult]
+        In config order.
+
+    Raises
+    ------
+    FedadError
+        On an unknown model or setting name, or a bad ``cv_folds``,
+        ``val_fraction``, ``fit_on`` or ``contamination``; before any model trains.
+    """
+    models = _selected(cfg_baselines)
+    if not models:
+        return []
+    cv_folds = int(cfg_baselines.get("cv_folds", 0) or 0)
+    if cv_folds == 1 or cv_folds < 0:
+        raise FedadError(
+            f"baselines.cv_folds must be 0 (no cross-validation) or at least 2, got {cv_folds}."
+        )
+    val_fraction = float(cfg_baselines.get("val_fraction", 0.2))
+    if not 0.0 < val_fraction < 1.0:
+        raise FedadError(
+            f"baselines.val_fraction must lie strictly between 0 and 1, got {val_fraction}. "
+            "It is the share of training rows held out to tune the detectors' thresholds."
+        )
+    fit_on = str(cfg_baselines.get("fit_on", "normal"))
+    contamination = cfg_baselines.get("contamination", "auto")
+    if any(name in UNSUPERVISED_DEFAULTS for name in models):
+        # Checked before anything trains, so a typo does not cost a long run.
+        if fit_on not in FIT_ON:
+            raise FedadError(
+                f"baselines.fit_on must be one of {', '.join(FIT_ON)}, got {fit_on!r}: "
+                "'normal' fits detectors on normal training rows only, 'all' on every row."
+            )
+        resolve_contamination(contamination, np.zeros(0))
+    X_train, X_test = data.scaled()
+
+    def fit_sup(name: str, params: Mapping) -> Callable:
+        def fit(X: np.ndarray, y: np.ndarray):
+            return fit_supervised(
+                name,
+                params,
+                X,
+                y,
+                data.n_classes,
+                seed,
+                train_cfg=train_cfg,
+                epochs=keras_epochs,
+                model_cfgs=model_cfgs,
+            )
+
+        return fit
+
+    def fit_unsup(name: str, params: Mapping) -> Callable:
+        def fit(X: np.ndarray, y_binary: np.ndarray):
+            X_pool, X_val, y_pool, y_val = _validation_split(X, y_binary, val_fraction, seed)
+            return fit_detector(
+                name,
+                params,
+                X_pool,
+                y_pool,
+                X_val,
+                y_val,
+                fit_on=fit_on,
+                contamination=contamination,
+                seed=seed,
+            )
+
+        return fit
+
+    results = []
+    for name, params in models.items():
+        kind = "supervised" if name in SUPERVISED_DEFAULTS else "unsupervised"
+        fit = (fit_sup if kind == "supervised" else fit_unsup)(name, params)
+        result = _run_one(name, kind, fit, data, X_train, X_test, seed, cv_folds)
+        result.info["params"] = params
+        results.append(result)
+    return results
+
+
+def _selected(cfg_baselines: Mapping) -> dict[str, dict[str, Any]]:
+    """Return the selected models' settings merged over their defaults."""
+    selected: dict[str, dict[str, Any]] = {}
+    for name, params in (cfg_baselines.get("models") or {}).items():
+        defaults = {**SUPERVISED_DEFAULTS, **UNSUPERVISED_DEFAULTS}.get(name)
+        if defaults is None:
+            raise FedadError(
+                f"Unknown baseline '{name}' in baselines.models. Valid names: "
+                f"{', '.join(BASELINES)}."
+            )
+        given = dict(params or {})
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise FedadError(
+                f"Unknown setting(s) {', '.join(unknown)} for baseline '{name}'. It accepts: "
+                f"{', '.join(defaults) or 'no settings'}."
+            )
+        selected[str(name)] = {**defaults, **given}
+    return selected
+
+
+def _validation_split(X: np.ndarray, y_binary: np.ndarray, fraction: float, seed: int):
+    """Carve a stratified validation slice (both classes present) from training rows."""
+    if np.unique(y_binary).size < 2:
+        raise FedadError(
+            "The unsupervised baselines need both normal and attack rows in the training "
+            "data to orient their scores and tune a threshold; this training set has only "
+            f"{'attack' if y_binary.all() else 'normal'} rows."
+        )
+    return train_test_split(X, y_binary, test_size=fraction, stratify=y_binary, random_state=seed)
+
+
+def _run_one(
+    name: str,
+    kind: str,
+    fit: Callable,
+    data: PreparedData,
+    X_train: np.ndarray,
+    X_test: np.ndarray,
+    seed: int,
+    cv_folds: int,
+) -> ModelResult:
+    """Fit one model on all training rows, score it on test, and cross-validate if asked."""
+    unsupervised = kind == "unsupervised"
+    binary_view = unsupervised and data.task != "binary"
+    if unsupervised:
+        y_train = (data.y_train != 0).astype(np.int64)
+        y_test = (data.y_test != 0).astype(np.int64)
+        class_names = (
+            list(data.class_names) if data.task == "binary" else [data.class_names[0], "attack"]
+        )
+    else:
+        if np.unique(data.y_train).size < 2:
+            raise FedadError(
+                "The supervised baselines need at least two classes in the training data; "
+                f"it holds only '{data.class_names[int(data.y_train[0])]}'."
+            )
+        y_train, y_test, class_names = data.y_train, data.y_test, list(data.class_names)
+
+    start = time.perf_counter()
+    fitted = fit(X_train, y_train)
+    seconds = time.perf_counter() - start
+    info: dict[str, Any] = {"binary_view": binary_view}
+    if unsupervised:
+        model, fit_info = fitted
+        info.update(fit_info)
+    else:
+        model = fitted
+    scores = model.predict_scores(X_test)
+    metrics = compute_metrics(y_test, scores, class_names, y_pred=model.decide(scores))
+    if cv_folds:
+        info["cv"] = _cross_validate(fit, X_train, y_train, class_names, cv_folds, seed)
+    return ModelResult(name, kind, metrics, scores, seconds, model, info)
+
+
+def _cross_validate(
+    fit: Callable,
+    X: np.ndarray,
+    y: np.ndarray,
+    class_names: list[str],
+    folds: int,
+    seed: int,
+) -> dict:
+    """Macro-F1 of ``fit`` over stratified folds of the training rows."""
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = []
+    for train_idx, held_idx in splitter.split(X, y):
+        fitted = fit(X[train_idx], y[train_idx])
+        model = fitted[0] if isinstance(fitted, tuple) else fitted
+        held_scores = model.predict_scores(X[held_idx])
+        m = compute_metrics(y[held_idx], held_scores, class_names, y_pred=model.decide(held_scores))
+        scores.append(m["macro_f1"])
+    return {
+        "folds": folds,
+        "macro_f1_mean": float(np.mean(scores)),
+        "macro_f1_std": float(np.std(scores)),
+        "macro_f1_folds": [float(s) for s in scores],
+    }

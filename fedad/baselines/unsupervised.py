@@ -1,0 +1,230 @@
+"""Centralized anomaly detectors that score rows as attack versus normal."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.ensemble import IsolationForest
+from sklearn.kernel_approximation import Nystroem
+from sklearn.linear_model import SGDOneClassSVM
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import LocalOutlierFactor
+from sklearn.pipeline import make_pipeline
+from sklearn.svm import OneClassSVM
+
+from fedad.errors import FedadError
+from fedad.metrics import tune_threshold
+
+# Settings each detector accepts, with their defaults; the config overrides them.
+UNSUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "isolation_forest": {"n_estimators": 200, "max_samples": "auto"},
+    # Exact kernel OCSVM is quadratic in rows; above max_exact_rows it becomes a
+    # Nystroem kernel map (n_components) followed by a linear SGD one-class SVM.
+    "one_class_svm": {"gamma": "scale", "max_exact_rows": 10000, "n_components": 300},
+    # LOF is quadratic too; above max_fit_rows it fits on a random subsample.
+    "local_outlier_factor": {"n_neighbors": 20, "max_fit_rows": 20000},
+}
+FIT_ON = ("normal", "all")
+CONTAMINATION_FLOOR = 0.01
+N_JOBS = 2
+
+
+@dataclass
+class FittedDetector:
+    """A fitted detector with its orientation and its tuned threshold.
+
+    Attributes
+    ----------
+    estimator : object
+        The scikit-learn detector (or Nystroem + SGD pipeline).
+    sign : float
+        ``1.0``, or ``-1.0`` when the validation check flipped the score.
+    threshold : float
+        Attack score from which a row is flagged as an attack.
+    method : str
+        The path that ran: ``exact``, ``nystroem_sgd`` or ``subsample``.
+    """
+
+    estimator: Any
+    sign: float
+    threshold: float
+    method: str
+
+    def predict_scores(self, X: np.ndarray) -> np.ndarray:
+        """Return the attack score per row: higher means more anomalous."""
+        # score_samples is higher for normal-looking rows, hence the minus.
+        return -self.sign * self.estimator.score_samples(X)
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """Turn :meth:`predict_scores` output into 1 (attack) at or above the threshold."""
+        return (scores >= self.threshold).astype(np.int64)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Return 1 (attack) where the score reaches the threshold, else 0."""
+        return self.decide(self.predict_scores(X))
+
+
+def resolve_contamination(value: Any, y_fit_binary: np.ndarray) -> float:
+    """Turn the ``contamination`` setting into the expected outlier share of the fit rows.
+
+    Parameters
+    ----------
+    value : "auto" or float
+        ``auto`` takes the attack share of the rows the detector is fitted on,
+        clipped to ``[0.01, 0.5]``: the training attack share with ``fit_on:
+        all``, and the floor 0.01 with ``fit_on: normal``, whose rows are all
+        labelled normal. A number must lie in ``(0, 0.5]``.
+    y_fit_binary : np.ndarray
+        1 for attack rows among the fit rows, else 0.
+
+    Returns
+    -------
+    float
+    """
+    if value == "auto":
+        share = float(np.mean(y_fit_binary)) if y_fit_binary.size else 0.0
+        return float(np.clip(share, CONTAMINATION_FLOOR, 0.5))
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = float("nan")
+    if not 0.0 < share <= 0.5:
+        raise FedadError(
+            f"baselines.contamination must be 'auto' or a number in (0, 0.5], got {value!r}. "
+            "It is the expected share of anomalies among the rows a detector is fitted on."
+        )
+    return share
+
+
+def fit_detector(
+    name: str,
+    params: Mapping[str, Any],
+    X_pool: np.ndarray,
+    y_pool_binary: np.ndarray,
+    X_val: np.ndarray,
+    y_val_binary: np.ndarray,
+    *,
+    fit_on: str,
+    contamination: Any,
+    seed: int,
+) -> tuple[FittedDetector, dict]:
+    """Fit one detector, orient its score and tune its threshold on validation rows.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`UNSUPERVISED_DEFAULTS`.
+    params : Mapping
+        That detector's settings, already merged with its defaults.
+    X_pool, y_pool_binary : np.ndarray
+        Scaled training rows left after carving the validation slice, and
+        their labels (1 = attack). ``fit_on: normal`` fits on the normal ones.
+    X_val, y_val_binary : np.ndarray
+        Validation slice carved from the training data (never the test set):
+        it orients the score (``fit_on: all`` only) and sets the threshold.
+    fit_on : str
+        ``normal`` or ``all``.
+    contamination : "auto" or float
+        See :func:`resolve_contamination`.
+    seed : int
+        Random seed.
+
+    Returns
+    -------
+    tuple[FittedDetector, dict]
+        The detector, and facts to report: ``method``, ``fit_on``,
+        ``fit_rows`` (rows available), ``fit_rows_used``, ``contamination``,
+        ``val_roc_auc`` (after orientation), ``flipped``, ``threshold``.
+    """
+    if fit_on not in FIT_ON:
+        raise FedadError(
+            f"baselines.fit_on must be one of {', '.join(FIT_ON)}, got {fit_on!r}: 'normal' "
+            "fits detectors on normal training rows only, 'all' on every training row."
+        )
+    X_fit = X_pool[y_pool_binary == 0] if fit_on == "normal" else X_pool
+    y_fit = y_pool_binary[y_pool_binary == 0] if fit_on == "normal" else y_pool_binary
+    if len(X_fit) < 2:
+        raise FedadError(
+            f"The unsupervised baselines found {len(X_fit)} training row(s) to fit on with "
+            f"fit_on={fit_on}. They need normal (label 0) training rows; use fit_on=all or a "
+            "dataset with normal traffic in its training part."
+        )
+    c = resolve_contamination(contamination, y_fit)
+    rng = np.random.default_rng(seed)
+    if name == "isolation_forest":
+        est, method, used = _isolation_forest(params, X_fit, c, seed)
+    elif name == "one_class_svm":
+        est, method, used = _one_class_svm(params, X_fit, c, seed)
+    elif name == "local_outlier_factor":
+        est, method, used = _local_outlier_factor(params, X_fit, c, rng)
+    else:
+        raise FedadError(
+            f"Unknown unsupervised baseline '{name}'. Valid names: "
+            f"{', '.join(UNSUPERVISED_DEFAULTS)}."
+        )
+    detector = FittedDetector(estimator=est, sign=1.0, threshold=0.0, method=method)
+    val_scores = detector.predict_scores(X_val)
+    val_auc = float(roc_auc_score(y_val_binary, val_scores))
+    # Fitted on mostly-attack rows, "anomalous" can mean "normal": check on
+    # validation rows and turn the score around when it ranks backwards.
+    flipped = fit_on == "all" and val_auc < 0.5
+    if flipped:
+        detector.sign, val_scores, val_auc = -1.0, -val_scores, 1.0 - val_auc
+    detector.threshold = tune_threshold(y_val_binary, val_scores)
+    info = {
+        "method": method,
+        "fit_on": fit_on,
+        "fit_rows": int(len(X_fit)),
+        "fit_rows_used": int(used),
+        "contamination": c,
+        "val_roc_auc": val_auc,
+        "flipped": bool(flipped),
+        "threshold": detector.threshold,
+    }
+    return detector, info
+
+
+def _isolation_forest(params: Mapping, X: np.ndarray, c: float, seed: int):
+    est = IsolationForest(
+        n_estimators=int(params["n_estimators"]),
+        max_samples=params["max_samples"],
+        contamination=c,
+        n_jobs=N_JOBS,
+        random_state=seed,
+    ).fit(X)
+    return est, "exact", len(X)
+
+
+def _one_class_svm(params: Mapping, X: np.ndarray, nu: float, seed: int):
+    gamma = params["gamma"]
+    if gamma == "scale":
+        # Resolved here so the exact and the approximate kernel agree.
+        spread = X.shape[1] * float(X.var())
+        gamma = 1.0 / spread if spread > 0 else 1.0
+    gamma = float(gamma)
+    if len(X) <= int(params["max_exact_rows"]):
+        return OneClassSVM(kernel="rbf", gamma=gamma, nu=nu).fit(X), "exact", len(X)
+    n_components = min(int(params["n_components"]), len(X))
+    est = make_pipeline(
+        Nystroem(kernel="rbf", gamma=gamma, n_components=n_components, random_state=seed),
+        SGDOneClassSVM(nu=nu, random_state=seed),
+    ).fit(X)
+    return est, "nystroem_sgd", len(X)
+
+
+def _local_outlier_factor(params: Mapping, X: np.ndarray, c: float, rng: np.random.Generator):
+    max_rows = int(params["max_fit_rows"])
+    method = "exact"
+    if len(X) > max_rows:
+        X = X[rng.choice(len(X), size=max_rows, replace=False)]
+        method = "subsample"
+    est = LocalOutlierFactor(
+        n_neighbors=min(int(params["n_neighbors"]), len(X) - 1),
+        novelty=True,
+        contamination=c,
+        n_jobs=N_JOBS,
+    ).fit(X)
+    return est, method, len(X)

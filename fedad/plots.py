@@ -1,0 +1,113 @@
+"""Figures comparing models: ROC curves and confusion matrices."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from fedad.metrics import attack_score
+
+# Figures are written to files; no display is needed (or present on servers).
+matplotlib.use("Agg")
+
+
+def plot_roc(
+    results: Iterable,
+    path: str | os.PathLike,
+    y_true: np.ndarray | None = None,
+) -> str:
+    """Draw every model's ROC curve for attack versus normal on one figure.
+
+    Parameters
+    ----------
+    results : iterable
+        :class:`fedad.baselines.runner.ModelResult` objects (their test
+        ``scores``, with ``y_true`` given), or ``(name, y_true, scores)``
+        tuples. Scores may be class probabilities or 1-D attack scores; labels
+        are reduced to the binary view (0 = normal, anything else = attack).
+    path : str or PathLike
+        Image file to write.
+    y_true : np.ndarray, optional
+        Test labels for ``ModelResult`` entries.
+
+    Returns
+    -------
+    str
+        ``path``. A model whose labels hold a single class is listed as
+        having an undefined curve instead of drawn.
+    """
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for entry in results:
+        if isinstance(entry, tuple):
+            name, labels, scores = entry
+        else:
+            if y_true is None:
+                raise ValueError("plot_roc needs y_true to draw ModelResult entries")
+            name, labels, scores = entry.name, y_true, entry.scores
+        positive = np.asarray(labels) != 0
+        if positive.all() or not positive.any():
+            ax.plot([], [], label=f"{name} (ROC undefined: one class)")
+            continue
+        s = attack_score(scores)
+        fpr, tpr, _ = roc_curve(positive, s)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, s):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("false-positive rate (normal flagged)")
+    ax.set_ylabel("true-positive rate (attacks caught)")
+    ax.set_title("ROC, attack vs normal (test set)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_confusion(
+    confusion: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    title: str,
+    path: str | os.PathLike,
+) -> str:
+    """Draw a confusion matrix: colour by row share (recall), text = counts.
+
+    Parameters
+    ----------
+    confusion : sequence of sequences
+        Rows = true class, columns = predicted class (``metrics["confusion"]``).
+    class_names : Sequence[str]
+        Names along both axes.
+    title : str
+        Figure title.
+    path : str or PathLike
+        Image file to write.
+
+    Returns
+    -------
+    str
+        ``path``.
+    """
+    cm = np.asarray(confusion, dtype=np.int64)
+    totals = cm.sum(axis=1, keepdims=True)
+    # Row shares keep rare classes visible next to a dominant one.
+    shares = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, labels=class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels=class_names)
+    for i, j in np.ndindex(cm.shape):
+        color = "white" if shares[i, j] > 0.5 else "black"
+        ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
