@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from fedad import __version__, comparison
+from fedad import __version__, cache, comparison
 from fedad.baselines.runner import ModelResult, run_baselines
 from fedad.data.partition import label_skew, partition, plot_heatmap, summarize
 from fedad.data.prepare import prepare
@@ -63,13 +63,28 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.federated:
         models.append(_federated(cfg, data, parts, run_dir))
         _record(results, models, run_dir)
-    models += run_baselines(
-        cfg.baselines,
-        data,
-        cfg.train,
-        keras_epochs=int(cfg.simulation.num_rounds) * int(cfg.train.local_epochs),
-        seed=int(cfg.seed),
-        model_cfgs=_model_cfgs(cfg),
+    epochs = int(cfg.simulation.num_rounds) * int(cfg.train.local_epochs)
+    inputs = {
+        "dataset": cfg.dataset,
+        "preprocess": cfg.preprocess,
+        "task": cfg.task,
+        "seed": cfg.seed,
+        "baselines": cfg.baselines,
+        "train": cfg.train,
+        "epochs": epochs,
+        "models": _model_cfgs(cfg),
+    }
+    models += cache.cached(
+        _cache_dir(cfg),
+        inputs,
+        lambda: run_baselines(
+            cfg.baselines,
+            data,
+            cfg.train,
+            keras_epochs=epochs,
+            seed=int(cfg.seed),
+            model_cfgs=inputs["models"],
+        ),
     )
     _record(results, models, run_dir)
     if models:
@@ -129,6 +144,15 @@ def _federated(
         model=fed.model_path,
         info={"strategy": cfg.strategy.name, "rounds": int(cfg.simulation.num_rounds)},
     )
+
+
+def _cache_dir(cfg: DictConfig) -> Path | None:
+    """Baselines are shared by the jobs of one sweep; a single run computes its own."""
+    if cfg.baselines_cache == "auto":
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return None
+        return Path(to_absolute_path(HydraConfig.get().sweep.dir)) / "baseline_cache"
+    return Path(to_absolute_path(cfg.baselines_cache)) if cfg.baselines_cache else None
 
 
 def _model_cfgs(cfg: DictConfig) -> dict:

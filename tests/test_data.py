@@ -76,12 +76,14 @@ def test_bad_numeric_cells_policy():
     train = pd.DataFrame({"x": ["1", "3", "junk", None, "inf", "5"], "proto": list("aabbab")})
     test = pd.DataFrame({"x": ["-inf", "2", "??"], "proto": ["a", "zzz", "b"]})
     pre = Preprocessor(categorical=["proto"], log_transform=False).fit(train)
+    pre.transform(train)
     out = pre.transform(test)
     # junk, missing and ±inf all become the training median of the finite values (1, 3, 5).
     np.testing.assert_array_equal(out[:, 0], [3.0, 2.0, 3.0])
     assert pre.feature_names == ["x", "proto=a", "proto=b"]
     # A category unseen in training encodes as all zeros instead of failing.
     np.testing.assert_array_equal(out[1, 1:], [0.0, 0.0])
+    # Counted over both transforms: "junk" and "??", None, "inf" and "-inf".
     assert pre.cleaned == {"junk_text": 2, "missing": 1, "infinite": 2}
 
 

@@ -6,13 +6,14 @@ import gzip
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from fedad.errors import FedadError
 from fedad.simulate import run
 
-from .conftest import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _csv(tmp_path, text, name="data.csv"):
