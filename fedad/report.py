@@ -1,0 +1,702 @@
+"""`python -m fedad.report DIR`: one report (tables, figures, markdown) over a run or a sweep."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import numbers
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from fedad import report_figures as figures
+from fedad.errors import FedadError, exit_with
+
+# Fields of results.json "settings"; "model" is renamed so it cannot clash with the
+# per-row model name ("federated_cnn", "random_forest", ...).
+SETTINGS = (
+    "dataset",
+    "task",
+    "partition",
+    "alpha",
+    "num_clients",
+    "num_rounds",
+    "federated_model",
+    "strategy",
+    "seed",
+)
+METRICS = (
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "macro_f1",
+    "weighted_f1",
+    "roc_auc",
+    "pr_auc",
+    "fpr",
+    "train_seconds",
+)
+SUMMARY_METRICS = ("macro_f1", "f1", "roc_auc", "pr_auc", "fpr", "accuracy")
+# Override keys that name a settings field under another name.
+_ALIASES = {
+    "model": "federated_model",
+    "partition.alpha": "alpha",
+    "simulation.num_clients": "num_clients",
+    "simulation.num_rounds": "num_rounds",
+}
+# Per-job fields that close each row of the tidy table.
+_JOB_FIELDS = ("label_skew", "wall_seconds", "error")
+# Settings that change how the training data is split over clients (heatmaps differ by these).
+_PARTITION_KEYS = ("dataset", "task", "partition", "alpha", "num_clients")
+
+
+def collect(path: str | os.PathLike) -> pd.DataFrame:
+    """Gather every job under ``path`` into one tidy table.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A run directory (holding ``results.json`` or ``failed.json``) or any folder
+        above run directories, such as a Hydra multirun directory; searched recursively.
+
+    Returns
+    -------
+    pd.DataFrame
+        One row per job and model; a job without any model result keeps one row with an
+        empty ``model``. Columns, in order: ``job`` (path relative to ``path``),
+        ``status`` (``done``, ``failed`` or ``incomplete``), the settings (swept override
+        keys first, then the :data:`SETTINGS` fields), ``model``, ``kind``,
+        ``federated``, the metrics, then ``label_skew``, ``wall_seconds`` and ``error``.
+        :func:`summarize` relies on the settings lying between ``status`` and ``model``.
+
+    Raises
+    ------
+    FedadError
+        If ``path`` does not exist or holds no run.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FedadError(
+            f"{root} does not exist. Give the run directory of `python -m fedad.simulate` "
+            "(outputs/<date>/<time>) or its multirun directory (multirun/<date>/<time>)."
+        )
+    dirs = _job_dirs(root)
+    if not dirs:
+        raise FedadError(
+            f"{root} holds no run: no results.json or failed.json was found in it or below it. "
+            "Give the run directory of `python -m fedad.simulate` or its multirun directory, "
+            "and check that the jobs have started."
+        )
+    jobs = [_read_job(root, d) for d in dirs]
+    swept = list(dict.fromkeys(k for job in jobs for k in job["overrides"]))
+    columns = [*swept, *(s for s in SETTINGS if s not in swept)]
+    taken = {"job", "status", *columns, "model", "kind", "federated", *METRICS, *_JOB_FIELDS}
+    extras = list(
+        dict.fromkeys(k for job in jobs for m in job["models"] for k in m if k not in taken)
+    )
+    rows = []
+    for job in jobs:
+        values = {c: job["overrides"].get(c, job["settings"].get(c)) for c in columns}
+        head = {"job": job["job"], "status": job["status"], **values}
+        tail = {k: job[k] for k in _JOB_FIELDS}
+        for model in job["models"] or [{}]:
+            rows.append({**head, **model, **tail})
+    order = ["job", "status", *columns, "model", "kind", "federated", *METRICS, *extras]
+    tidy = pd.DataFrame(rows).reindex(columns=[*order, *_JOB_FIELDS])
+    for metric in [*METRICS, *extras]:
+        tidy[metric] = pd.to_numeric(tidy[metric], errors="coerce")
+    return tidy
+
+
+def summarize(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sample standard deviation and count of the main metrics over seeds.
+
+    Parameters
+    ----------
+    tidy : pd.DataFrame
+        The table from :func:`collect` (or ``report.csv`` read back).
+
+    Returns
+    -------
+    pd.DataFrame
+        One row per setting and model, from the jobs with status ``done`` only. The
+        setting columns are the settings that vary across those jobs, ``seed`` excepted;
+        then ``model``, ``kind``, ``federated``, ``n`` (jobs averaged) and, for each of
+        :data:`SUMMARY_METRICS`, ``<metric>_mean`` and ``<metric>_std`` (``ddof=1``, as
+        pandas computes it; NaN when ``n`` is 1).
+    """
+    done = _done(tidy)
+    keys = _group_keys(tidy)
+    by = [*keys, "model"]
+    columns = [*by, "kind", "federated", "n"]
+    columns += [f"{m}_{s}" for m in SUMMARY_METRICS for s in ("mean", "std")]
+    if done.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = done.groupby(by, dropna=False, sort=False)
+    frame = grouped.agg(
+        kind=("kind", "first"), federated=("federated", "first"), n=("job", "nunique")
+    )
+    for metric in SUMMARY_METRICS:
+        frame[f"{metric}_mean"] = grouped[metric].mean()
+        frame[f"{metric}_std"] = grouped[metric].std()
+    return _sort(frame.reset_index(), keys)[columns]
+
+
+def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write ``report.csv``, ``summary.csv``, the figures and ``report.md``.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A run directory or a folder above run directories (see :func:`collect`).
+    out : str or PathLike, optional
+        Output folder; ``path`` itself by default.
+
+    Returns
+    -------
+    Path
+        The written ``report.md``.
+
+    Raises
+    ------
+    FedadError
+        If ``path`` does not exist or holds no run.
+    """
+    root = Path(path)
+    tidy = collect(root)
+    out_dir = Path(out) if out is not None else root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tidy.to_csv(out_dir / "report.csv", index=False)
+    summary = summarize(tidy)
+    summary.to_csv(out_dir / "summary.csv", index=False)
+    keys = _group_keys(tidy)
+    done = _done(tidy)
+    gaps = _job_gaps(done, keys)
+    sites = _job_sites(root, done, keys)
+    made = _figures(root, out_dir, done, summary, gaps, sites, keys)
+    heatmaps = _copy_heatmaps(root, out_dir, done, keys)
+    text = _markdown(root, out_dir, tidy, summary, gaps, sites, keys, made, heatmaps)
+    report = out_dir / "report.md"
+    report.write_text(text)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point: ``python -m fedad.report PATH [--out DIR]``.
+
+    Parameters
+    ----------
+    argv : Sequence[str], optional
+        Arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Raises
+    ------
+    SystemExit
+        With status 2 and one paragraph on stderr, no traceback, on a user error
+        (a missing path, a folder without runs).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m fedad.report",
+        description="Report a run or a multirun of fedad.simulate: tables, figures, report.md.",
+    )
+    parser.add_argument("path", help="run directory or multirun directory")
+    parser.add_argument("--out", help="output folder (default: the given directory)")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.path, args.out)
+    except FedadError as err:
+        exit_with(err)
+    print(report)
+
+
+def _job_dirs(root: Path) -> list[Path]:
+    found = {p.parent for name in ("results.json", "failed.json") for p in root.rglob(name)}
+    return sorted((d for d in found if ".hydra" not in d.parts), key=lambda d: _natural(d, root))
+
+
+def _natural(path: Path, root: Path) -> list[tuple[int, int | str]]:
+    # Hydra numbers jobs 0, 1, ..., 10: sort numerically, not as text.
+    parts = path.relative_to(root).parts
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in parts]
+
+
+def _read_job(root: Path, job_dir: Path) -> dict:
+    results: dict = {}
+    error = ""
+    try:
+        if (job_dir / "results.json").exists():
+            results = json.loads((job_dir / "results.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        error = f"results.json is unreadable: {err}"
+    if (job_dir / "failed.json").exists():
+        status = "failed"
+        try:
+            error = json.loads((job_dir / "failed.json").read_text()).get("error", "") or error
+        except (OSError, json.JSONDecodeError) as err:
+            error = f"failed.json is unreadable: {err}"
+    elif error or results.get("status") == "failed":
+        status = "failed"
+        error = error or "results.json says failed, but the job left no failed.json."
+    else:
+        status = "done" if results.get("status") == "done" else "incomplete"
+    settings = dict(results.get("settings") or {})
+    if "model" in settings:
+        settings["federated_model"] = settings.pop("model")
+    rel = job_dir.relative_to(root).as_posix()
+    return {
+        "job": rel,
+        "status": status,
+        "overrides": _overrides(job_dir / ".hydra" / "overrides.yaml"),
+        "settings": settings,
+        "models": _models(results, job_dir),
+        "label_skew": (results.get("partition") or {}).get("label_skew"),
+        "wall_seconds": results.get("wall_seconds"),
+        "error": " ".join(error.split()),
+    }
+
+
+def _overrides(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    values = {}
+    for item in yaml.safe_load(path.read_text()) or []:
+        key, sep, raw = str(item).partition("=")
+        if not sep or key.startswith("~"):
+            continue
+        key = _ALIASES.get(key.lstrip("+"), key.lstrip("+"))
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" as text; Hydra reads it as a number.
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        # Lists and mappings cannot be grouped on; keep their text.
+        values[key] = value if value is None or isinstance(value, str | int | float) else raw
+    return values
+
+
+def _models(results: dict, job_dir: Path) -> list[dict]:
+    models = results.get("models") or {}
+    if models:
+        rows = []
+        for name, entry in models.items():
+            kind = entry.get("kind")
+            scalars = {
+                k: v
+                for k, v in entry.items()
+                if k != "kind" and isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            rows.append({"model": name, "kind": kind, "federated": kind == "federated", **scalars})
+        return rows
+    table = job_dir / "comparison.csv"
+    try:
+        frame = pd.read_csv(table)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return []
+    if "federated" not in frame:
+        frame["federated"] = frame.get("kind") == "federated"
+    return frame.to_dict("records")
+
+
+def _done(tidy: pd.DataFrame) -> pd.DataFrame:
+    done = tidy[(tidy["status"] == "done") & tidy["model"].notna()].copy()
+    done["federated"] = done["federated"].astype(bool)
+    return done
+
+
+def _group_keys(tidy: pd.DataFrame) -> list[str]:
+    done = _done(tidy)
+    return [c for c in _settings_columns(tidy) if c != "seed" and done[c].nunique(dropna=False) > 1]
+
+
+def _sortable(value: object) -> tuple:
+    # Settings mix numbers, text and missing values; order numbers first, missing last.
+    if pd.isna(value):
+        return (2, "")
+    # numbers.Real also covers numpy's integers, which are no subclass of int.
+    if isinstance(value, numbers.Real):
+        return (0, value)
+    return (1, str(value))
+
+
+def _sort(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    if not keys or frame.empty:
+        return frame
+    order = sorted(range(len(frame)), key=lambda i: [_sortable(frame[k].iat[i]) for k in keys])
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def _job_gaps(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    rows = []
+    for job, models in done.groupby("job", sort=False):
+        central = models[~models["federated"] & models["macro_f1"].notna()]
+        if central.empty:
+            continue
+        for _, fed in models[models["federated"]].iterrows():
+            twin = central[central["model"] == "central_" + fed["model"].removeprefix("federated_")]
+            ref = twin.iloc[0] if len(twin) else central.loc[central["macro_f1"].idxmax()]
+            rows.append(
+                {
+                    **{k: fed[k] for k in keys},
+                    "job": job,
+                    "model": fed["model"],
+                    "reference": ref["model"],
+                    "federated_f1": fed["macro_f1"],
+                    "reference_f1": ref["macro_f1"],
+                    "gap": fed["macro_f1"] - ref["macro_f1"],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _job_sites(root: Path, done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    rows = []
+    for job, models in done.groupby("job", sort=False):
+        path = root / job / "clients.csv"
+        if not path.exists():
+            continue
+        scores = pd.read_csv(path).get("macro_f1", pd.Series(dtype=float)).dropna()
+        if scores.empty:
+            continue
+        first = models.iloc[0]
+        rows.append(
+            {
+                **{k: first[k] for k in keys},
+                "job": job,
+                "clients": len(scores),
+                "worst": scores.min(),
+                "median": scores.median(),
+                "best": scores.max(),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _aggregate(
+    frame: pd.DataFrame, by: list[str], values: Sequence[str], text: Sequence[str] = ()
+) -> pd.DataFrame:
+    """Mean and std (ddof=1) of ``values`` per ``by`` group, ``n`` jobs, distinct ``text``."""
+    grouped = frame.groupby(by, dropna=False, sort=False) if by else frame.groupby(lambda _: 0)
+    out = grouped.agg(n=("job", "nunique"))
+    for t in text:
+        out[t] = grouped[t].agg(lambda s: ", ".join(dict.fromkeys(map(_value, s))))
+    for v in values:
+        out[f"{v}_mean"] = grouped[v].mean()
+        out[f"{v}_std"] = grouped[v].std()
+    return _sort(out.reset_index(drop=not by), by)
+
+
+def _label(row: pd.Series | dict, keys: Sequence[str]) -> str:
+    return ", ".join(f"{k}={_value(row[k])}" for k in keys) or "all jobs"
+
+
+def _value(value: object) -> str:
+    if pd.isna(value):
+        return "–"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:g}"
+    return str(value)
+
+
+def _labels(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    # Name the model only when there is more than one to tell apart.
+    named = frame["model"].nunique() > 1 or not keys
+    return [
+        ", ".join(filter(None, [_label(r, keys) if keys else "", r["model"] if named else ""]))
+        for _, r in frame.iterrows()
+    ]
+
+
+def _figures(
+    root: Path,
+    out_dir: Path,
+    done: pd.DataFrame,
+    summary: pd.DataFrame,
+    gaps: pd.DataFrame,
+    sites: pd.DataFrame,
+    keys: list[str],
+) -> dict[str, Path]:
+    made: dict[str, Path] = {}
+    fed = summary[summary["federated"].astype(bool)]
+    refs = dict.fromkeys(gaps["reference"]) if not gaps.empty else {}
+    ref_f1 = {r: done.loc[done["model"] == r, "macro_f1"].mean() for r in refs}
+    for x, name, log in (("alpha", "f1_vs_alpha", True), ("num_clients", "f1_vs_clients", False)):
+        if x not in keys or fed[x].dropna().nunique() < 2:
+            continue
+        points = fed[fed[x].notna()]
+        points = points.assign(line=_labels(points, [k for k in keys if k != x]))
+        made[name] = figures.f1_versus(points, x, ref_f1, out_dir / f"{name}.png", log)
+    histories = []
+    for job, models in done[done["federated"]].groupby("job", sort=False):
+        path = root / job / "history.csv"
+        if path.exists():
+            histories.append(pd.read_csv(path).assign(setting=_label(models.iloc[0], keys)))
+    if histories:
+        made["convergence"] = figures.convergence(
+            pd.concat(histories, ignore_index=True), out_dir / "convergence.png"
+        )
+    if not gaps.empty:
+        agg = _aggregate(gaps, [*keys, "model"], ["gap"])
+        made["gap"] = figures.gap_bars(agg.assign(label=_labels(agg, keys)), out_dir / "gap.png")
+    if not sites.empty:
+        agg = _aggregate(sites, keys, ["worst", "median", "best"])
+        agg["label"] = [_label(r, keys) for _, r in agg.iterrows()]
+        made["site_spread"] = figures.site_spread(agg, out_dir / "site_spread.png")
+    return made
+
+
+def _copy_heatmaps(
+    root: Path, out_dir: Path, done: pd.DataFrame, keys: list[str]
+) -> list[tuple[str, Path]]:
+    # One heatmap per distinct split (lowest seed): strategies sharing a split share it.
+    split_keys = [k for k in keys if k in _PARTITION_KEYS or k.startswith("partition.")]
+    jobs = done.drop_duplicates("job")
+    jobs = jobs.iloc[sorted(range(len(jobs)), key=lambda i: _sortable(jobs["seed"].iat[i]))]
+    copied: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+    for _, job in _sort(jobs, split_keys).iterrows():
+        source = root / job["job"] / "partition.png"
+        label = _label(job, split_keys) if split_keys else "partition"
+        if label in seen or not source.exists():
+            continue
+        seen.add(label)
+        target = out_dir / "heatmaps" / (re.sub(r"[^A-Za-z0-9.=_-]+", "_", label) + ".png")
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(source, target)
+        copied.append((f"{label} (seed {_value(job['seed'])}, job `{job['job']}`)", target))
+    return copied
+
+
+def _pm(mean: float, std: float, signed: bool = False) -> str:
+    if pd.isna(mean):
+        return "–"
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return text if pd.isna(std) else f"{text} ± {std:.3f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> list[str]:
+    """Markdown table lines; the first ``left`` columns are text, the rest numbers."""
+    rule = ["---"] * left + ["---:"] * (len(header) - left)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return [*lines, ""]
+
+
+def _headline(
+    summary: pd.DataFrame, gap_agg: pd.DataFrame, site_agg: pd.DataFrame, keys: list[str]
+) -> list[str]:
+    fed = summary[summary["federated"].astype(bool) & summary["macro_f1_mean"].notna()]
+    central = summary[~summary["federated"].astype(bool) & summary["macro_f1_mean"].notna()]
+    if fed.empty or central.empty:
+        missing = "federated" if fed.empty else "centralized"
+        return [f"No finished {missing} model to compare with: no gap can be given.", ""]
+    best = fed.loc[fed["macro_f1_mean"].idxmax()]
+    # Compare on the same jobs (same data and seeds) when the setting holds a centralized model.
+    same = central[[_label(r, keys) == _label(best, keys) for _, r in central.iterrows()]]
+    pool = same if not same.empty else central
+    ref = pool.loc[pool["macro_f1_mean"].idxmax()]
+    where = f" ({_label(best, keys)})" if keys else ""
+    diff = best["macro_f1_mean"] - ref["macro_f1_mean"]
+    share = f" ({diff / ref['macro_f1_mean']:+.1%} of centralized)" if ref["macro_f1_mean"] else ""
+    lines = [
+        f"- **Best federated:** `{best['model']}`{where}: macro-F1 "
+        f"{_pm(best['macro_f1_mean'], best['macro_f1_std'])} (n={best['n']})",
+        f"- **Best centralized:** `{ref['model']}`: macro-F1 "
+        f"{_pm(ref['macro_f1_mean'], ref['macro_f1_std'])} (n={ref['n']})",
+        f"- **Cost of federating, at best:** {diff:+.3f} macro-F1{share}",
+    ]
+    if not gap_agg.empty:
+        worst = gap_agg.iloc[0]
+        title = "Largest loss" if len(gap_agg) > 1 else "Same-job gap"
+        lines.append(
+            f"- **{title}:** {_labels(gap_agg.iloc[:1], keys)[0]}: gap "
+            f"{_pm(worst['gap_mean'], worst['gap_std'], signed=True)} against "
+            f"`{worst['reference']}`"
+        )
+    if not site_agg.empty:
+        low = site_agg.loc[site_agg["worst_mean"].idxmin()]
+        lines.append(
+            f"- **Weakest site:** worst client macro-F1 {_pm(low['worst_mean'], low['worst_std'])}"
+            f" ({_label(low, keys)}; the median client scores {low['median_mean']:.3f})"
+        )
+    return [*lines, ""]
+
+
+_CAPTIONS = {
+    "f1_vs_alpha": "Federated macro-F1 against Dirichlet alpha (log scale; smaller alpha, "
+    "more label skew), mean ± std over seeds; dashed lines: centralized references.",
+    "f1_vs_clients": "Federated macro-F1 against the number of clients, mean ± std over "
+    "seeds; dashed lines: centralized references.",
+    "convergence": "Global-model macro-F1 and loss per round (round 0: initial model), "
+    "mean over seeds.",
+    "gap": "Federated minus centralized macro-F1 per setting, mean ± std over seeds.",
+    "site_spread": "Worst, median and best client macro-F1 per setting, mean over seeds.",
+}
+
+
+def _markdown(
+    root: Path,
+    out_dir: Path,
+    tidy: pd.DataFrame,
+    summary: pd.DataFrame,
+    gaps: pd.DataFrame,
+    sites: pd.DataFrame,
+    keys: list[str],
+    made: dict[str, Path],
+    heatmaps: list[tuple[str, Path]],
+) -> str:
+    jobs = tidy.drop_duplicates("job")
+    done = _done(tidy)
+    count = jobs["status"].value_counts()
+    settings = _settings_columns(tidy)
+    fixed = [c for c in settings if c not in keys and c != "seed" and done[c].notna().any()]
+    seeds = ", ".join(_value(s) for s in sorted(done["seed"].dropna().unique(), key=_sortable))
+    lines = [
+        f"# Federated versus centralized: `{root}`",
+        "",
+        f"{len(jobs)} job(s): {count.get('done', 0)} done, {count.get('failed', 0)} failed, "
+        f"{count.get('incomplete', 0)} incomplete. Aggregates cover the done jobs: mean ± sample "
+        "standard deviation (ddof=1) over seeds, n = jobs averaged. Every job and model: "
+        "`report.csv`; aggregates: `summary.csv`.",
+        "",
+        "Varied: " + (", ".join(keys) or "nothing") + f"; averaged over seeds {seeds or '–'}.",
+        "",
+    ]
+    if fixed:
+        values = [f"{c}={_value(done[c].dropna().iloc[0])}" for c in fixed]
+        lines += ["Fixed: " + ", ".join(values) + ".", ""]
+    gap_agg = pd.DataFrame(columns=["gap_mean"])
+    if not gaps.empty:
+        values = ["federated_f1", "reference_f1", "gap"]
+        gap_agg = _aggregate(gaps, [*keys, "model"], values, text=["reference"])
+        gap_agg = gap_agg.sort_values("gap_mean", kind="stable", ignore_index=True)
+    site_agg = pd.DataFrame()
+    if not sites.empty:
+        site_agg = _aggregate(sites, keys, ["worst", "median", "best"], text=["clients"])
+    lines += ["## Headline", "", *_headline(summary, gap_agg, site_agg, keys)]
+    if len(jobs) > count.get("done", 0):
+        lines[-1:-1] = [
+            f"- **Failed or incomplete:** {len(jobs) - count.get('done', 0)} job(s), listed at "
+            "the end; they are left out of every aggregate."
+        ]
+
+    lines += ["## Federated minus centralized, per setting (largest loss first)", ""]
+    if gap_agg.empty:
+        lines += ["No job holds both a federated and a centralized model.", ""]
+    else:
+        lines += [
+            "gap = federated macro-F1 − macro-F1 of the centralized reference trained in the same "
+            "job (`central_<model>` for `federated_<model>` when present, else the job's best "
+            "centralized model), averaged over seeds.",
+            "",
+        ]
+        header = [*keys, "federated model", "reference", "n", "federated", "reference", "gap"]
+        rows = [
+            [
+                *(_value(r[k]) for k in keys),
+                f"`{r['model']}`",
+                r["reference"],
+                str(r["n"]),
+                _pm(r["federated_f1_mean"], r["federated_f1_std"]),
+                _pm(r["reference_f1_mean"], r["reference_f1_std"]),
+                _pm(r["gap_mean"], r["gap_std"], signed=True),
+            ]
+            for _, r in gap_agg.iterrows()
+        ]
+        lines += _table(header, rows, left=len(keys) + 2)
+
+    lines += ["## All models, mean ± std over seeds", ""]
+    names = {"macro_f1": "macro-F1", "f1": "F1", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}
+    header = [*keys, "model", "kind", "n", *(names.get(m, m) for m in SUMMARY_METRICS)]
+    rows = [
+        [
+            *(_value(r[k]) for k in keys),
+            ("★ " if r["federated"] else "") + str(r["model"]),
+            _value(r["kind"]),
+            str(r["n"]),
+            *(_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in SUMMARY_METRICS),
+        ]
+        for _, r in summary.iterrows()
+    ]
+    lines += [*_table(header, rows, left=len(keys) + 2), "★ federated model", ""]
+
+    lines += ["## Spread across sites", ""]
+    if site_agg.empty:
+        lines += ["No finished job wrote clients.csv.", ""]
+    else:
+        lines += [
+            "Worst, median and best client macro-F1 of each job (`clients.csv`), mean ± std over "
+            "seeds.",
+            "",
+        ]
+        header = [*keys, "n", "clients", "worst", "median", "best"]
+        rows = [
+            [
+                *(_value(r[k]) for k in keys),
+                str(r["n"]),
+                r["clients"],
+                *(_pm(r[f"{c}_mean"], r[f"{c}_std"]) for c in ("worst", "median", "best")),
+            ]
+            for _, r in site_agg.iterrows()
+        ]
+        lines += _table(header, rows, left=len(keys))
+
+    lines += ["## Figures", ""]
+    for name, path in made.items():
+        lines += [f"{_CAPTIONS[name]}", "", f"![{name}]({_link(path, out_dir)})", ""]
+    if not made:
+        lines += ["The data support no figure.", ""]
+    if heatmaps:
+        lines += ["### Partitions (class counts per client)", ""]
+        for caption, path in heatmaps:
+            lines += [f"{caption}:", "", f"![partition]({_link(path, out_dir)})", ""]
+
+    lines += ["## Failed or incomplete jobs", "", *_failures(root, out_dir, tidy, keys)]
+    return "\n".join(lines)
+
+
+def _failures(root: Path, out_dir: Path, tidy: pd.DataFrame, keys: list[str]) -> list[str]:
+    jobs = tidy.drop_duplicates("job")
+    bad = jobs[jobs["status"] != "done"]
+    if bad.empty:
+        return ["None: every job finished.", ""]
+    settings = _settings_columns(tidy)
+    shown = [c for c in settings if c in keys or c == "seed" or jobs[c].nunique() > 1]
+    lines = []
+    for _, job in bad.iterrows():
+        label = ", ".join(f"{k}={_value(job[k])}" for k in shown if pd.notna(job[k]))
+        models = tidy.loc[(tidy["job"] == job["job"]) & tidy["model"].notna(), "model"]
+        finished = ", ".join(f"`{m}`" for m in models) or "none"
+        if job["status"] == "failed":
+            text = f"**failed**: {job['error'] or 'no error message was saved.'}"
+            if len(models):
+                text += f" Partial results (left out of the aggregates): {finished}."
+        else:
+            text = (
+                "**incomplete**: the job never marked its results done (interrupted, or still "
+                f"running). Finished models (left out of the aggregates): {finished}."
+            )
+        heatmap = root / job["job"] / "partition.png"
+        if heatmap.exists():
+            text += f" [partition]({_link(heatmap, out_dir)})"
+        lines.append(f"- `{job['job']}`" + (f" ({label})" if label else "") + f" — {text}")
+    return [*lines, ""]
+
+
+def _settings_columns(tidy: pd.DataFrame) -> list[str]:
+    cols = list(tidy.columns)
+    return cols[cols.index("status") + 1 : cols.index("model")]
+
+
+def _link(path: Path, out_dir: Path) -> str:
+    return Path(os.path.relpath(path, out_dir)).as_posix()
+
+
+if __name__ == "__main__":
+    main()

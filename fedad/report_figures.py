@@ -1,0 +1,157 @@
+"""Figures of the sweep report: macro-F1 against a setting, convergence, gaps, site spread."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
+
+# Figures are written to files; no display is needed (or present on servers).
+matplotlib.use("Agg")
+
+
+def f1_versus(
+    points: pd.DataFrame,
+    x: str,
+    references: Mapping[str, float],
+    path: Path,
+    log_x: bool = False,
+) -> Path:
+    """Plot federated macro-F1 against one setting, one line per other setting.
+
+    Parameters
+    ----------
+    points : pd.DataFrame
+        Summary rows of federated models: column ``x``, ``macro_f1_mean``,
+        ``macro_f1_std`` and ``line`` (the legend entry each row belongs to).
+    x : str
+        The setting on the x-axis, e.g. ``alpha`` or ``num_clients``.
+    references : Mapping[str, float]
+        Centralized model name to its mean macro-F1, drawn as dashed horizontal lines.
+    path : Path
+        Image file to write.
+    log_x : bool, optional
+        Use a logarithmic x-axis (for Dirichlet alpha).
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for line, rows in points.groupby("line", sort=False):
+        rows = rows.sort_values(x)
+        std = rows["macro_f1_std"].fillna(0)
+        ax.errorbar(rows[x], rows["macro_f1_mean"], yerr=std, marker="o", capsize=3, label=line)
+    for i, (name, value) in enumerate(references.items()):
+        ax.axhline(value, linestyle="--", color=f"C{(i + 5) % 10}", linewidth=1, label=name)
+    if log_x:
+        ax.set_xscale("log")
+    # Tick the swept values themselves; a log axis would otherwise show only powers of ten.
+    values = sorted(points[x].unique())
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.minorticks_off()
+    ax.set_xlabel("Dirichlet alpha (smaller: more label skew)" if x == "alpha" else x)
+    ax.set_ylabel("macro-F1")
+    ax.set_title(f"Federated macro-F1 against {x}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def convergence(history: pd.DataFrame, path: Path) -> Path:
+    """Plot the global model's macro-F1 and loss per round, one line per setting.
+
+    Parameters
+    ----------
+    history : pd.DataFrame
+        Rows of every job's ``history.csv`` with a ``setting`` column naming the line;
+        rounds of jobs that share a setting are averaged (over seeds).
+    path : Path
+        Image file to write.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    metrics = [m for m in ("macro_f1", "loss") if m in history]
+    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(11, 4), squeeze=False)
+    mean = history.groupby(["setting", "round"], sort=False)[metrics].mean().reset_index()
+    for ax, metric in zip(axes[0], metrics, strict=False):
+        for setting, rows in mean.groupby("setting", sort=False):
+            ax.plot(rows["round"], rows[metric], marker=".", label=setting)
+        ax.set_xlabel("round (0: initial model)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(metric.replace("macro_f1", "macro-F1"))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("Global model per round")
+    return _save(fig, path)
+
+
+def gap_bars(gaps: pd.DataFrame, path: Path) -> Path:
+    """Draw the federated-minus-centralized macro-F1 gap per setting as bars.
+
+    Parameters
+    ----------
+    gaps : pd.DataFrame
+        Columns ``label``, ``gap_mean`` and ``gap_std``.
+    path : Path
+        Image file to write.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    fig, ax = plt.subplots(figsize=(7, 1.5 + 0.4 * len(gaps)))
+    ys = np.arange(len(gaps))
+    colors = ["C3" if g < 0 else "C2" for g in gaps["gap_mean"].fillna(0)]
+    ax.barh(ys, gaps["gap_mean"], xerr=gaps["gap_std"].fillna(0), color=colors, capsize=3)
+    ax.set_yticks(ys, gaps["label"])
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("macro-F1 gap (federated − centralized)")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def site_spread(sites: pd.DataFrame, path: Path) -> Path:
+    """Draw the worst, median and best client macro-F1 per setting.
+
+    Parameters
+    ----------
+    sites : pd.DataFrame
+        Columns ``label``, ``worst_mean``, ``median_mean`` and ``best_mean``.
+    path : Path
+        Image file to write.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    fig, ax = plt.subplots(figsize=(7, 1.5 + 0.4 * len(sites)))
+    ys = np.arange(len(sites))
+    ax.hlines(ys, sites["worst_mean"], sites["best_mean"], color="grey", linewidth=2)
+    for column, marker in (("worst", "<"), ("median", "o"), ("best", ">")):
+        ax.plot(sites[f"{column}_mean"], ys, marker, linestyle="none", label=column)
+    ax.set_yticks(ys, sites["label"])
+    ax.invert_yaxis()
+    ax.set_xlabel("client macro-F1 (mean over seeds)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
