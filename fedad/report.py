@@ -17,6 +17,7 @@ import yaml
 
 from fedad import report_figures as figures
 from fedad.errors import FedadError, exit_with
+from fedad.report_markdown import format_value, render, row_labels, setting_label
 
 # Fields of results.json "settings"; "model" is renamed so it cannot clash with the
 # per-row model name ("federated_cnn", "random_forest", ...).
@@ -182,7 +183,22 @@ def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None) 
     sites = _job_sites(root, done, keys)
     made = _figures(root, out_dir, done, summary, gaps, sites, keys)
     heatmaps = _copy_heatmaps(root, out_dir, done, keys)
-    text = _markdown(root, out_dir, tidy, summary, gaps, sites, keys, made, heatmaps)
+    settings = _settings_columns(tidy)
+    text = render(
+        root,
+        out_dir,
+        tidy,
+        summary,
+        _gap_table(gaps, keys),
+        _site_table(sites, keys),
+        keys=keys,
+        settings=settings,
+        fixed=_fixed(done, settings, keys),
+        seeds=sorted(done["seed"].dropna().unique(), key=_sortable),
+        metrics=SUMMARY_METRICS,
+        made=made,
+        heatmaps=heatmaps,
+    )
     report = out_dir / "report.md"
     report.write_text(text)
     return report
@@ -385,32 +401,36 @@ def _aggregate(
     grouped = frame.groupby(by, dropna=False, sort=False) if by else frame.groupby(lambda _: 0)
     out = grouped.agg(n=("job", "nunique"))
     for t in text:
-        out[t] = grouped[t].agg(lambda s: ", ".join(dict.fromkeys(map(_value, s))))
+        out[t] = grouped[t].agg(lambda s: ", ".join(dict.fromkeys(map(format_value, s))))
     for v in values:
         out[f"{v}_mean"] = grouped[v].mean()
         out[f"{v}_std"] = grouped[v].std()
     return _sort(out.reset_index(drop=not by), by)
 
 
-def _label(row: pd.Series | dict, keys: Sequence[str]) -> str:
-    return ", ".join(f"{k}={_value(row[k])}" for k in keys) or "all jobs"
+def _gap_table(gaps: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Same-job gaps per setting and federated model, mean ± std over seeds, largest loss first."""
+    if gaps.empty:
+        return pd.DataFrame(columns=["gap_mean"])
+    values = ["federated_f1", "reference_f1", "gap"]
+    table = _aggregate(gaps, [*keys, "model"], values, text=["reference"])
+    return table.sort_values("gap_mean", kind="stable", ignore_index=True)
 
 
-def _value(value: object) -> str:
-    if pd.isna(value):
-        return "–"
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else f"{value:g}"
-    return str(value)
+def _site_table(sites: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Worst, median and best client macro-F1 per setting, mean ± std over seeds."""
+    if sites.empty:
+        return pd.DataFrame()
+    return _aggregate(sites, keys, ["worst", "median", "best"], text=["clients"])
 
 
-def _labels(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
-    # Name the model only when there is more than one to tell apart.
-    named = frame["model"].nunique() > 1 or not keys
-    return [
-        ", ".join(filter(None, [_label(r, keys) if keys else "", r["model"] if named else ""]))
-        for _, r in frame.iterrows()
-    ]
+def _fixed(done: pd.DataFrame, settings: list[str], keys: list[str]) -> dict[str, object]:
+    """Settings, seed aside, that hold one value over the done jobs, with that value."""
+    return {
+        c: done[c].dropna().iloc[0]
+        for c in settings
+        if c not in keys and c != "seed" and done[c].notna().any()
+    }
 
 
 def _figures(
@@ -430,23 +450,23 @@ def _figures(
         if x not in keys or fed[x].dropna().nunique() < 2:
             continue
         points = fed[fed[x].notna()]
-        points = points.assign(line=_labels(points, [k for k in keys if k != x]))
+        points = points.assign(line=row_labels(points, [k for k in keys if k != x]))
         made[name] = figures.f1_versus(points, x, ref_f1, out_dir / f"{name}.png", log)
     histories = []
     for job, models in done[done["federated"]].groupby("job", sort=False):
         path = root / job / "history.csv"
         if path.exists():
-            histories.append(pd.read_csv(path).assign(setting=_label(models.iloc[0], keys)))
+            histories.append(pd.read_csv(path).assign(setting=setting_label(models.iloc[0], keys)))
     if histories:
         made["convergence"] = figures.convergence(
             pd.concat(histories, ignore_index=True), out_dir / "convergence.png"
         )
     if not gaps.empty:
         agg = _aggregate(gaps, [*keys, "model"], ["gap"])
-        made["gap"] = figures.gap_bars(agg.assign(label=_labels(agg, keys)), out_dir / "gap.png")
+        made["gap"] = figures.gap_bars(agg.assign(label=row_labels(agg, keys)), out_dir / "gap.png")
     if not sites.empty:
         agg = _aggregate(sites, keys, ["worst", "median", "best"])
-        agg["label"] = [_label(r, keys) for _, r in agg.iterrows()]
+        agg["label"] = [setting_label(r, keys) for _, r in agg.iterrows()]
         made["site_spread"] = figures.site_spread(agg, out_dir / "site_spread.png")
     return made
 
@@ -462,240 +482,20 @@ def _copy_heatmaps(
     seen: set[str] = set()
     for _, job in _sort(jobs, split_keys).iterrows():
         source = root / job["job"] / "partition.png"
-        label = _label(job, split_keys) if split_keys else "partition"
+        label = setting_label(job, split_keys) if split_keys else "partition"
         if label in seen or not source.exists():
             continue
         seen.add(label)
         target = out_dir / "heatmaps" / (re.sub(r"[^A-Za-z0-9.=_-]+", "_", label) + ".png")
         target.parent.mkdir(exist_ok=True)
         shutil.copyfile(source, target)
-        copied.append((f"{label} (seed {_value(job['seed'])}, job `{job['job']}`)", target))
+        copied.append((f"{label} (seed {format_value(job['seed'])}, job `{job['job']}`)", target))
     return copied
-
-
-def _pm(mean: float, std: float, signed: bool = False) -> str:
-    if pd.isna(mean):
-        return "–"
-    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
-    return text if pd.isna(std) else f"{text} ± {std:.3f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> list[str]:
-    """Markdown table lines; the first ``left`` columns are text, the rest numbers."""
-    rule = ["---"] * left + ["---:"] * (len(header) - left)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return [*lines, ""]
-
-
-def _headline(
-    summary: pd.DataFrame, gap_agg: pd.DataFrame, site_agg: pd.DataFrame, keys: list[str]
-) -> list[str]:
-    fed = summary[summary["federated"].astype(bool) & summary["macro_f1_mean"].notna()]
-    central = summary[~summary["federated"].astype(bool) & summary["macro_f1_mean"].notna()]
-    if fed.empty or central.empty:
-        missing = "federated" if fed.empty else "centralized"
-        return [f"No finished {missing} model to compare with: no gap can be given.", ""]
-    best = fed.loc[fed["macro_f1_mean"].idxmax()]
-    # Compare on the same jobs (same data and seeds) when the setting holds a centralized model.
-    same = central[[_label(r, keys) == _label(best, keys) for _, r in central.iterrows()]]
-    pool = same if not same.empty else central
-    ref = pool.loc[pool["macro_f1_mean"].idxmax()]
-    where = f" ({_label(best, keys)})" if keys else ""
-    diff = best["macro_f1_mean"] - ref["macro_f1_mean"]
-    share = f" ({diff / ref['macro_f1_mean']:+.1%} of centralized)" if ref["macro_f1_mean"] else ""
-    lines = [
-        f"- **Best federated:** `{best['model']}`{where}: macro-F1 "
-        f"{_pm(best['macro_f1_mean'], best['macro_f1_std'])} (n={best['n']})",
-        f"- **Best centralized:** `{ref['model']}`: macro-F1 "
-        f"{_pm(ref['macro_f1_mean'], ref['macro_f1_std'])} (n={ref['n']})",
-        f"- **Cost of federating, at best:** {diff:+.3f} macro-F1{share}",
-    ]
-    if not gap_agg.empty:
-        worst = gap_agg.iloc[0]
-        title = "Largest loss" if len(gap_agg) > 1 else "Same-job gap"
-        lines.append(
-            f"- **{title}:** {_labels(gap_agg.iloc[:1], keys)[0]}: gap "
-            f"{_pm(worst['gap_mean'], worst['gap_std'], signed=True)} against "
-            f"`{worst['reference']}`"
-        )
-    if not site_agg.empty:
-        low = site_agg.loc[site_agg["worst_mean"].idxmin()]
-        lines.append(
-            f"- **Weakest site:** worst client macro-F1 {_pm(low['worst_mean'], low['worst_std'])}"
-            f" ({_label(low, keys)}; the median client scores {low['median_mean']:.3f})"
-        )
-    return [*lines, ""]
-
-
-_CAPTIONS = {
-    "f1_vs_alpha": "Federated macro-F1 against Dirichlet alpha (log scale; smaller alpha, "
-    "more label skew), mean ± std over seeds; dashed lines: centralized references.",
-    "f1_vs_clients": "Federated macro-F1 against the number of clients, mean ± std over "
-    "seeds; dashed lines: centralized references.",
-    "convergence": "Global-model macro-F1 and loss per round (round 0: initial model), "
-    "mean over seeds.",
-    "gap": "Federated minus centralized macro-F1 per setting, mean ± std over seeds.",
-    "site_spread": "Worst, median and best client macro-F1 per setting, mean over seeds.",
-}
-
-
-def _markdown(
-    root: Path,
-    out_dir: Path,
-    tidy: pd.DataFrame,
-    summary: pd.DataFrame,
-    gaps: pd.DataFrame,
-    sites: pd.DataFrame,
-    keys: list[str],
-    made: dict[str, Path],
-    heatmaps: list[tuple[str, Path]],
-) -> str:
-    jobs = tidy.drop_duplicates("job")
-    done = _done(tidy)
-    count = jobs["status"].value_counts()
-    settings = _settings_columns(tidy)
-    fixed = [c for c in settings if c not in keys and c != "seed" and done[c].notna().any()]
-    seeds = ", ".join(_value(s) for s in sorted(done["seed"].dropna().unique(), key=_sortable))
-    lines = [
-        f"# Federated versus centralized: `{root}`",
-        "",
-        f"{len(jobs)} job(s): {count.get('done', 0)} done, {count.get('failed', 0)} failed, "
-        f"{count.get('incomplete', 0)} incomplete. Aggregates cover the done jobs: mean ± sample "
-        "standard deviation (ddof=1) over seeds, n = jobs averaged. Every job and model: "
-        "`report.csv`; aggregates: `summary.csv`.",
-        "",
-        "Varied: " + (", ".join(keys) or "nothing") + f"; averaged over seeds {seeds or '–'}.",
-        "",
-    ]
-    if fixed:
-        values = [f"{c}={_value(done[c].dropna().iloc[0])}" for c in fixed]
-        lines += ["Fixed: " + ", ".join(values) + ".", ""]
-    gap_agg = pd.DataFrame(columns=["gap_mean"])
-    if not gaps.empty:
-        values = ["federated_f1", "reference_f1", "gap"]
-        gap_agg = _aggregate(gaps, [*keys, "model"], values, text=["reference"])
-        gap_agg = gap_agg.sort_values("gap_mean", kind="stable", ignore_index=True)
-    site_agg = pd.DataFrame()
-    if not sites.empty:
-        site_agg = _aggregate(sites, keys, ["worst", "median", "best"], text=["clients"])
-    lines += ["## Headline", "", *_headline(summary, gap_agg, site_agg, keys)]
-    if len(jobs) > count.get("done", 0):
-        lines[-1:-1] = [
-            f"- **Failed or incomplete:** {len(jobs) - count.get('done', 0)} job(s), listed at "
-            "the end; they are left out of every aggregate."
-        ]
-
-    lines += ["## Federated minus centralized, per setting (largest loss first)", ""]
-    if gap_agg.empty:
-        lines += ["No job holds both a federated and a centralized model.", ""]
-    else:
-        lines += [
-            "gap = federated macro-F1 − macro-F1 of the centralized reference trained in the same "
-            "job (`central_<model>` for `federated_<model>` when present, else the job's best "
-            "centralized model), averaged over seeds.",
-            "",
-        ]
-        header = [*keys, "federated model", "reference", "n", "federated", "reference", "gap"]
-        rows = [
-            [
-                *(_value(r[k]) for k in keys),
-                f"`{r['model']}`",
-                r["reference"],
-                str(r["n"]),
-                _pm(r["federated_f1_mean"], r["federated_f1_std"]),
-                _pm(r["reference_f1_mean"], r["reference_f1_std"]),
-                _pm(r["gap_mean"], r["gap_std"], signed=True),
-            ]
-            for _, r in gap_agg.iterrows()
-        ]
-        lines += _table(header, rows, left=len(keys) + 2)
-
-    lines += ["## All models, mean ± std over seeds", ""]
-    names = {"macro_f1": "macro-F1", "f1": "F1", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}
-    header = [*keys, "model", "kind", "n", *(names.get(m, m) for m in SUMMARY_METRICS)]
-    rows = [
-        [
-            *(_value(r[k]) for k in keys),
-            ("★ " if r["federated"] else "") + str(r["model"]),
-            _value(r["kind"]),
-            str(r["n"]),
-            *(_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in SUMMARY_METRICS),
-        ]
-        for _, r in summary.iterrows()
-    ]
-    lines += [*_table(header, rows, left=len(keys) + 2), "★ federated model", ""]
-
-    lines += ["## Spread across sites", ""]
-    if site_agg.empty:
-        lines += ["No finished job wrote clients.csv.", ""]
-    else:
-        lines += [
-            "Worst, median and best client macro-F1 of each job (`clients.csv`), mean ± std over "
-            "seeds.",
-            "",
-        ]
-        header = [*keys, "n", "clients", "worst", "median", "best"]
-        rows = [
-            [
-                *(_value(r[k]) for k in keys),
-                str(r["n"]),
-                r["clients"],
-                *(_pm(r[f"{c}_mean"], r[f"{c}_std"]) for c in ("worst", "median", "best")),
-            ]
-            for _, r in site_agg.iterrows()
-        ]
-        lines += _table(header, rows, left=len(keys))
-
-    lines += ["## Figures", ""]
-    for name, path in made.items():
-        lines += [f"{_CAPTIONS[name]}", "", f"![{name}]({_link(path, out_dir)})", ""]
-    if not made:
-        lines += ["The data support no figure.", ""]
-    if heatmaps:
-        lines += ["### Partitions (class counts per client)", ""]
-        for caption, path in heatmaps:
-            lines += [f"{caption}:", "", f"![partition]({_link(path, out_dir)})", ""]
-
-    lines += ["## Failed or incomplete jobs", "", *_failures(root, out_dir, tidy, keys)]
-    return "\n".join(lines)
-
-
-def _failures(root: Path, out_dir: Path, tidy: pd.DataFrame, keys: list[str]) -> list[str]:
-    jobs = tidy.drop_duplicates("job")
-    bad = jobs[jobs["status"] != "done"]
-    if bad.empty:
-        return ["None: every job finished.", ""]
-    settings = _settings_columns(tidy)
-    shown = [c for c in settings if c in keys or c == "seed" or jobs[c].nunique() > 1]
-    lines = []
-    for _, job in bad.iterrows():
-        label = ", ".join(f"{k}={_value(job[k])}" for k in shown if pd.notna(job[k]))
-        models = tidy.loc[(tidy["job"] == job["job"]) & tidy["model"].notna(), "model"]
-        finished = ", ".join(f"`{m}`" for m in models) or "none"
-        if job["status"] == "failed":
-            text = f"**failed**: {job['error'] or 'no error message was saved.'}"
-            if len(models):
-                text += f" Partial results (left out of the aggregates): {finished}."
-        else:
-            text = (
-                "**incomplete**: the job never marked its results done (interrupted, or still "
-                f"running). Finished models (left out of the aggregates): {finished}."
-            )
-        heatmap = root / job["job"] / "partition.png"
-        if heatmap.exists():
-            text += f" [partition]({_link(heatmap, out_dir)})"
-        lines.append(f"- `{job['job']}`" + (f" ({label})" if label else "") + f" — {text}")
-    return [*lines, ""]
 
 
 def _settings_columns(tidy: pd.DataFrame) -> list[str]:
     cols = list(tidy.columns)
     return cols[cols.index("status") + 1 : cols.index("model")]
-
-
-def _link(path: Path, out_dir: Path) -> str:
-    return Path(os.path.relpath(path, out_dir)).as_posix()
 
 
 if __name__ == "__main__":
