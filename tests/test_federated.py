@@ -1,0 +1,287 @@
+"""Tests for the Flower simulation: real runs on small generated data, plus the pieces alone."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from omegaconf import OmegaConf
+from sklearn.datasets import make_classification
+
+from fedad.data.prepared import PreparedData
+from fedad.errors import FedadError
+from fedad.federated import make_settings, run_federated, validate
+from fedad.federated.client_app import (
+    injected_failure,
+    load_site,
+    local_model,
+    local_split,
+    train_local,
+)
+from fedad.federated.scaling import pooled_moments, site_sums, standardize
+from fedad.federated.shards import read_access_log, write_shards
+from fedad.federated.strategies import STRATEGIES, build_strategy, weighted_mean
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+NUM_CLIENTS = 3
+
+
+@pytest.fixture(scope="module")
+def data() -> PreparedData:
+    X, y = make_classification(
+        n_samples=3000,
+        n_features=20,
+        n_informative=8,
+        weights=[0.16],  # 84% attacks, as in many IoT intrusion sets
+        class_sep=1.5,
+        random_state=0,
+    )
+    # Off-centre, unequal feature scales, so standardization matters.
+    X = (X * np.linspace(0.5, 20, 20) + 7).astype(np.float32)
+    y = y.astype(np.int64)
+    return PreparedData(
+        X_train=X[:2400],
+        y_train=y[:2400],
+        X_test=X[2400:],
+        y_test=y[2400:],
+        feature_names=[f"f{i}" for i in range(20)],
+        class_names=["normal", "attack"],
+        task="binary",
+    )
+
+
+@pytest.fixture(scope="module")
+def partitions(data) -> list[np.ndarray]:
+    order = np.random.default_rng(0).permutation(len(data.y_train))
+    return [np.sort(p) for p in np.array_split(order, NUM_CLIENTS)]
+
+
+def make_cfg(**simulation):
+    """The repo's config with small, fast settings."""
+    base = OmegaConf.load(CONF / "config.yaml")
+    cfg = OmegaConf.create(
+        {
+            "seed": 7,
+            "model": OmegaConf.load(CONF / "model" / "cnn.yaml"),
+            "strategy": OmegaConf.load(CONF / "strategy" / "fedavg.yaml"),
+            "train": base.train,
+            "simulation": base.simulation,
+        }
+    )
+    cfg.train.learning_rate = 0.005
+    cfg.train.batch_size = 32
+    cfg.simulation.num_clients = NUM_CLIENTS
+    cfg.simulation.num_rounds = 2
+    for key, value in simulation.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+# One Ray start-up per run is the expensive part, so the runs are shared:
+# two identical runs (with a failing site each round) and one with the other code paths.
+@pytest.fixture(scope="module")
+def twin_runs(data, partitions, tmp_path_factory):
+    cfg = make_cfg(**{"simulation.client_failure_rate": 0.34})
+    return [
+        run_federated(cfg, data, partitions, tmp_path_factory.mktemp(f"run{i}")) for i in range(2)
+    ]
+
+
+@pytest.mark.slow
+def test_final_global_model_beats_the_initial_model(twin_runs):
+    history = twin_runs[0].history
+    assert list(history["round"]) == [0, 1, 2]
+    first, last = history.iloc[0], history.iloc[-1]
+    assert last["loss"] < first["loss"]
+    assert last["roc_auc"] > first["roc_auc"]
+    assert twin_runs[0].metrics["roc_auc"] == pytest.approx(last["roc_auc"])
+
+
+@pytest.mark.slow
+def test_injected_failures_are_survived_and_counted(twin_runs):
+    history = twin_runs[0].history
+    # floor(0.34 * 3) = 1 site down per round, in training and in evaluation.
+    assert list(history["failures"]) == [0, 1, 1]
+    assert list(history["eval_failures"]) == [0, 1, 1]
+    assert history["train_loss"].iloc[1:].notna().all()
+    # The final pass measures the final model at every site.
+    clients = twin_runs[0].clients
+    assert sorted(clients["client"]) == [0, 1, 2]
+    assert clients["roc_auc"].notna().all()
+    assert "error" not in clients.columns
+
+
+@pytest.mark.slow
+def test_one_seed_gives_one_result(twin_runs):
+    a, b = twin_runs
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+    for key in ("accuracy", "macro_f1", "roc_auc", "pr_auc", "fpr"):
+        assert a.metrics[key] == pytest.approx(b.metrics[key], abs=1e-6)
+    columns = ["loss", "roc_auc", "client_loss", "train_loss"]
+    np.testing.assert_allclose(a.history[columns], b.history[columns], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_each_client_reads_only_its_own_shard(twin_runs):
+    reads = read_access_log(twin_runs[0].model_path.parent)
+    readers = {reader for reader, _ in reads}
+    assert readers == {"server", "client_0000", "client_0001", "client_0002"}
+    for reader, name in reads:
+        expected = "test.npz" if reader == "server" else f"{reader}.npz"
+        assert name == expected
+
+
+@pytest.mark.slow
+def test_federated_scaling_statistics_equal_the_pooled_ones(twin_runs, data):
+    with np.load(twin_runs[0].model_path.parent / "scaling.npz") as stats:
+        np.testing.assert_allclose(stats["mean"], data.X_train.astype(np.float64).mean(0))
+        np.testing.assert_allclose(stats["std"], data.X_train.astype(np.float64).std(0))
+
+
+@pytest.mark.slow
+def test_outputs_are_written_and_the_saved_model_reproduces_the_scores(twin_runs, data):
+    result = twin_runs[0]
+    run_dir = result.model_path.parent
+    for name in ("history.csv", "clients.csv", "global_model.keras", "scaling.npz"):
+        assert (run_dir / name).exists()
+    for column in ("macro_f1", "f1", "pr_auc", "fpr", "client_macro_f1", "seconds"):
+        assert column in result.history.columns
+    model = keras.models.load_model(result.model_path)
+    with np.load(run_dir / "scaling.npz") as stats:
+        X = standardize(data.X_test, stats["mean"], stats["std"])
+    np.testing.assert_allclose(model.predict(X, verbose=0), result.scores, atol=1e-6)
+    assert result.scores.shape == (len(data.y_test), 2)
+    assert result.train_seconds > 0
+
+
+@pytest.mark.slow
+def test_local_scaling_fedprox_and_partial_sampling_run(data, partitions, tmp_path):
+    cfg = make_cfg(
+        **{
+            "simulation.scaling": "local",
+            "simulation.fraction_train": 0.67,
+            "simulation.min_clients": 2,
+            "train.learning_rate": 0.02,
+        }
+    )
+    cfg.model = OmegaConf.load(CONF / "model" / "logistic.yaml")
+    cfg.strategy = OmegaConf.load(CONF / "strategy" / "fedprox.yaml")
+    result = run_federated(cfg, data, partitions, tmp_path)
+    history = result.history
+    assert list(history["failures"]) == [0, 0, 0]
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    assert len(result.clients) == NUM_CLIENTS
+
+
+def test_fedprox_term_keeps_the_client_update_near_the_global_model(data, partitions, tmp_path):
+    write_shards(data, partitions, tmp_path)
+    settings = make_settings(make_cfg(), data, NUM_CLIENTS, tmp_path)
+    settings["train.local_epochs"] = 3
+    config = ConfigRecord()
+    site = load_site(settings, 0, config)
+    model = local_model(settings)
+    keras.utils.set_random_seed(0)
+    start = [w + np.float32(0.5) for w in model.get_weights()]
+
+    def update(mu: float) -> list[np.ndarray]:
+        train_local(model, start, site, settings, mu=mu, seed=1)
+        return model.get_weights()
+
+    def distance(weights: list[np.ndarray]) -> float:
+        return math.sqrt(
+            sum(float(np.sum((w - s) ** 2)) for w, s in zip(weights, start, strict=True))
+        )
+
+    plain, again, proximal = update(0.0), update(0.0), update(10.0)
+    # Same seed, same update: the cached model carries nothing over between calls.
+    for w, v in zip(plain, again, strict=True):
+        np.testing.assert_array_equal(w, v)
+    assert any(not np.allclose(w, v) for w, v in zip(plain, proximal, strict=True))
+    assert distance(proximal) < 0.5 * distance(plain)
+
+
+def test_pooled_moments_equal_the_moments_of_all_rows():
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(1000, 6)) * [1, 10, 100, 0.1, 5, 0] + [0, 3, -50, 1e3, 2, 4]).astype(
+        np.float32
+    )
+    sites = np.split(X, [10, 400, 401])
+    mean, std = pooled_moments(site_sums(part) for part in sites)
+    np.testing.assert_allclose(mean, X.astype(np.float64).mean(0), rtol=1e-9)
+    expected_std = X.astype(np.float64).std(0)
+    expected_std[expected_std == 0] = 1.0
+    np.testing.assert_allclose(std, expected_std, rtol=1e-6)
+
+
+def test_injected_failures_are_deterministic_and_of_the_configured_share():
+    for server_round in range(1, 6):
+        down = [injected_failure(3, server_round, pid, 10, 0.25) for pid in range(10)]
+        assert sum(down) == 2
+        assert down == [injected_failure(3, server_round, pid, 10, 0.25) for pid in range(10)]
+    assert not any(injected_failure(3, 1, pid, 3, 0.3) for pid in range(3))
+    assert sum(injected_failure(3, 1, pid, 3, 0.99) for pid in range(3)) == 2
+
+
+def test_local_split_keeps_every_row_once_and_tiny_shards_usable():
+    train, val, test = local_split(100, 0.2, 0.1, seed=(0, 1))
+    assert (len(train), len(val), len(test)) == (72, 8, 20)
+    assert sorted(np.concatenate([train, val, test])) == list(range(100))
+    train, val, test = local_split(2, 0.2, 0.1, seed=(0, 1))
+    assert (len(train), len(val), len(test)) == (1, 0, 1)
+
+
+def test_client_metrics_are_averaged_over_the_sites_that_define_them():
+    replies = [
+        RecordDict({"m": MetricRecord({"roc_auc": 0.8, "acc": 1.0, "num-examples": 30})}),
+        RecordDict({"m": MetricRecord({"roc_auc": math.nan, "acc": 0.0, "num-examples": 10})}),
+    ]
+    out = weighted_mean(replies, "num-examples")
+    assert out["roc_auc"] == pytest.approx(0.8)
+    assert out["acc"] == pytest.approx(0.75)
+    assert "num-examples" not in out
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_config_builds(name):
+    cfg = make_cfg()
+    cfg.strategy = OmegaConf.load(CONF / "strategy" / f"{name}.yaml")
+    strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True), 1.0, 1.0, 2)
+    assert type(strategy) is STRATEGIES[name]
+
+
+def test_unknown_strategy_lists_the_valid_names():
+    with pytest.raises(FedadError, match="fedavg, fedprox"):
+        build_strategy({"name": "fedsgd"}, 1.0, 1.0, 2)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("simulation.num_rounds", 0, "num_rounds"),
+        ("simulation.fraction_train", 0.0, "fraction_train"),
+        ("simulation.fraction_evaluate", 1.5, "fraction_evaluate"),
+        ("simulation.min_clients", NUM_CLIENTS + 1, "min_clients"),
+        ("simulation.client_failure_rate", 1.0, "client_failure_rate"),
+        ("simulation.scaling", "global", "scaling"),
+        ("strategy.name", "fedsgd", "Unknown strategy"),
+    ],
+)
+def test_invalid_settings_fail_before_ray_starts(partitions, key, value, message):
+    cfg = make_cfg()
+    OmegaConf.update(cfg, key, value)
+    with pytest.raises(FedadError, match=message):
+        validate(cfg, partitions)
+
+
+def test_settings_are_flat_scalars_like_a_flower_run_config(data, tmp_path):
+    settings = make_settings(make_cfg(), data, NUM_CLIENTS, tmp_path)
+    assert all(isinstance(v, bool | int | float | str) for v in settings.values())
+    assert settings["model.filters"] == 32
+    assert settings["simulation.num_rounds"] == 2
+    assert json.loads(settings["class-names"]) == ["normal", "attack"]
+    assert not any(k.startswith("simulation.client_resources") for k in settings)
