@@ -52,7 +52,14 @@ class FittedClassifier:
         if hasattr(self.estimator, "predict_proba"):
             proba = self.estimator.predict_proba(X)
         else:
-            proba = self.estimator.predict(X, batch_size=PREDICT_BATCH, verbose=0)
+            # predict_on_batch, not predict(): permutation importance calls this hundreds of
+            # times, and predict() sets up a data pipeline on every call.
+            proba = np.concatenate(
+                [
+                    self.estimator.predict_on_batch(X[i : i + PREDICT_BATCH])
+                    for i in range(0, len(X), PREDICT_BATCH)
+                ]
+            )
         full = np.zeros((len(X), self.n_classes), dtype=np.float64)
         full[:, self.classes] = proba
         return full
