@@ -27,6 +27,8 @@ from fedad.plots import plot_confusion, plot_roc
 log = logging.getLogger("fedad")
 # Flower's import sets up alembic, whose INFO lines would bury the run's own.
 logging.getLogger("alembic").setLevel(logging.WARNING)
+# Keras warns about tf.function retracing when batch shapes vary; harmless here.
+logging.getLogger("tensorflow").setLevel(logging.ERROR)
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -91,7 +93,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     _record(results, models, run_dir)
     if models:
         _figures(models, data, run_dir)
-        results["importance"] = _explain(models, data, run_dir, int(cfg.seed))
+        if cfg.explain:
+            results["importance"] = _explain(models, data, run_dir, int(cfg.seed))
 
     federated = [m for m in models if m.kind == "federated"]
     results["validation_macro_f1"] = federated[0].info["validation_macro_f1"] if federated else None
