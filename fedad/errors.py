@@ -17,5 +17,9 @@ class FedadError(Exception):
 def exit_with(error: FedadError, code: int = 2) -> None:
     """Print ``error`` as one wrapped paragraph on stderr and exit with ``code``."""
     text = " ".join(str(error).split())
-    print("fedad: error: " + textwrap.fill(text, width=100, subsequent_indent="  "), file=sys.stderr)
+    # Paths and keys must stay copyable, so never split a word or at a hyphen.
+    body = textwrap.fill(
+        text, width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False
+    )
+    print("fedad: error: " + body, file=sys.stderr)
     raise SystemExit(code)

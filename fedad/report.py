@@ -173,7 +173,15 @@ def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None) 
     root = Path(path)
     tidy = collect(root)
     out_dir = Path(out) if out is not None else root
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".write-probe").touch()
+        (out_dir / ".write-probe").unlink()
+    except OSError as err:
+        raise FedadError(
+            f"Cannot write the report to {out_dir}: {err.strerror}. Give --out a folder you can "
+            "write (by default the report goes into the run directory itself)."
+        ) from err
     tidy.to_csv(out_dir / "report.csv", index=False)
     summary = summarize(tidy)
     summary.to_csv(out_dir / "summary.csv", index=False)

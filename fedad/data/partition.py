@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -59,7 +61,12 @@ def partition(
             f"e.g. `partition=dirichlet partition.alpha=0.5`."
         )
     n = len(y)
-    min_size = int(cfg.get("min_size", 10))
+    min_size = int(_number(cfg, "min_size", 10, int))
+    if min_size < 0:
+        raise FedadError(
+            f"partition.min_size must be 0 or more (got {min_size}); it is the fewest training "
+            "rows a client may hold, e.g. partition.min_size=10."
+        )
     if name != "natural":
         _check_client_count(num_clients, n, min_size)
 
@@ -76,8 +83,8 @@ def partition(
     elif name == "iid":
         partitioner = IidPartitioner(num_partitions=num_clients)
     elif name == "dirichlet":
-        alpha = float(cfg["alpha"])
-        if not alpha > 0:
+        alpha = _number(cfg, "alpha", None, float)
+        if not (alpha > 0 and math.isfinite(alpha)):
             raise FedadError(
                 f"partition.alpha must be > 0 (got {alpha}). Small values such as 0.1 give "
                 "strong label skew between clients, large ones such as 100 nearly IID splits."
@@ -91,7 +98,7 @@ def partition(
             seed=seed,
         )
     elif name == "pathological":
-        k = int(cfg["classes_per_client"])
+        k = int(_number(cfg, "classes_per_client", None, int))
         n_classes = len(np.unique(y))
         if not 1 <= k <= n_classes:
             raise FedadError(
@@ -111,7 +118,8 @@ def partition(
     ds = datasets.Dataset.from_dict(table)
     if name in ("iid", "quantity"):
         # Both partitioners cut contiguous blocks, so shuffle rows first.
-        ds = ds.shuffle(seed=seed).flatten_indices()
+        with _quiet_datasets():
+            ds = ds.shuffle(seed=seed).flatten_indices()
     partitioner.dataset = ds
     try:
         parts = [
@@ -127,9 +135,42 @@ def partition(
     return [p for p in parts if len(p) > 0]
 
 
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No "Flattening the indices" progress bar on stderr, where it would bury a later error."""
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
+def _number(cfg: Mapping, key: str, default: float | None, kind: type) -> float:
+    """``partition.<key>`` as ``kind`` (int or float), or a FedadError naming the bad value."""
+    value = cfg.get(key, default)
+    try:
+        number = kind(value)
+        if kind is int and number != float(value):
+            raise ValueError(value)
+    except (TypeError, ValueError):
+        expected = "a whole number" if kind is int else "a number"
+        raise FedadError(
+            f"partition.{key} must be {expected}, got {value!r}. Set it on the command line, "
+            f"e.g. partition.{key}={default if default is not None else 1}, or in "
+            f"conf/partition/{cfg.get('name')}.yaml."
+        ) from None
+    return number
+
+
 def _check_client_count(num_clients: int, n_rows: int, min_size: int) -> None:
     if num_clients < 1:
-        raise FedadError(f"simulation.num_clients must be at least 1 (got {num_clients}).")
+        raise FedadError(
+            f"simulation.num_clients must be at least 1 (got {num_clients}): it is the number "
+            "of simulated sites the training rows are split among. Set e.g. "
+            "simulation.num_clients=10."
+        )
     if num_clients > n_rows:
         raise FedadError(
             f"simulation.num_clients={num_clients} is more than the {n_rows} training rows, so "
@@ -147,8 +188,8 @@ def _quantity_sizes(
     cfg: Mapping, n_rows: int, num_clients: int, min_size: int, seed: int
 ) -> list[int]:
     """Draw skewed client sizes from a Dirichlet(beta), each at least ``min_size``."""
-    beta = float(cfg.get("beta", 0.5))
-    if not beta > 0:
+    beta = _number(cfg, "beta", 0.5, float)
+    if not (beta > 0 and math.isfinite(beta)):
         raise FedadError(
             f"partition.beta must be > 0 (got {beta}); smaller values give more unequal sizes."
         )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from fedad.errors import FedadError
 log = logging.getLogger(__name__)
 
 TASKS = ("binary", "multiclass")
+# Columns prepare adds to the raw frame: the binary label and the class name.
+INTERNAL = ("_attack", "_class")
 
 
 def prepare(
@@ -29,6 +32,13 @@ def prepare(
     Everything learnt from data (category vocabularies, medians, the scaler) is
     fitted on the training part only. Duplicates are dropped before a
     single-file split, so no row can sit on both sides of it.
+
+    Recoveries, each counted in ``notes`` (and so in ``results.json`` under
+    ``data``): rows whose label is empty, such as the cut-off last line of a
+    truncated file, are dropped (``rows_without_label``); NaN, ±inf and text
+    in numeric columns become the training median (``cleaned_cells``, see
+    :class:`~fedad.data.preprocess.Preprocessor`); categories absent from the
+    training part encode as zeros (``unseen_categories``).
 
     Parameters
     ----------
@@ -52,16 +62,22 @@ def prepare(
         raise FedadError(f"task must be one of {', '.join(TASKS)} (got '{task}').")
     raw = sources.load(dataset, data_dir, seed)
     notes: dict = {"origin": raw.origin}
-    train = _labelled(raw.train, dataset, task)
-    test = _labelled(raw.test, dataset, task) if raw.test is not None else None
+    train, notes["rows_without_label"] = _labelled(raw.train, dataset, task)
+    test = None
+    if raw.test is not None:
+        test, unlabelled = _labelled(raw.test, dataset, task)
+        notes["rows_without_label"] += unlabelled
+
+    dropped = 0
 
     features = _feature_columns(train, dataset)
     if preprocess.get("drop_duplicates", True):
         train, notes["duplicates_dropped_train"] = _dedup(train, features)
+        dropped = notes["duplicates_dropped_train"]
         if test is not None:
             test, notes["duplicates_dropped_test"] = _dedup(test, features)
     if test is None:
-        train, test = _split(train, float(preprocess.get("test_size", 0.2)), seed)
+        train, test = _split(train, float(preprocess.get("test_size", 0.2)), seed, dropped)
     notes["duplicates_shared_train_test"] = _shared_rows(train, test, features)
     if notes["duplicates_shared_train_test"]:
         log.warning(
@@ -100,6 +116,12 @@ def prepare(
     X_train = encoder.transform(train[features])
     X_test = encoder.transform(test[features])
     notes["cleaned_cells"] = dict(encoder.cleaned)
+    notes["unseen_categories"] = dict(encoder.unseen)
+    if encoder.unseen:
+        log.warning(
+            "test rows hold categories never seen in training, encoded as all zeros: %s",
+            ", ".join(f"{col} ({n} cells)" for col, n in encoder.unseen.items()),
+        )
 
     natural = dataset.get("natural_column")
     return PreparedData(
@@ -116,20 +138,24 @@ def prepare(
     )
 
 
-def _labelled(frame: pd.DataFrame, dataset: Mapping, task: str) -> pd.DataFrame:
-    """Add ``_attack`` (0/1) and ``_class`` (class name; normal rows are 'normal')."""
+def _labelled(frame: pd.DataFrame, dataset: Mapping, task: str) -> tuple[pd.DataFrame, int]:
+    """Add ``_attack`` (0/1) and ``_class`` (class name; normal rows are 'normal').
+
+    Rows without a label (an empty cell, or a row cut short as the last line of a
+    truncated file) cannot be learnt from or scored: they are dropped and counted.
+    """
     label = dataset["label_column"]
     if label not in frame.columns:
         hint = (
             " Only one column was read: is dataset.sep right for this file?"
             if frame.shape[1] == 1
-            else ""
+            else _did_you_mean(label, frame.columns)
         )
         raise FedadError(
             f"Label column '{label}' (dataset.label_column) is not in the data. Columns found: "
             f"{', '.join(map(str, frame.columns))}.{hint} Set dataset.label_column to one of them."
         )
-    frame = frame.copy()
+    frame, unlabelled = _drop_unlabelled(frame, label)
     values = frame[label].astype(str).str.strip()
     normal = str(dataset["normal_value"]).strip()
     is_normal = values == normal
@@ -141,20 +167,49 @@ def _labelled(frame: pd.DataFrame, dataset: Mapping, task: str) -> pd.DataFrame:
 
     if task == "binary":
         frame["_class"] = np.where(is_normal, "normal", "attack")
-        return frame
+        return frame, unlabelled
     class_column = dataset.get("class_column") or label
     if class_column not in frame.columns:
+        columns = [c for c in frame.columns if c not in INTERNAL]
         raise FedadError(
             f"task=multiclass needs an attack-type column, but dataset.class_column="
-            f"'{class_column}' is not in the data (columns: {', '.join(map(str, frame.columns))})."
-            " Set dataset.class_column, or use task=binary."
+            f"'{class_column}' is not in the data (columns: {', '.join(map(str, columns))})."
+            f"{_did_you_mean(class_column, columns)} Set dataset.class_column to the column "
+            "naming each row's attack type, or use task=binary."
         )
     classes = frame[class_column].astype(str).str.strip()
     class_map = dict(dataset.get("class_map") or {})
     if class_map:
         classes = classes.map(lambda c: class_map.get(c, c))
     frame["_class"] = np.where(is_normal, "normal", classes)
-    return frame
+    return frame, unlabelled
+
+
+def _did_you_mean(name: str, columns: Iterable[object]) -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in columns], n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _drop_unlabelled(frame: pd.DataFrame, label: str) -> tuple[pd.DataFrame, int]:
+    empty = frame[label].isna() | (frame[label].astype(str).str.strip() == "")
+    n_empty = int(empty.sum())
+    if n_empty == len(frame):
+        raise FedadError(
+            f"Every row has an empty label column '{label}' (dataset.label_column), so there is "
+            "nothing to learn from. Check that dataset.label_column names the label, and that "
+            "dataset.columns (for a file without a header) lists as many names as the file has "
+            "fields, in order."
+        )
+    if n_empty:
+        log.warning(
+            "%d row(s) have an empty label column '%s' (a truncated last line, or empty cells); "
+            "they are dropped. results.json counts them as data.rows_without_label.",
+            n_empty,
+            label,
+        )
+        frame = frame.loc[~empty].reset_index(drop=True)
+    # A copy, consolidated: the label columns are added to it next.
+    return frame.copy(), n_empty
 
 
 def _feature_columns(frame: pd.DataFrame, dataset: Mapping) -> list[str]:
@@ -163,7 +218,7 @@ def _feature_columns(frame: pd.DataFrame, dataset: Mapping) -> list[str]:
     if missing:
         log.info("dataset.drop_columns names columns that are absent: %s", missing)
     target = {dataset["label_column"], dataset.get("class_column")}
-    skip = set(drop) | target | {dataset.get("natural_column"), "_attack", "_class"}
+    skip = set(drop) | target | {dataset.get("natural_column"), *INTERNAL}
     features = [c for c in frame.columns if c not in skip]
     if not features:
         raise FedadError(
@@ -178,18 +233,39 @@ def _dedup(frame: pd.DataFrame, features: list[str]) -> tuple[pd.DataFrame, int]
     return kept, len(frame) - len(kept)
 
 
-def _split(frame: pd.DataFrame, test_size: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _split(
+    frame: pd.DataFrame, test_size: float, seed: int, duplicates: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not 0 < test_size < 1:
-        raise FedadError(f"preprocess.test_size must be in (0, 1); got {test_size}.")
+        raise FedadError(
+            f"preprocess.test_size must be in (0, 1); got {test_size}. It is the share of rows "
+            "held out for testing, e.g. preprocess.test_size=0.2."
+        )
+    dups = (
+        f" ({duplicates} exact duplicate rows were dropped; preprocess.drop_duplicates=false "
+        "keeps them, at the risk of the same row on both sides of the split)"
+        if duplicates
+        else ""
+    )
     if len(frame) < 4:
         raise FedadError(
-            f"The dataset has {len(frame)} usable rows after cleaning: too few to split into "
-            "training and test parts."
+            f"The dataset has {len(frame)} usable rows after cleaning{dups}: too few to split "
+            "into training and test parts. Use a file with more distinct labelled rows."
         )
     counts = frame["_class"].value_counts()
     # Stratify on the class when every class can appear on both sides, else on the binary label.
     strata = frame["_class"] if counts.min() >= 2 else frame["_attack"]
-    train, test = train_test_split(frame, test_size=test_size, random_state=seed, stratify=strata)
+    try:
+        train, test = train_test_split(
+            frame, test_size=test_size, random_state=seed, stratify=strata
+        )
+    except ValueError as err:
+        reason = " ".join(str(err).split()).rstrip(".")
+        raise FedadError(
+            f"Cannot split the {len(frame)} usable rows{dups} into training and test parts with "
+            f"preprocess.test_size={test_size} and every class on both sides: {reason}. Use a "
+            "file with more rows of each class, or a different preprocess.test_size."
+        ) from err
     return train.reset_index(drop=True), test.reset_index(drop=True)
 
 

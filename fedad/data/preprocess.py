@@ -37,8 +37,9 @@ class Preprocessor:
     ±inf all become missing and are filled with the training median of the
     column (0 when the column has no finite training value). How many cells
     each rule touched is kept in :attr:`cleaned`. Categories unseen in training
-    encode as all zeros. With ``log_transform`` numeric columns go through
-    :func:`signed_log1p` before the median is taken.
+    encode as all zeros (or as the column's "infrequent" slot when it has one);
+    :attr:`unseen` counts them per column. With ``log_transform`` numeric
+    columns go through :func:`signed_log1p` before the median is taken.
 
     Parameters
     ----------
@@ -64,6 +65,7 @@ class Preprocessor:
         self.numeric: list[str] = []
         self.medians: np.ndarray = np.empty(0)
         self.cleaned: dict[str, int] = {}
+        self.unseen: dict[str, int] = {}
 
     def fit(self, frame: pd.DataFrame) -> Preprocessor:
         """Learn numeric medians and the category vocabulary from training rows."""
@@ -85,7 +87,14 @@ class Preprocessor:
         values[missing] = np.broadcast_to(self.medians, values.shape)[missing]
         parts = [values.astype(np.float32)]
         if self.categorical:
-            parts.append(self.encoder.transform(self._text(frame)))
+            text = self._text(frame)
+            for i, (col, known) in enumerate(
+                zip(self.categorical, self.encoder.categories_, strict=True)
+            ):
+                n_unseen = int((~np.isin(text[:, i], known)).sum())
+                if n_unseen:
+                    self.unseen[col] = self.unseen.get(col, 0) + n_unseen
+            parts.append(self.encoder.transform(text))
         return np.hstack(parts)
 
     @property

@@ -83,6 +83,19 @@ def _read_csv(cfg: Mapping, data_dir: str | Path, key: str) -> pd.DataFrame:
     path = resolve(data_dir, str(cfg[key]))
     if not path.is_file():
         where = cfg.get("source") or "the dataset's publisher"
+        base = Path(data_dir).expanduser()
+        if not Path(str(cfg[key])).expanduser().is_absolute() and not base.is_dir():
+            raise FedadError(
+                f"data_dir='{data_dir}' is not an existing folder, so dataset.{key}="
+                f"'{cfg[key]}' cannot be found under it. Point data_dir (or the FEDAD_DATA_DIR "
+                "environment variable) at the folder that holds the datasets, or give "
+                f"dataset.{key} as an absolute path. The data comes from {where}."
+            )
+        if path.is_dir():
+            raise FedadError(
+                f"{path} (dataset.{key}='{cfg[key]}') is a folder, not a data file. Point "
+                f"dataset.{key} at the CSV file inside it."
+            )
         raise FedadError(
             f"Data file not found: {path} (from dataset.{key}='{cfg[key]}' under "
             f"data_dir='{data_dir}'). Download it from {where}, put it there, or point "
@@ -94,7 +107,6 @@ def _read_csv(cfg: Mapping, data_dir: str | Path, key: str) -> pd.DataFrame:
             path,
             sep=cfg.get("sep", ","),
             header=0 if cfg.get("header", True) else None,
-            names=columns,
             skipinitialspace=True,
             low_memory=False,
         )
@@ -116,6 +128,16 @@ def _read_csv(cfg: Mapping, data_dir: str | Path, key: str) -> pd.DataFrame:
             f"Data file {path} (dataset.{key}) has a header but no data rows. Check that the "
             "download finished."
         )
+    if columns:
+        # Checked here: pandas given fewer names than fields silently makes the extra fields an
+        # index, and given more names fills the missing columns with NaN.
+        if frame.shape[1] != len(columns):
+            raise FedadError(
+                f"Data file {path} (dataset.{key}) has {frame.shape[1]} fields per row, but "
+                f"dataset.columns names {len(columns)}. List one name per field, in file order "
+                f"(check dataset.sep='{cfg.get('sep', ',')}' too)."
+            )
+        frame.columns = columns
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
 
