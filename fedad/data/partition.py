@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,7 +90,7 @@ def partition(
                 f"partition.alpha must be > 0 (got {alpha}). Small values such as 0.1 give "
                 "strong label skew between clients, large ones such as 100 nearly IID splits."
             )
-        partitioner = DirichletPartitioner(
+        partitioner = _RestartingDirichlet(
             num_partitions=num_clients,
             partition_by="label",
             alpha=alpha,
@@ -120,12 +121,8 @@ def partition(
         # Both partitioners cut contiguous blocks, so shuffle rows first.
         with _quiet_datasets():
             ds = ds.shuffle(seed=seed).flatten_indices()
-    partitioner.dataset = ds
     try:
-        parts = [
-            np.sort(np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64))
-            for i in range(partitioner.num_partitions)
-        ]
+        parts = _load_all(partitioner, ds)
     except ValueError as err:
         raise FedadError(
             f"The '{name}' partitioner could not split {n} training rows into "
@@ -133,6 +130,39 @@ def partition(
             "smaller `partition.min_size`."
         ) from err
     return [p for p in parts if len(p) > 0]
+
+
+def _load_all(partitioner: Partitioner, ds: datasets.Dataset) -> list[np.ndarray]:
+    partitioner.dataset = ds
+    return [
+        np.sort(np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64))
+        for i in range(partitioner.num_partitions)
+    ]
+
+
+class _RestartingDirichlet(DirichletPartitioner):
+    """Dirichlet partitioner that redraws with derived seeds when ``min_size`` is not met.
+
+    Flower's partitioner gives up after 10 draws, which strong skew (alpha 0.1 over two
+    classes) often needs more than. The derived seeds keep the result deterministic.
+    """
+
+    RESTARTS = 20
+
+    def _determine_partition_id_to_indices_if_needed(self) -> None:
+        base = self._seed
+        for restart in range(self.RESTARTS):
+            self._seed = base + 7919 * restart
+            self._rng = np.random.default_rng(self._seed)
+            try:
+                with warnings.catch_warnings():
+                    # Flower warns on every redraw; the restarts are expected here.
+                    warnings.simplefilter("ignore", UserWarning)
+                    return super()._determine_partition_id_to_indices_if_needed()
+            except ValueError:
+                if restart == self.RESTARTS - 1:
+                    raise
+        return None
 
 
 @contextmanager
