@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ logging.getLogger("tensorflow").setLevel(logging.ERROR)
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     """Prepare the data, partition it, train every selected model and write the outputs.
 
     Each finished step writes its files at once, so an error later in the run
@@ -44,6 +45,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         The composed ``conf/config.yaml``.
     run_dir : Path
         Where outputs go (Hydra's run directory).
+    resume : bool
+        Continue the federated training from the checkpoint in ``run_dir``;
+        data preparation and partitioning are deterministic and run again
+        (the checkpoint's data fingerprint shows they came out the same).
 
     Returns
     -------
@@ -52,6 +57,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier attempt's failure no longer describes this folder.
+    (run_dir / "failed.json").unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     results: dict = {"status": "running", "settings": _settings(cfg), "versions": _versions()}
     _save(results, run_dir)
@@ -65,7 +72,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     models: list[ModelResult] = []
     if cfg.federated:
-        models.append(_federated(cfg, data, parts, run_dir))
+        models.append(_federated(cfg, data, parts, run_dir, resume))
         _record(results, models, run_dir)
     epochs = int(cfg.simulation.num_rounds) * int(cfg.train.local_epochs)
     inputs = {
@@ -137,11 +144,11 @@ def _partition(cfg: DictConfig, data: PreparedData, run_dir: Path) -> tuple[list
 
 
 def _federated(
-    cfg: DictConfig, data: PreparedData, parts: list[np.ndarray], run_dir: Path
+    cfg: DictConfig, data: PreparedData, parts: list[np.ndarray], run_dir: Path, resume: bool
 ) -> ModelResult:
     from fedad.federated import run_federated
 
-    fed = run_federated(cfg, data, parts, run_dir)
+    fed = run_federated(cfg, data, parts, run_dir, resume=resume)
     validation = fed.history["client_macro_f1"].dropna()
     return ModelResult(
         name=f"federated_{cfg.model.name}",
@@ -287,12 +294,21 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; a user error ends the run with one paragraph, not a traceback.
 
     Returns the federated model's validation macro-F1, the objective a Hydra
-    sweeper such as Optuna maximizes (never a test-set score).
+    sweeper such as Optuna maximizes (never a test-set score). A folder that
+    already holds this run is skipped if it finished and resumed if it has a
+    checkpoint (see :func:`_previous_run`); Ctrl-C or SIGTERM end the run (and
+    a sweep) with status 130 and a line saying how to continue.
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return run(cfg, run_dir)["validation_macro_f1"]
+        if cfg.resume:
+            run_dir = _resume_dir(str(cfg.resume), sweeping)
+        previous = _previous_run(cfg, run_dir, required=bool(cfg.resume))
+        if previous == "done":
+            log.info("%s holds this run, finished: skipping it", run_dir)
+            return json.loads((run_dir / "results.json").read_text())["validation_macro_f1"]
+        return run(cfg, run_dir, resume=previous == "resume")["validation_macro_f1"]
     except FedadError as err:
         _fail(run_dir, " ".join(str(err).split()))
         if not sweeping:
@@ -303,11 +319,93 @@ def main(cfg: DictConfig) -> float | None:
         # One broken job must not end the sweep; the report lists it as failed.
         log.exception("job failed")
         _fail(run_dir, f"{type(err).__name__}: {err}")
+    except KeyboardInterrupt:
+        print(f"fedad: interrupted; {_how_to_continue(run_dir, sweeping)}.", file=sys.stderr)
+        raise SystemExit(130) from None
     return None
 
 
+def _how_to_continue(run_dir: Path, sweeping: bool) -> str:
+    from fedad.federated import checkpoint
+
+    meta = checkpoint.read_meta(run_dir)
+    if sweeping:
+        sweep_dir = Path(to_absolute_path(HydraConfig.get().sweep.dir))
+        return f"launch the same command with hydra.sweep.dir={sweep_dir} to resume the sweep"
+    if meta is None:
+        return "no round was checkpointed, so there is nothing to resume"
+    return f"round {meta['round']} is checkpointed: add resume={run_dir} to the same command"
+
+
+def _resume_dir(resume: str, sweeping: bool) -> Path:
+    if sweeping:
+        raise FedadError(
+            "resume= continues one run. A multirun resumes by itself: launch it again with "
+            "the same arguments and the same hydra.sweep.dir (see docs/long_runs.md)."
+        )
+    run_dir = Path(to_absolute_path(resume))
+    if not run_dir.is_dir():
+        raise FedadError(f"resume={resume}: there is no such folder.")
+    return run_dir
+
+
+def _previous_run(cfg: DictConfig, run_dir: Path, required: bool) -> str | None:
+    """What ``run_dir`` holds of this run: ``"done"``, ``"resume"`` (a checkpoint) or None.
+
+    "done" needs ``results.json`` saying so and a ``config.yaml`` equal to
+    ``cfg`` up to the runtime settings. A checkpoint of other settings, or a
+    finished run of other settings and no checkpoint to continue, raise
+    :class:`FedadError` naming the keys that differ, so nothing finished is
+    overwritten. With ``required``, a folder without a checkpoint raises too.
+    """
+    finished = _status(run_dir) == "done"
+    # Checked by name: the checkpoint module imports TensorFlow, which a fresh run
+    # (and an early data error) need not wait for.
+    if not finished and not (run_dir / "checkpoint" / "meta.json").exists():
+        if required:
+            raise FedadError(
+                f"Cannot resume {run_dir}: it holds no checkpoint (checkpoint/meta.json). "
+                "It stopped before its first round, or ran with simulation.checkpoint_every=0."
+            )
+        return None
+    from fedad.federated import checkpoint
+
+    differing = ["its settings are unknown (config.yaml is missing)"]
+    saved = run_dir / "config.yaml"
+    if finished and saved.exists():
+        runtime = checkpoint.RUNTIME_KEYS
+        ours = checkpoint.config_fingerprint(cfg, ignore=runtime)
+        differing = checkpoint.differences(
+            checkpoint.config_fingerprint(OmegaConf.load(saved), ignore=runtime), ours
+        )
+        if not differing:
+            return "done"
+    meta = checkpoint.read_meta(run_dir)
+    if meta is not None:
+        checkpoint.require_compatible(meta, cfg, where=run_dir)
+        # A damaged state file fails here, before the data is prepared again.
+        checkpoint.load(run_dir)
+        return "resume"
+    raise FedadError(
+        f"{run_dir} holds a finished run of other settings, left as it is; differing: "
+        f"{'; '.join(differing)}. Write to another folder (hydra.run.dir=..., or "
+        "hydra.sweep.dir=... for a multirun), or delete this one to run it again."
+    )
+
+
+def _status(run_dir: Path) -> str | None:
+    """The ``status`` in ``run_dir/results.json``; None if there is none or it is unreadable."""
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _fail(run_dir: Path, error: str) -> None:
-    (run_dir / "failed.json").write_text(json.dumps({"status": "failed", "error": error}, indent=2))
+    # A finished run that a new one refused to overwrite keeps its record as it is.
+    if _status(run_dir) != "done":
+        failed = json.dumps({"status": "failed", "error": error}, indent=2)
+        (run_dir / "failed.json").write_text(failed)
     log.error("job failed: %s", error)
 
 

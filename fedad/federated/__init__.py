@@ -12,6 +12,7 @@ os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import json  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -24,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from fedad.data.prepared import PreparedData  # noqa: E402
 from fedad.errors import FedadError  # noqa: E402
-from fedad.federated import engine, scaling, shards  # noqa: E402
-from fedad.federated.client_app import client_app  # noqa: E402
+from fedad.federated import checkpoint, engine, scaling, shards  # noqa: E402
+from fedad.federated.client_app import FAILURE_MODES, client_app  # noqa: E402
 from fedad.federated.server_app import (  # noqa: E402
     CLIENTS_FILE,
     HISTORY_FILE,
@@ -58,7 +59,9 @@ class FederatedResult:
         on the global test set (``loss``, ``accuracy``, ``macro_f1``, ...),
         the clients' weighted training metrics (``train_*``) and evaluation
         metrics (``client_*``), ``failures`` (failed training replies),
-        ``eval_failures`` and ``seconds``.
+        ``eval_failures``, ``seconds`` (the round's wall time; round 0's starts
+        once the server's model is built) and ``started_at`` (when the round
+        began, epoch seconds).
     clients : pd.DataFrame
         One row per site: the final model on the site's local test slice.
     model_path : Path
@@ -77,7 +80,11 @@ class FederatedResult:
 
 
 def run_federated(
-    cfg: DictConfig, data: PreparedData, partitions: Sequence[np.ndarray], run_dir: Path
+    cfg: DictConfig,
+    data: PreparedData,
+    partitions: Sequence[np.ndarray],
+    run_dir: Path,
+    resume: bool = False,
 ) -> FederatedResult:
     """Train the configured model with Flower across ``len(partitions)`` simulated sites.
 
@@ -93,7 +100,12 @@ def run_federated(
     run_dir : Path
         Output folder: ``shards/`` (one file per site, read only by that
         site, plus ``access.log``), ``history.csv``, ``clients.csv``,
-        ``global_model.keras`` and ``scaling.npz``.
+        ``global_model.keras``, ``scaling.npz`` and ``checkpoint/`` (see
+        :mod:`fedad.federated.checkpoint`).
+    resume : bool
+        Continue from the checkpoint in ``run_dir`` (after its last complete
+        round, up to ``simulation.num_rounds``) instead of starting over; a
+        fresh run deletes any checkpoint there.
 
     Returns
     -------
@@ -102,23 +114,41 @@ def run_federated(
     Raises
     ------
     FedadError
-        If a setting is out of range or a partition is empty.
+        If a setting is out of range or a partition is empty; when resuming, if
+        there is no checkpoint or it was written with other settings or data;
+        if a round gets fewer training replies than ``simulation.min_clients``
+        (the last complete round is checkpointed first).
     """
     validate(cfg, partitions)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = {
+        "config": checkpoint.config_fingerprint(cfg),
+        "data": checkpoint.data_fingerprint(data, partitions),
+    }
+    if resume:
+        meta = checkpoint.read_meta(run_dir)
+        if meta is None:
+            raise FedadError(f"Cannot resume: {run_dir} holds no checkpoint.")
+        checkpoint.require_compatible(meta, cfg, fingerprint["data"], run_dir)
+    else:
+        checkpoint.clear(run_dir)
     shards.write_shards(data, partitions, run_dir)
     settings = make_settings(cfg, data, len(partitions), run_dir)
+    settings["resume"] = resume
+    settings["fingerprint"] = json.dumps(fingerprint)
     sim = cfg.simulation
     resources = OmegaConf.to_container(sim.client_resources, resolve=True) or {}
+    stop = threading.Event()
     start = time.perf_counter()
     engine.simulate(
-        server_app(settings),
+        server_app(settings, stop),
         client_app(settings),
         len(partitions),
         client_resources=resources,
         ray_init_args=OmegaConf.to_container(sim.ray_init_args, resolve=True) or {},
         address=sim.get("address"),
+        stop=stop,
     )
     train_seconds = time.perf_counter() - start
 
@@ -169,6 +199,14 @@ def validate(cfg: DictConfig, partitions: Sequence[np.ndarray]) -> None:
         )
     if sim.scaling not in SCALINGS:
         problems.append(f"simulation.scaling must be one of {', '.join(SCALINGS)}")
+    if sim.failure_mode not in FAILURE_MODES:
+        problems.append(f"simulation.failure_mode must be one of {', '.join(FAILURE_MODES)}")
+    if not float(sim.round_timeout) > 0:
+        problems.append(f"simulation.round_timeout must be positive, got {sim.round_timeout}")
+    if int(sim.checkpoint_every) < 0:
+        problems.append(
+            f"simulation.checkpoint_every must be 0 (never) or more, got {sim.checkpoint_every}"
+        )
     if cfg.model.name not in MODEL_NAMES:
         problems.append(f"model must be one of {', '.join(MODEL_NAMES)}, got '{cfg.model.name}'")
     if cfg.train.optimizer not in OPTIMIZERS:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -42,6 +45,12 @@ CLIENT_METRICS = (
     "pr_auc",
     "fpr",
 )
+
+# How a site made to fail by `simulation.client_failure_rate` fails its training:
+# an error reply, no reply until past `simulation.round_timeout`, or its process dies.
+FAILURE_MODES = ("error", "hang", "crash")
+# How far past the round's timeout a hanging site replies.
+HANG_MARGIN_SECONDS = 2.0
 
 # One compiled model per actor process, reused by every client the actor runs:
 # building and tracing a Keras model costs seconds, a message costs milliseconds.
@@ -115,7 +124,8 @@ def client_app(settings: Settings | None = None) -> ClientApp:
     settings : Mapping, optional
         Flat run settings (``run-dir``, ``seed``, ``class-names``,
         ``num-features``, ``model.*``, ``train.*``,
-        ``simulation.client_failure_rate``, ``client-threads``). The Simulation
+        ``simulation.client_failure_rate``, ``simulation.failure_mode``,
+        ``simulation.round_timeout``, ``client-threads``). The Simulation
         Engine has no run config, so it passes them here; under ``flwr run``
         the same keys come from ``context.run_config`` and take precedence.
 
@@ -164,7 +174,7 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     config = msg.content["config"]
     server_round = int(config["server-round"])
     if _fails(settings, context, config):
-        return _failure(msg, pid, server_round)
+        return _failure(msg, pid, server_round, _act_out_failure(settings, pid, server_round))
     site = load_site(settings, pid, config)
     model = local_model(settings)
     history = train_local(
@@ -191,10 +201,22 @@ def handle_evaluate(msg: Message, context: Context, settings: Settings) -> Messa
     site = load_site(settings, pid, config)
     model = local_model(settings)
     model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
-    scores = model.predict(site.X_test, batch_size=1024, verbose=0)
+    scores = predict(model, site.X_test)
     metrics = evaluation_metrics(site.y_test, scores, json.loads(settings["class-names"]))
     record = MetricRecord({**metrics, "num-examples": len(site.y_test)})
     return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+
+def predict(model: keras.Model, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Return ``model``'s class probabilities for ``X``, scored ``batch_size`` rows at a time.
+
+    Unlike ``model.predict``, this builds no tf.data pipeline, which costs
+    several times more than scoring a site's test slice.
+    """
+    if len(X) == 0:
+        return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+    batches = [model.predict_on_batch(X[i : i + batch_size]) for i in range(0, len(X), batch_size)]
+    return np.concatenate(batches)
 
 
 def evaluation_metrics(y: np.ndarray, scores: np.ndarray, class_names: list[str]) -> dict:
@@ -343,9 +365,10 @@ def train_local(
     model.set_anchor(global_weights, mu)
     _reset_optimizer(model.optimizer, float(settings["train.learning_rate"]))
     _reseed(model, seed)
-    sample_weight = None
-    if settings["train.class_weights"]:
-        sample_weight = balanced_weights(site.y_train)
+    # The seed orders the rows; Keras' shuffle on top draws from TensorFlow's global seed.
+    order = np.random.default_rng(seed).permutation(len(site.y_train))
+    X, y = site.X_train[order], site.y_train[order]
+    sample_weight = balanced_weights(y) if settings["train.class_weights"] else None
     callbacks, validation = [], None
     patience = int(settings["train.early_stopping_patience"])
     if patience > 0 and len(site.y_val):
@@ -356,8 +379,8 @@ def train_local(
         ]
         validation = (site.X_val, site.y_val)
     history = model.fit(
-        site.X_train,
-        site.y_train,
+        X,
+        y,
         sample_weight=sample_weight,
         epochs=int(settings["train.local_epochs"]),
         batch_size=int(settings["train.batch_size"]),
@@ -387,7 +410,9 @@ def injected_failure(
     Each round, ``floor(rate * num_partitions)`` sites, drawn from the seed and
     the round, are down (for that round's training and evaluation), so the
     outcome is the same in every run and independent of which sites were
-    sampled. A rate below 1 always leaves at least one site up.
+    sampled. A rate below 1 always leaves at least one site up. How a down
+    site fails its training is ``simulation.failure_mode`` (:data:`FAILURE_MODES`);
+    its evaluation always gets an error reply.
     """
     n_down = math.floor(rate * num_partitions)
     if n_down == 0:
@@ -406,10 +431,32 @@ def _fails(settings: Settings, context: Context, config: ConfigRecord) -> bool:
     )
 
 
-def _failure(msg: Message, partition_id: int, server_round: int) -> Message:
+def _act_out_failure(settings: Settings, partition_id: int, server_round: int) -> str:
+    """Hang past the round timeout or kill this process, per ``simulation.failure_mode``.
+
+    Returns what to add to the error reply's reason.
+    """
+    mode = settings.get("simulation.failure_mode", "error")
+    if mode == "hang":
+        # The late reply finds the server in a later step; it is dropped there.
+        time.sleep(float(settings["simulation.round_timeout"]) + HANG_MARGIN_SECONDS)
+    elif mode == "crash":
+        # Ray restarts the actor and runs the message again: the second time it
+        # gets the error reply, so the site counts as failed once, and the crash
+        # is not repeated until Ray gives up.
+        name = f"crashed_round_{server_round:05d}_{_reader(partition_id)}"
+        marker = Path(settings["run-dir"], shards.SHARD_DIR, name)
+        if not marker.exists():
+            marker.touch()
+            os._exit(1)
+        return " (its process was killed, then restarted)"
+    return ""
+
+
+def _failure(msg: Message, partition_id: int, server_round: int, detail: str = "") -> Message:
     # An error reply is what Flower gets from a ClientApp that raised; replying
     # with it directly avoids a logged traceback per injected failure.
-    reason = f"injected failure: site {partition_id} is down in round {server_round}"
+    reason = f"injected failure: site {partition_id} is down in round {server_round}{detail}"
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
@@ -418,7 +465,15 @@ def _reader(partition_id: int) -> str:
 
 
 def _init_runtime(settings: Settings) -> None:
-    """Size TensorFlow's thread pools to the actor's CPUs; must run before any TF op."""
+    """Size TensorFlow's thread pools to the actor's CPUs and fix its global seed.
+
+    Must run before any TF op. Keras' shuffle draws from the global seed
+    afresh in every fit, so one fixed seed gives each fit the same draws and
+    :func:`train_local`'s seed alone decides the row order. Setting it once
+    matters: setting it clears TensorFlow's caches, and every traced
+    function then has to be instantiated again, which costs more than a
+    small site's training.
+    """
     global _RUNTIME_READY
     if _RUNTIME_READY:
         return
@@ -426,6 +481,7 @@ def _init_runtime(settings: Settings) -> None:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.config.experimental.enable_op_determinism()
+    tf.random.set_seed(int(settings.get("seed", 0)))
     _RUNTIME_READY = True
 
 
@@ -440,7 +496,6 @@ def _reset_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float
 def _reseed(model: keras.Model, seed: int) -> None:
     # Dropout draws from a per-layer seed state that advances with every step;
     # resetting it makes the update independent of which sites the actor ran before.
-    keras.utils.set_random_seed(seed % 2**32)
     for i, layer in enumerate(model.layers):
         generator = getattr(layer, "seed_generator", None)
         if isinstance(generator, keras.random.SeedGenerator):

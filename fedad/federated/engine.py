@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
+import threading
 import warnings
 from collections.abc import Mapping
 
@@ -10,6 +14,10 @@ import ray
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
+
+log = logging.getLogger(__name__)
+# How often Ray retries a client task whose actor died or was restarting.
+ACTOR_TASK_RETRIES = 2
 
 
 def simulate(
@@ -19,6 +27,7 @@ def simulate(
     client_resources: Mapping[str, float],
     ray_init_args: Mapping | None = None,
     address: str | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
     """Run ``server_app`` against ``num_clients`` virtual sites on Ray, then stop Ray.
 
@@ -37,11 +46,26 @@ def simulate(
     address : str, optional
         Attach to this Ray cluster (``"auto"``, ``"ray://head:10001"``)
         instead of starting a local one.
+    stop : threading.Event, optional
+        Set on the first SIGINT (Ctrl-C) or SIGTERM, and when the simulation
+        ends; the ServerApp watches it (see ``server_app.SiteGrid``).
+
+    Raises
+    ------
+    KeyboardInterrupt
+        After SIGINT or SIGTERM, once Ray is shut down.
 
     Notes
     -----
-    ``ray.shutdown()`` runs even when the simulation fails, so the next run
-    in the same process (a Hydra multirun) starts clean.
+    The first SIGINT or SIGTERM stops the run gracefully: the ServerApp stops
+    waiting for replies, saves its checkpoint and ends, the client tasks
+    already running finish, then Ray shuts down. A second signal stops at
+    once: Ray shuts down and the process exits (status 130), since Flower's
+    threads still waiting on a client task would never return.
+    ``ray.shutdown()`` runs in every case, so no Ray process outlives the
+    simulation and the next run in the same process (a Hydra multirun) starts
+    clean. An actor whose process dies (a crashed site) is restarted by Ray;
+    the message it was running comes back as an error reply.
     """
     init_args = dict(ray_init_args or {})
     if address:
@@ -49,10 +73,24 @@ def simulate(
     # Actor output is TensorFlow's start-up chatter; client errors still reach
     # this process as error replies. `ray_init_args.log_to_driver: true` shows it.
     init_args.setdefault("log_to_driver", False)
-    backend_config = {
-        "client_resources": {k: float(v) for k, v in client_resources.items()},
-        "init_args": init_args,
-    }
+    init_args.setdefault("logging_level", "WARNING")
+    init_args.setdefault("include_dashboard", False)
+    if not address:
+        # Ray prestarts an idle worker per CPU, but the actors need this job's runtime
+        # env (the PYTHONPATH _start_ray sets), so Ray starts other workers for them
+        # and the prestarted ones only take CPU from the actors while they start.
+        init_args.setdefault(
+            "_system_config",
+            {"enable_worker_prestart": False, "prestart_worker_first_driver": False},
+        )
+    resources = {k: float(v) for k, v in client_resources.items()}
+    # Flower hands these to Ray's actor options. Without restarts a dead actor
+    # stays in Flower's pool and fails every message it gets afterwards; without
+    # retries so does every message sent to it while it restarts. The message
+    # that was running when it died is retried too (see client_app's crash mode).
+    resources["max_restarts"] = -1
+    resources["max_task_retries"] = ACTOR_TASK_RETRIES
+    backend_config = {"client_resources": resources, "init_args": init_args}
     # Flower logs every step at INFO (the per-round line comes from the ServerApp),
     # and alembic, which it uses for its state, logs its plugins.
     quiet = {name: logging.getLogger(name) for name in ("flwr", "alembic")}
@@ -61,20 +99,77 @@ def simulate(
         logger.setLevel(logging.WARNING)
     deprecation = _DropDeprecationNotice()
     quiet["flwr"].addFilter(deprecation)
+    if stop is None:
+        stop = threading.Event()
+    interrupts = _Interrupts(stop)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
+            _start_ray(init_args)
+            # After ray.init, which sets a SIGTERM handler of its own (kill Ray, exit).
+            interrupts.install()
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=num_clients,
                 backend_config=backend_config,
             )
+    except Exception:
+        if not interrupts.count:
+            raise
+        raise KeyboardInterrupt(f"{interrupts.name}: the simulation stopped") from None
     finally:
+        stop.set()
+        interrupts.uninstall()
         quiet["flwr"].removeFilter(deprecation)
         for name, logger in quiet.items():
             logger.setLevel(levels[name])
         ray.shutdown()
+        if interrupts.count > 1:
+            sys.stdout.flush()
+            logging.shutdown()
+            os._exit(130)
+
+
+def _start_ray(init_args: Mapping) -> None:
+    """Start (or attach to) Ray here rather than in Flower's backend, which then reuses it."""
+    if ray.is_initialized():
+        return
+    # As Flower does: the actors import the apps' modules from this process's path.
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM handlers: the first sets ``stop``, the second raises KeyboardInterrupt."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.count = 0
+        self.name = ""
+        self.previous: dict[signal.Signals, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self)
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.count += 1
+        self.name = signal.Signals(signum).name
+        self.stop.set()
+        if self.count > 1:
+            raise KeyboardInterrupt(self.name)
+        log.warning(
+            "%s: stopping after the running client tasks; the last complete round is "
+            "checkpointed. Send it again to stop at once.",
+            self.name,
+        )
 
 
 class _DropDeprecationNotice(logging.Filter):

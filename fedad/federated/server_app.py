@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
+import threading
 import time
 import warnings
 from collections import Counter
@@ -25,9 +27,10 @@ from flwr.app import (
     UserConfigValue,
 )
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Strategy
 
-from fedad.federated import scaling, shards
+from fedad.errors import FedadError
+from fedad.federated import checkpoint, scaling, shards
 from fedad.federated.client_app import evaluation_metrics
 from fedad.federated.strategies import build_strategy
 from fedad.models import build_model
@@ -40,9 +43,12 @@ HISTORY_FILE = "history.csv"
 CLIENTS_FILE = "clients.csv"
 MODEL_FILE = "global_model.keras"
 SCALING_FILE = "scaling.npz"
+# Flower's own default for how long a round waits for replies.
+DEFAULT_ROUND_TIMEOUT = 3600.0
+POLL_SECONDS = 0.1
 
 
-def server_app(settings: Settings | None = None) -> ServerApp:
+def server_app(settings: Settings | None = None, stop: threading.Event | None = None) -> ServerApp:
     """Return the ServerApp, configured by ``settings`` and the run config.
 
     Parameters
@@ -51,6 +57,9 @@ def server_app(settings: Settings | None = None) -> ServerApp:
         Flat run settings (see :func:`run_server`). The Simulation Engine has
         no run config, so it passes them here; under ``flwr run`` the same keys
         come from ``context.run_config`` and take precedence.
+    stop : threading.Event, optional
+        Set when the simulation is interrupted; the ServerApp then stops
+        waiting for replies, saves its checkpoint and ends (see :class:`SiteGrid`).
 
     Returns
     -------
@@ -61,13 +70,17 @@ def server_app(settings: Settings | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, {**defaults, **context.run_config})
+        run_server(grid, {**defaults, **context.run_config}, stop)
 
     return app
 
 
 # Entry point for `flwr run` (Deployment Engine): settings come from the run config.
 app = server_app()
+
+
+class Stopped(Exception):
+    """The simulation is being interrupted (Ctrl-C, SIGTERM) while the ServerApp waits."""
 
 
 class SiteGrid(Grid):
@@ -77,12 +90,16 @@ class SiteGrid(Grid):
     (a set of random node ids) changes from run to run; listing nodes by
     partition id makes a seed pick the same sites every time. Replies come
     back sorted the same way, so aggregation sums in a fixed order. Error
-    replies and missing replies are counted per message type. Everything
-    else is delegated to the wrapped Grid.
+    replies and replies missing at the timeout are counted per message type
+    and logged with the site's partition id and the reason. Once ``stop`` is
+    set, waiting raises :class:`Stopped`, so the ServerApp thread ends with
+    the process instead of waiting out the round. Everything else is
+    delegated to the wrapped Grid.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, stop: threading.Event | None = None) -> None:
         self._grid = grid
+        self.stop = stop
         self.partition_of: dict[int, int] = {}
         self.failures: Counter[str] = Counter()
 
@@ -109,17 +126,49 @@ class SiteGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
-        """Send, wait for the replies, count the failed ones, return them in site order."""
+        """Send, wait ``timeout`` s at most, count and log failures, return replies by site."""
         messages = list(messages)
-        replies = sorted(
-            self._grid.send_and_receive(messages, timeout=timeout),
-            key=lambda m: self._order(m.metadata.src_node_id),
-        )
-        for message_type in {m.metadata.message_type for m in messages}:
-            sent = sum(m.metadata.message_type == message_type for m in messages)
-            ok = sum(m.metadata.message_type == message_type and not m.has_error() for m in replies)
-            self.failures[message_type] += sent - ok
+        pending = set(self._grid.push_messages(messages))
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while True:
+            self.check_stop()
+            arrived = list(self._grid.pull_messages(pending))
+            replies += arrived
+            pending -= {m.metadata.reply_to_message_id for m in arrived}
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_SECONDS)
+        replies.sort(key=lambda m: self._order(m.metadata.src_node_id))
+        self._count_failures(messages, replies, timeout)
         return replies
+
+    def check_stop(self) -> None:
+        """Raise :class:`Stopped` once the simulation is being interrupted."""
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped("the simulation was interrupted")
+
+    def _count_failures(
+        self, messages: list[Message], replies: list[Message], timeout: float | None
+    ) -> None:
+        answers = {m.metadata.reply_to_message_id: m for m in replies}
+        for message in messages:
+            reply = answers.get(message.metadata.message_id)
+            if reply is not None and not reply.has_error():
+                continue
+            kind = message.metadata.message_type
+            self.failures[kind] += 1
+            reason = f"no reply within {timeout:g} s" if reply is None else reply.error.reason
+            config = message.content.config_records.get("config") or {}
+            step = f"round {config['server-round']} {kind}" if "server-round" in config else kind
+            node = message.metadata.dst_node_id
+            log.warning(
+                "site %s failed (%s): %s",
+                self.partition_of.get(node, f"at node {node}"),
+                step,
+                # An actor's death comes with a page of Ray internals; its first line says it.
+                reason.strip().splitlines()[0][:300] if reason.strip() else "no reason given",
+            )
 
     def take_failures(self) -> tuple[int, int]:
         """Return and reset the ``(train, evaluate)`` failures counted so far."""
@@ -131,11 +180,85 @@ class SiteGrid(Grid):
         return (self.partition_of.get(node_id, float("inf")), node_id)
 
 
+class Rounds(Strategy):
+    """A strategy wrapper: absolute round numbers, per-round sampling seeds, a minimum of replies.
+
+    Flower's ``start`` counts rounds from 1. A run resumed after round ``done``
+    hands ``done + round`` to the wrapped strategy, so that the clients (their
+    seeds, the injected failures) and FedAdam's bias correction see the round
+    numbers of an uninterrupted run; site sampling is seeded with the seed and
+    that round for the same reason. A training round with fewer good replies
+    than ``min_replies`` raises :class:`FedadError`. The aggregated client
+    metrics of each round are kept for the history.
+    """
+
+    def __init__(self, strategy: Strategy, done: int, seed: int, min_replies: int) -> None:
+        self.strategy = strategy
+        self.done = done
+        self.seed = seed
+        self.min_replies = min_replies
+        self.sampled = 0
+        self.train_metrics: dict[int, MetricRecord] = {}
+        self.evaluate_metrics: dict[int, MetricRecord] = {}
+
+    def absolute(self, server_round: int) -> int:
+        """Return the run's round number for Flower's ``server_round``."""
+        return self.done + server_round
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        server_round = self.absolute(server_round)
+        random.seed(f"{self.seed}/train/{server_round}")
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self.sampled = len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round = self.absolute(server_round)
+        replies = list(replies)
+        good = sum(not m.has_error() for m in replies)
+        if good < self.min_replies:
+            raise FedadError(
+                f"Round {server_round} got training replies from only {good} of the "
+                f"{self.sampled} sampled sites, fewer than simulation.min_clients="
+                f"{self.min_replies}; the failing sites and their reasons are logged above."
+            )
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if metrics is not None:
+            self.train_metrics[server_round] = metrics
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        server_round = self.absolute(server_round)
+        random.seed(f"{self.seed}/evaluate/{server_round}")
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        server_round = self.absolute(server_round)
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            self.evaluate_metrics[server_round] = metrics
+        return metrics
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
 class ServerEvaluator:
     """Flower ``evaluate_fn``: score the global model on the global test set each round.
 
     Also times the rounds, collects the failures the :class:`SiteGrid`
-    counted, keeps the latest global arrays and logs one line per round.
+    counted and the client metrics :class:`Rounds` kept into one history row
+    per round, keeps the latest global arrays, logs one line per round and
+    hands the round's state to the :class:`~fedad.federated.checkpoint.Checkpointer`.
+    ``history`` holds the rows of the rounds a resumed run already has.
     """
 
     def __init__(
@@ -146,32 +269,48 @@ class ServerEvaluator:
         class_names: list[str],
         num_rounds: int,
         grid: SiteGrid,
+        rounds: Rounds,
+        checkpointer: checkpoint.Checkpointer,
+        history: list[dict],
     ) -> None:
         self.model = model
         self.X_test, self.y_test = X_test, y_test
         self.class_names = class_names
         self.num_rounds = num_rounds
         self.grid = grid
-        self.rows: list[dict] = []
+        self.rounds = rounds
+        self.checkpointer = checkpointer
+        self.rows: list[dict] = list(history)
         self.arrays: ArrayRecord | None = None
         self._last = time.perf_counter()
+        self._started_at = time.time()
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Evaluate ``arrays``; return the metrics Flower stores for ``server_round``."""
-        self.model.set_weights(arrays.to_numpy_ndarrays())
         self.arrays = arrays
+        server_round = self.rounds.absolute(server_round)
+        if self.rows and self.rows[-1]["round"] == server_round:
+            # Flower first evaluates the initial arrays: resumed, they are the
+            # checkpoint's model, evaluated in its own round already.
+            return None
+        self.model.set_weights(arrays.to_numpy_ndarrays())
         scores = self.model.predict(self.X_test, batch_size=4096, verbose=0)
         metrics = evaluation_metrics(self.y_test, scores, self.class_names)
         train_failures, eval_failures = self.grid.take_failures()
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
+        started_at, self._started_at = self._started_at, time.time()
+        client = self.rounds.evaluate_metrics.get(server_round, {})
         self.rows.append(
             {
                 "round": server_round,
                 **metrics,
+                **self.rounds.train_metrics.get(server_round, {}),
+                **{f"client_{k}": v for k, v in client.items()},
                 "failures": train_failures,
                 "eval_failures": eval_failures,
                 "seconds": seconds,
+                "started_at": started_at,
             }
         )
         log.info(
@@ -184,10 +323,11 @@ class ServerEvaluator:
             train_failures,
             seconds,
         )
+        self.checkpointer.round_done(server_round, arrays.to_numpy_ndarrays(), self.rows)
         return MetricRecord(metrics)
 
 
-def run_server(grid: Grid, settings: Settings) -> None:
+def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = None) -> None:
     """Run the whole federated job and write its outputs to ``run-dir``.
 
     Steps: a ``query`` round collects each site's row count and feature sums
@@ -203,15 +343,28 @@ def run_server(grid: Grid, settings: Settings) -> None:
     the pooled statistics are the best estimate of the population the global
     model serves.
 
+    Checkpoints and faults: after every ``simulation.checkpoint_every`` rounds
+    (round 0 and the last included) the global model, the strategy's state and
+    the history go to ``run-dir/checkpoint`` (see :mod:`fedad.federated.checkpoint`);
+    with ``resume`` set the run continues from there. Each exchange waits
+    ``simulation.round_timeout`` seconds at most; failed sites are logged and
+    counted, and a training round with fewer good replies than
+    ``simulation.min_clients`` stops the run with :class:`FedadError` after
+    the last complete round is checkpointed.
+
     Parameters
     ----------
     grid : Grid
         From Flower.
     settings : Mapping
         ``run-dir``, ``seed``, ``num-clients``, ``num-features``,
-        ``class-names`` (JSON list), ``model.*``, ``train.*``, ``strategy.*``
-        and ``simulation.*`` (``num_rounds``, ``fraction_train``,
-        ``fraction_evaluate``, ``min_clients``, ``scaling``).
+        ``class-names`` (JSON list), ``model.*``, ``train.*``, ``strategy.*``,
+        ``simulation.*`` (``num_rounds``, ``fraction_train``,
+        ``fraction_evaluate``, ``min_clients``, ``scaling``, ``round_timeout``,
+        ``checkpoint_every``), ``resume`` (bool) and ``fingerprint`` (JSON,
+        stored with each checkpoint).
+    stop : threading.Event, optional
+        See :class:`SiteGrid`.
 
     Notes
     -----
@@ -222,12 +375,13 @@ def run_server(grid: Grid, settings: Settings) -> None:
     run_dir = Path(str(settings["run-dir"]))
     seed = int(settings["seed"])
     num_rounds = int(settings["simulation.num_rounds"])
+    timeout = float(settings.get("simulation.round_timeout", DEFAULT_ROUND_TIMEOUT))
     class_names = json.loads(str(settings["class-names"]))
-    # Flower samples sites with the global `random` module.
-    random.seed(seed)
-    sites = SiteGrid(grid)
+    previous = checkpoint.load(run_dir) if settings.get("resume", False) else None
+    done = previous.round if previous else 0
+    sites = SiteGrid(grid, stop)
 
-    node_ids = _wait_for_nodes(grid, int(settings["num-clients"]))
+    node_ids = _wait_for_nodes(sites, int(settings["num-clients"]))
     counts, mean, std = _pooled_statistics(sites, node_ids)
     np.savez(run_dir / SCALING_FILE, mean=mean, std=std)
     config = ConfigRecord()
@@ -244,9 +398,6 @@ def run_server(grid: Grid, settings: Settings) -> None:
         str(settings["train.optimizer"]),
     )
     X_test, y_test = shards.read_shard(shards.test_path(run_dir), "server")
-    evaluator = ServerEvaluator(
-        model, scaling.standardize(X_test, mean, std), y_test, class_names, num_rounds, sites
-    )
     strategy_cfg = {
         k.removeprefix("strategy."): v for k, v in settings.items() if k.startswith("strategy.")
     }
@@ -256,19 +407,54 @@ def run_server(grid: Grid, settings: Settings) -> None:
         float(settings["simulation.fraction_evaluate"]),
         int(settings["simulation.min_clients"]),
     )
-    result = strategy.start(
-        grid=sites,
-        initial_arrays=ArrayRecord(model.get_weights()),
-        num_rounds=num_rounds,
-        train_config=ConfigRecord(dict(config)),
-        evaluate_config=ConfigRecord(dict(config)),
-        evaluate_fn=evaluator,
+    if previous:
+        checkpoint.restore_strategy_state(strategy, previous.strategy_state)
+        log.info("resuming after round %d of %d from %s", done, num_rounds, run_dir)
+    rounds = Rounds(strategy, done, seed, int(settings["simulation.min_clients"]))
+    checkpointer = checkpoint.Checkpointer(
+        run_dir,
+        int(settings.get("simulation.checkpoint_every", 1)),
+        num_rounds,
+        json.loads(str(settings.get("fingerprint", "{}"))),
+        strategy,
+        saved_round=done if previous else None,
     )
+    evaluator = ServerEvaluator(
+        model,
+        scaling.standardize(X_test, mean, std),
+        y_test,
+        class_names,
+        num_rounds,
+        sites,
+        rounds,
+        checkpointer,
+        previous.history if previous else [],
+    )
+    try:
+        rounds.start(
+            grid=sites,
+            initial_arrays=ArrayRecord(previous.arrays if previous else model.get_weights()),
+            num_rounds=num_rounds - done,
+            timeout=timeout,
+            train_config=ConfigRecord(dict(config)),
+            evaluate_config=ConfigRecord(dict(config)),
+            evaluate_fn=evaluator,
+        )
+    except Exception as error:
+        # Whatever stopped the run, the last complete round is still worth keeping.
+        saved = checkpointer.flush()
+        if isinstance(error, FedadError) and saved is not None:
+            raise FedadError(
+                f"{error} The run stopped; its state after round {saved} is checkpointed in "
+                f"{run_dir}: continue it with the same settings plus resume={run_dir} once the "
+                "sites are back (or with a lower simulation.min_clients)."
+            ) from None
+        raise
 
     final_config = ConfigRecord({**config, "server-round": num_rounds, "final": True})
-    clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts)
+    clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts, timeout)
     clients.to_csv(run_dir / CLIENTS_FILE, index=False)
-    _history(evaluator.rows, result).to_csv(run_dir / HISTORY_FILE, index=False)
+    _history(evaluator.rows).to_csv(run_dir / HISTORY_FILE, index=False)
     model.set_weights(evaluator.arrays.to_numpy_ndarrays())
     # A built optimizer is saved with all its slots, so loading the file with
     # compile=True does not warn about missing optimizer variables.
@@ -281,13 +467,14 @@ def run_server(grid: Grid, settings: Settings) -> None:
         model.save(run_dir / MODEL_FILE)
 
 
-def _wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> list[int]:
+def _wait_for_nodes(sites: SiteGrid, expected: int, timeout: float = 300.0) -> list[int]:
     """Return the node ids once all ``expected`` simulated sites are connected."""
     deadline = time.monotonic() + timeout
-    while len(node_ids := list(grid.get_node_ids())) < expected:
+    while len(node_ids := sites.get_node_ids()) < expected:
+        sites.check_stop()
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(node_ids)} of {expected} sites connected")
-        time.sleep(0.1)
+        time.sleep(POLL_SECONDS)
     return node_ids
 
 
@@ -296,7 +483,8 @@ def _pooled_statistics(
 ) -> tuple[dict[int, int], np.ndarray, np.ndarray]:
     """Query every site's sums; return rows per partition, pooled mean and std.
 
-    Also teaches ``sites`` which node holds which partition.
+    Also teaches ``sites`` which node holds which partition. No timeout: the
+    replies wait for the sites' start-up (Ray actors importing TensorFlow).
     """
     messages = [
         Message(
@@ -324,8 +512,9 @@ def _final_site_metrics(
     arrays: ArrayRecord,
     config: ConfigRecord,
     counts: dict[int, int],
+    timeout: float,
 ) -> pd.DataFrame:
-    """Evaluate the final global model at every site; one row per site."""
+    """Evaluate the final global model at every site; one row per site that replied."""
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": config}),
@@ -335,7 +524,7 @@ def _final_site_metrics(
         for n in sites.get_node_ids()
     ]
     rows = []
-    for reply in sites.send_and_receive(messages):
+    for reply in sites.send_and_receive(messages, timeout=timeout):
         pid = sites.partition_of[reply.metadata.src_node_id]
         row = {"client": pid, "n_examples": counts[pid]}
         if reply.has_error():
@@ -348,12 +537,8 @@ def _final_site_metrics(
     return pd.DataFrame(rows)
 
 
-def _history(rows: list[dict], result: Result) -> pd.DataFrame:
-    """Join server-side rows with the strategy's aggregated client metrics."""
-    for row in rows:
-        row.update(result.train_metrics_clientapp.get(row["round"], {}))
-        client = result.evaluate_metrics_clientapp.get(row["round"], {})
-        row.update({f"client_{k}": v for k, v in client.items()})
+def _history(rows: list[dict]) -> pd.DataFrame:
+    """The rows as a table, with the failure counts and timings last."""
     history = pd.DataFrame(rows)
-    tail = ["failures", "eval_failures", "seconds"]
+    tail = ["failures", "eval_failures", "seconds", "started_at"]
     return history[[c for c in history.columns if c not in tail] + tail]

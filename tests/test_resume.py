@@ -1,0 +1,502 @@
+"""Checkpoints, resuming killed runs and sweeps, and sites that fail, hang or crash mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.serverapp.strategy import FedAdam, FedAvgM
+from omegaconf import OmegaConf
+from sklearn.datasets import make_classification
+
+from fedad.data.prepared import PreparedData
+from fedad.errors import FedadError
+from fedad.federated import checkpoint, run_federated
+from fedad.federated.server_app import Rounds
+from fedad.simulate import _previous_run
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+# Small and fast: the cost of a run is Python, TensorFlow and Ray starting up.
+BASE = [
+    "dataset.n_rows=3000",
+    "simulation.num_clients=3",
+    "model=logistic",
+    "partition=iid",
+    "baselines=none",
+    "explain=false",
+]
+TIMING = ["seconds", "started_at"]
+
+
+# --- checkpoint files, strategy state, settings -------------------------------------------
+
+
+def _checkpoint(server_round: int, strategy=None) -> checkpoint.Checkpoint:
+    rng = np.random.default_rng(server_round)
+    return checkpoint.Checkpoint(
+        round=server_round,
+        arrays=[rng.normal(size=(4, 2)).astype(np.float32), np.zeros(2, np.float32)],
+        strategy_state=checkpoint.strategy_state(strategy) if strategy else {},
+        history=[{"round": r, "auc": float("nan") if r == 0 else 1 / r} for r in range(3)],
+        fingerprint={"config": {"seed": 0}, "data": "abc"},
+    )
+
+
+def test_checkpoint_keeps_model_history_and_the_server_optimizer_state(tmp_path):
+    adam = FedAdam()
+    adam.m_t = {"0": np.ones((4, 2)), "1": np.full(2, 0.5)}
+    adam.v_t = {"0": np.full((4, 2), 2.0), "1": np.zeros(2)}
+    momentum = FedAvgM(server_momentum=0.9)
+    momentum.momentum_vector = [np.full((4, 2), 3.0), np.ones(2)]
+    for strategy, fresh in ((adam, FedAdam()), (momentum, FedAvgM(server_momentum=0.9))):
+        saved = _checkpoint(3, strategy)
+        checkpoint.save(tmp_path, saved)
+        loaded = checkpoint.load(tmp_path)
+        assert loaded.round == 3
+        for a, b in zip(loaded.arrays, saved.arrays, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert loaded.history[1] == saved.history[1]
+        assert np.isnan(loaded.history[0]["auc"])
+        checkpoint.restore_strategy_state(fresh, loaded.strategy_state)
+        for name in checkpoint.STATE_ATTRIBUTES:
+            before, after = getattr(strategy, name, None), getattr(fresh, name, None)
+            if isinstance(before, dict):
+                assert before.keys() == after.keys()
+                before, after = list(before.values()), list(after.values())
+            for x, y in zip(before or [], after or [], strict=True):
+                np.testing.assert_array_equal(x, y)
+    with pytest.raises(FedadError, match="momentum_vector"):
+        checkpoint.restore_strategy_state(FedAdam(), checkpoint.load(tmp_path).strategy_state)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, _checkpoint(1))
+    real_replace = os.replace
+
+    def crash_on_meta(src, dst):
+        if Path(dst).name == checkpoint.META_FILE:
+            raise KeyboardInterrupt("killed between the state file and meta.json")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_meta)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, _checkpoint(2))
+    monkeypatch.undo()
+    loaded = checkpoint.load(tmp_path)
+    assert loaded.round == 1
+    np.testing.assert_array_equal(loaded.arrays[0], _checkpoint(1).arrays[0])
+    assert not list((tmp_path / checkpoint.CHECKPOINT_DIR).glob("*.tmp"))
+    checkpoint.save(tmp_path, _checkpoint(2))
+    assert sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINT_DIR).iterdir()) == [
+        "meta.json",
+        "state-00002.npz",
+    ]
+
+
+def test_checkpointer_saves_every_k_rounds_the_last_and_on_flush(tmp_path):
+    saver = checkpoint.Checkpointer(tmp_path, 2, 5, {}, FedAdam())
+    for server_round in range(4):
+        saver.round_done(server_round, _checkpoint(server_round).arrays, [])
+    assert checkpoint.read_meta(tmp_path)["round"] == 2
+    assert saver.flush() == 3
+    assert checkpoint.read_meta(tmp_path)["round"] == 3
+    saver.round_done(4, _checkpoint(4).arrays, [])
+    saver.round_done(5, _checkpoint(5).arrays, [])
+    assert checkpoint.read_meta(tmp_path)["round"] == 5
+    never = checkpoint.Checkpointer(tmp_path / "off", 0, 5, {}, FedAdam())
+    never.round_done(0, _checkpoint(0).arrays, [])
+    assert never.flush() is None
+    assert checkpoint.read_meta(tmp_path / "off") is None
+
+
+def test_settings_that_matter_are_named_and_the_others_may_change(make_cfg):
+    cfg = make_cfg(*BASE, "simulation.num_rounds=4")
+    meta = {"round": 3, "fingerprint": {"config": checkpoint.config_fingerprint(cfg)}}
+    runtime = make_cfg(
+        *BASE,
+        "simulation.num_rounds=9",  # train longer
+        "simulation.round_timeout=5",
+        "simulation.min_clients=1",
+        "simulation.checkpoint_every=3",
+        "simulation.failure_mode=hang",
+        "simulation.client_resources.num_cpus=2",
+        "baselines=all",
+        "resume=/somewhere",
+    )
+    checkpoint.require_compatible(meta, runtime)
+    with pytest.raises(FedadError) as error:
+        checkpoint.require_compatible(meta, make_cfg(*BASE, "seed=1", "strategy=fedadam"))
+    message = str(error.value)
+    assert "seed (was 0, now 1)" in message
+    assert "strategy.name (was 'fedavg', now 'fedadam')" in message
+    assert "strategy.eta (was not set, now " in message
+    assert "dataset" not in message
+    with pytest.raises(FedadError, match="num_rounds .2 is below the 3 rounds"):
+        checkpoint.require_compatible(meta, make_cfg(*BASE, "simulation.num_rounds=2"))
+
+
+def test_a_folder_is_done_resumable_or_fresh(make_cfg, tmp_path):
+    cfg = make_cfg(*BASE)
+    assert _previous_run(cfg, tmp_path, required=False) is None
+    with pytest.raises(FedadError, match="holds no checkpoint"):
+        _previous_run(cfg, tmp_path, required=True)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (tmp_path / "results.json").write_text(json.dumps({"status": "done"}))
+    assert _previous_run(cfg, tmp_path, required=True) == "done"
+    assert _previous_run(make_cfg(*BASE, "simulation.round_timeout=9"), tmp_path, True) == "done"
+    longer = make_cfg(*BASE, "simulation.num_rounds=20")
+    # Finished with other settings, and no checkpoint to continue: left as it is.
+    with pytest.raises(FedadError, match="finished run of other settings, left as it is"):
+        _previous_run(longer, tmp_path, required=False)
+    saved = _checkpoint(3)
+    saved.fingerprint = {"config": checkpoint.config_fingerprint(cfg), "data": ""}
+    checkpoint.save(tmp_path, saved)
+    assert _previous_run(longer, tmp_path, required=False) == "resume"
+    with pytest.raises(FedadError, match=r"model\.name"):
+        _previous_run(make_cfg(*BASE, "model=cnn"), tmp_path, required=False)
+
+
+@pytest.mark.parametrize("damage", ["meta_cut", "meta_fields", "state_cut"])
+def test_a_damaged_checkpoint_is_refused_and_kept(tmp_path, damage):
+    checkpoint.save(tmp_path, _checkpoint(2))
+    folder = tmp_path / checkpoint.CHECKPOINT_DIR
+    target = folder / ("state-00002.npz" if damage == "state_cut" else checkpoint.META_FILE)
+    content = target.read_bytes()
+    target.write_bytes(b'{"round": 2}' if damage == "meta_fields" else content[: len(content) // 2])
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(FedadError, match=f"checkpoint file {target} is damaged"):
+        checkpoint.load(tmp_path)
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+class _Strategy:
+    """Records the rounds it is called with; samples three sites."""
+
+    def __init__(self) -> None:
+        self.rounds: list[int] = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.rounds.append(server_round)
+        return ["a", "b", "c"]
+
+    def aggregate_train(self, server_round, replies):
+        self.rounds.append(server_round)
+        return None, None
+
+
+def _reply(error: bool) -> SimpleNamespace:
+    return SimpleNamespace(has_error=lambda: error)
+
+
+def test_rounds_continue_the_numbering_and_need_min_clients_replies():
+    inner = _Strategy()
+    rounds = Rounds(inner, done=3, seed=0, min_replies=2)
+    rounds.configure_train(1, None, None, None)
+    rounds.aggregate_train(1, [_reply(False), _reply(False), _reply(True)])
+    assert inner.rounds == [4, 4]
+    rounds.configure_train(2, None, None, None)
+    with pytest.raises(FedadError, match=r"Round 5 .* only 1 of the 3 .*min_clients=2"):
+        rounds.aggregate_train(2, [_reply(False), _reply(True)])
+
+
+# --- real runs: a killed sweep, a killed single run with a hanging site -----------------
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every process below ``pid``, with its command line."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = _cmdline(child)
+            todo.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class _Launch:
+    """``python -m fedad.simulate`` in the background, watched until a checkpoint appears."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.log = cwd / f"launch_{time.monotonic_ns()}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fedad.simulate", *args],
+                cwd=cwd,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.processes: dict[int, str] = {}
+
+    def wait_for_checkpoint(self, run_dir: Path, server_round: int, timeout: float = 300) -> None:
+        meta = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.META_FILE
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.processes.update(_descendants(self.proc.pid))
+            if meta.exists() and json.loads(meta.read_text())["round"] >= server_round:
+                self.processes.update(_descendants(self.proc.pid))
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.proc.kill()
+        raise AssertionError(f"no checkpoint of round {server_round}:\n{self.output()}")
+
+    def stop(self, *signals: signal.Signals) -> int:
+        for sig in signals:
+            self.proc.send_signal(sig)
+            time.sleep(1)
+        try:
+            return self.proc.wait(timeout=120)
+        finally:
+            self.proc.kill()
+
+    def survivors(self) -> list[str]:
+        """Processes the run started that are still alive (same pid, same command)."""
+        time.sleep(1)
+        return [cmd for pid, cmd in self.processes.items() if cmd and _cmdline(pid) == cmd]
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedad.simulate", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+
+def _history(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "history.csv").drop(columns=TIMING)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """FedAdam over two jobs that differ only in checkpoint_every (so their results must not).
+
+    The sweep is interrupted with SIGINT during job 1, after its round-2
+    checkpoint, and launched again with the same arguments.
+    """
+    root = tmp_path_factory.mktemp("sweep")
+    sweep_dir = root / "sweep"
+    args = [
+        "-m",
+        *BASE,
+        "strategy=fedadam",
+        "simulation.num_rounds=4",
+        "simulation.checkpoint_every=1,2",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    first = _Launch(args, root)
+    first.wait_for_checkpoint(sweep_dir / "1", 2)
+    finished = (sweep_dir / "0" / "results.json").stat().st_mtime_ns
+    code = first.stop(signal.SIGINT)
+    survivors = first.survivors()
+    interrupted = checkpoint.read_meta(sweep_dir / "1")["round"]
+    again = _cli(*args, cwd=root)
+    return SimpleNamespace(
+        dir=sweep_dir,
+        code=code,
+        output=first.output(),
+        survivors=survivors,
+        interrupted=interrupted,
+        finished_mtime=finished,
+        again=again,
+    )
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_cleanly(sweep):
+    assert sweep.code == 130, sweep.output
+    assert "SIGINT: stopping after the running client tasks" in sweep.output
+    assert f"launch the same command with hydra.sweep.dir={sweep.dir}" in sweep.output
+    assert sweep.survivors == []
+    assert sweep.interrupted >= 2
+
+
+@pytest.mark.slow
+def test_relaunched_sweep_skips_the_finished_job_and_resumes_the_cut_one(sweep):
+    assert sweep.again.returncode == 0, sweep.again.stderr
+    log = sweep.again.stdout + sweep.again.stderr
+    assert f"{sweep.dir / '0'} holds this run, finished: skipping it" in log
+    assert f"resuming after round {sweep.interrupted} of 4 from {sweep.dir / '1'}" in log
+    assert (sweep.dir / "0" / "results.json").stat().st_mtime_ns == sweep.finished_mtime
+    for job in ("0", "1"):
+        assert json.loads((sweep.dir / job / "results.json").read_text())["status"] == "done"
+
+
+@pytest.mark.slow
+def test_resumed_fedadam_run_equals_the_uninterrupted_one(sweep):
+    resumed, uninterrupted = _history(sweep.dir / "1"), _history(sweep.dir / "0")
+    assert list(resumed["round"]) == [0, 1, 2, 3, 4]
+    # Per-round seeds, restored server moments, deterministic ops: bit-identical.
+    pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=True)
+    metrics = [
+        json.loads((sweep.dir / job / "results.json").read_text())["models"]["federated_logistic"]
+        for job in ("1", "0")
+    ]
+    for key in ("accuracy", "macro_f1", "roc_auc", "pr_auc", "fpr"):
+        assert metrics[0][key] == metrics[1][key]
+
+
+@pytest.fixture(scope="module")
+def hung(tmp_path_factory):
+    """A run whose failing site hangs past the round timeout, killed with two SIGTERMs after
+    round 1; a resume with other settings is refused; the resume that follows makes the
+    failing site crash instead (the failure mode is a runtime setting)."""
+    root = tmp_path_factory.mktemp("hang")
+    run_dir = root / "run"
+    args = [
+        *BASE,
+        "simulation.num_rounds=2",
+        "simulation.client_failure_rate=0.34",
+        "simulation.failure_mode=hang",
+        "simulation.round_timeout=12",
+    ]
+    first = _Launch([*args, f"hydra.run.dir={run_dir}"], root)
+    first.wait_for_checkpoint(run_dir, 1)
+    code = first.stop(signal.SIGTERM, signal.SIGTERM)
+    survivors = first.survivors()
+    again = [*args, f"resume={run_dir}", f"hydra.run.dir={root / 'again'}"]
+    refused = _cli(*again, "seed=3", "simulation.num_clients=4", cwd=root)
+    resumed = _cli(*again, "simulation.failure_mode=crash", cwd=root)
+    return SimpleNamespace(
+        dir=run_dir,
+        code=code,
+        output=first.output(),
+        survivors=survivors,
+        refused=refused,
+        resumed=resumed,
+    )
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_stops_at_once_and_leaves_nothing_running(hung):
+    assert hung.code == 130, hung.output
+    assert "SIGTERM: stopping" in hung.output
+    assert hung.survivors == []
+    assert checkpoint.load(hung.dir).round >= 1
+
+
+@pytest.mark.slow
+def test_a_hanging_site_is_logged_and_counted_and_the_round_completes(hung):
+    assert "failed (round 1 train): no reply within 12 s" in hung.output
+    history = pd.read_csv(hung.dir / "history.csv")
+    assert list(history["failures"]) == [0, 1, 1]
+    assert history["train_loss"].iloc[1:].notna().all()
+
+
+@pytest.mark.slow
+def test_resume_with_other_settings_is_refused_naming_them(hung):
+    assert hung.refused.returncode == 2
+    message = " ".join(hung.refused.stderr.split())
+    assert "seed (was 0, now 3)" in message
+    assert "simulation.num_clients (was 3, now 4)" in message
+    assert "Traceback" not in hung.refused.stderr
+
+
+@pytest.mark.slow
+def test_resume_continues_after_the_last_checkpointed_round(hung):
+    assert hung.resumed.returncode == 0, hung.resumed.stderr
+    assert f"resuming after round 1 of 2 from {hung.dir}" in hung.resumed.stdout
+    history = pd.read_csv(hung.dir / "history.csv")
+    assert list(history["round"]) == [0, 1, 2]
+    assert json.loads((hung.dir / "results.json").read_text())["status"] == "done"
+
+
+@pytest.mark.slow
+def test_a_crashing_site_is_restarted_and_the_round_completes(hung):
+    assert "failed (round 2 train): injected failure" in hung.resumed.stdout
+    assert "its process was killed, then restarted" in hung.resumed.stdout
+    history = pd.read_csv(hung.dir / "history.csv")
+    # Messages sent to the restarting actor wait for it: only the crashed site fails.
+    assert history["failures"].iloc[2] == 1
+    assert history["eval_failures"].iloc[2] == 1
+    clients = pd.read_csv(hung.dir / "clients.csv")
+    assert sorted(clients["client"]) == [0, 1, 2]
+    assert "error" not in clients.columns
+
+
+# --- an in-process run with too few replies ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data() -> PreparedData:
+    X, y = make_classification(
+        n_samples=2000, n_features=12, n_informative=6, weights=[0.2], random_state=0
+    )
+    return PreparedData(
+        X_train=X[:1600].astype(np.float32),
+        y_train=y[:1600].astype(np.int64),
+        X_test=X[1600:].astype(np.float32),
+        y_test=y[1600:].astype(np.int64),
+        feature_names=[f"f{i}" for i in range(12)],
+        class_names=["normal", "attack"],
+        task="binary",
+    )
+
+
+def _cfg(**simulation):
+    base = OmegaConf.load(CONF / "config.yaml")
+    cfg = OmegaConf.create(
+        {
+            "seed": 1,
+            "model": OmegaConf.load(CONF / "model" / "logistic.yaml"),
+            "strategy": OmegaConf.load(CONF / "strategy" / "fedavg.yaml"),
+            "train": base.train,
+            "simulation": base.simulation,
+        }
+    )
+    cfg.simulation.num_clients = 3
+    for key, value in simulation.items():
+        OmegaConf.update(cfg, f"simulation.{key}", value)
+    return cfg
+
+
+def _partitions(n: int) -> list[np.ndarray]:
+    return np.array_split(np.random.default_rng(0).permutation(n), 3)
+
+
+@pytest.mark.slow
+def test_too_few_replies_stop_the_run_with_a_resumable_checkpoint(data, tmp_path, make_cfg):
+    cfg = _cfg(num_rounds=3, client_failure_rate=0.67)
+    with pytest.raises(FedadError) as error:
+        run_federated(cfg, data, _partitions(len(data.y_train)), tmp_path)
+    message = str(error.value)
+    assert "Round 1 got training replies from only 1 of the 3 sampled sites" in message
+    assert "simulation.min_clients=2" in message
+    assert f"resume={tmp_path}" in message
+    meta = checkpoint.read_meta(tmp_path)
+    assert meta["round"] == 0
+    # Lowering the minimum is allowed on resume.
+    cfg.simulation.min_clients = 1
+    checkpoint.require_compatible(meta, cfg)
