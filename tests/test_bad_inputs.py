@@ -1,0 +1,631 @@
+"""Bad inputs through the public entry points: a clear paragraph, exit 2, nothing earlier lost.
+
+Most cases run ``python -m fedad.simulate`` (or ``python -m fedad.report``) as a subprocess
+in ``tmp_path``, as a user would, and check, for a user error:
+
+* the exit status is 2 (Hydra's own config errors: non-zero, with the valid options listed);
+* stderr holds one short paragraph starting ``fedad: error:`` that names the offending key,
+  value or path and the fix, and no ``Traceback`` (TensorFlow's native start-up lines, printed
+  when a run gets as far as importing it, are tolerated);
+* nothing written before is lost: a sibling run directory, and a file the user left in the
+  failing run's own directory, are byte-identical afterwards;
+* the failing run records the same message in its own ``failed.json``.
+
+Some bad inputs are recovered from by design, not refused: NaN, ±inf and text in numeric
+cells become the training median, rows with an empty label (the cut-off last line of a
+truncated file) are dropped, categories unseen in training encode as zeros, and the report
+lists a job with an unreadable ``results.json`` as failed. For those the command must
+succeed and count the recovery (``results.json`` under ``data``, or ``report.md``).
+
+A last group checks more data-layer messages in process through :func:`fedad.simulate.run`,
+which saves a process start each. The in-process twins of a few cases live in
+``tests/test_errors.py``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedad.errors import FedadError, exit_with
+from fedad.simulate import run
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+HEADER = "a,b,proto,label"
+# What TensorFlow's C++ side prints on import, before Python's logging is set up (absl and
+# glog-style lines such as "I0000 00:00:1795874151.94 27510 port.cc:153] oneDNN ...").
+TF_NOISE = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} ")
+# A small CSV run: no federated training and no baselines, so a case costs one process start.
+LIGHT = ("federated=false", "baselines=none", "partition=iid", "simulation.num_clients=2")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _rows(n: int, start: int = 0, label=None, proto=None) -> str:
+    """``n`` distinct data lines of the 4-column toy schema, one attack in three."""
+    label = label or (lambda i: "normal" if i % 3 else "attack")
+    proto = proto or (lambda i: "tcp" if i % 2 else "udp")
+    return "".join(f"{i},{i % 7},{proto(i)},{label(i)}\n" for i in range(start, start + n))
+
+
+def _write(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _good_csv(tmp_path: Path, n: int = 150, name: str = "data.csv") -> Path:
+    return _write(tmp_path, HEADER + "\n" + _rows(n), name)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "FEDAD_DATA_DIR")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "outputs" / "bad"
+
+
+def _simulate(tmp_path: Path, *overrides: str, run_dir: Path | None = None):
+    run_dir = run_dir or _run_dir(tmp_path)
+    return _module("fedad.simulate", f"hydra.run.dir={run_dir}", *overrides, cwd=tmp_path)
+
+
+def _csv_run(tmp_path: Path, path: Path, *overrides: str, run_dir: Path | None = None):
+    return _simulate(
+        tmp_path, "dataset=csv", f"dataset.path={path}", *LIGHT, *overrides, run_dir=run_dir
+    )
+
+
+@pytest.fixture()
+def earlier(tmp_path: Path) -> dict[Path, bytes]:
+    """Outputs that exist before the bad run: a finished sibling run and a user's note.
+
+    Returns their bytes by path, for :func:`_assert_untouched`.
+    """
+    sibling = tmp_path / "outputs" / "earlier"
+    sibling.mkdir(parents=True)
+    (sibling / "results.json").write_text(
+        json.dumps({"status": "done", "settings": {"dataset": "synthetic"}, "models": {}})
+    )
+    (sibling / "comparison.csv").write_text("model,macro_f1\nxgboost,0.97\n")
+    own = _run_dir(tmp_path)
+    own.mkdir(parents=True)
+    (own / "NOTES.txt").write_text("the user's own file; a failing run must not delete it\n")
+    return {p: p.read_bytes() for p in [*sibling.iterdir(), own / "NOTES.txt"]}
+
+
+def _assert_untouched(before: dict[Path, bytes]) -> None:
+    for path, content in before.items():
+        assert path.is_file(), f"{path} was deleted"
+        assert path.read_bytes() == content, f"{path} was overwritten"
+
+
+def _without_tf_startup(stderr: str) -> str:
+    """``stderr`` less TensorFlow's native start-up lines, printed whenever it is imported."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if not TF_NOISE.match(line))
+
+
+def _error_paragraph(done: subprocess.CompletedProcess) -> str:
+    """The ``fedad: error:`` paragraph, after checking it is all stderr says, bar TF's lines."""
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    paragraph = _without_tf_startup(done.stderr).rstrip()
+    assert paragraph.startswith("fedad: error:"), done.stderr[-3000:]
+    lines = paragraph.splitlines()
+    assert len(lines) <= 8 and all(line.strip() for line in lines), paragraph
+    return " ".join(paragraph.split())
+
+
+def _squeeze(text: str) -> str:
+    """``text`` without any whitespace: the wrapping of stderr may split a path at a hyphen."""
+    return "".join(text.split())
+
+
+def _assert_names(text: str, words: tuple[str, ...]) -> None:
+    for word in words:
+        assert _squeeze(word) in _squeeze(text), f"{word!r} missing from: {text}"
+
+
+def _assert_user_error(
+    done: subprocess.CompletedProcess,
+    words: tuple[str, ...],
+    earlier: dict[Path, bytes],
+    run_dir: Path,
+) -> str:
+    """Exit 2, one paragraph naming ``words``, the error recorded, nothing earlier lost."""
+    text = _error_paragraph(done)
+    _assert_names(text, words)
+    failed = json.loads((run_dir / "failed.json").read_text())
+    assert failed["status"] == "failed"
+    assert _squeeze(failed["error"]) == _squeeze(text.removeprefix("fedad: error: "))
+    _assert_untouched(earlier)
+    return text
+
+
+def _assert_hydra_options(done, group: str, bad: str, earlier: dict[Path, bytes]) -> None:
+    """Hydra's own message for an unknown config group option: every valid option listed."""
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"Could not find '{group}/{bad}'" in done.stderr, done.stderr[-3000:]
+    assert f"Available options in '{group}'" in done.stderr
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        assert option in done.stderr, f"option {option} not listed"
+    _assert_untouched(earlier)
+
+
+def _results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _assert_recovered(done: subprocess.CompletedProcess, earlier, run_dir: Path) -> dict:
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    results = _results(run_dir)
+    assert results["status"] == "done"
+    _assert_untouched(earlier)
+    return results["data"]
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    """A folder no process can create: under a read-only folder, or, as root, under a file."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        (locked / "probe").mkdir()
+    except OSError:
+        return locked / "run"
+    # root ignores the mode bits; a path under a regular file fails for everyone.
+    (locked / "probe").rmdir()
+    locked.chmod(0o700)
+    blocker = tmp_path / "a_file.txt"
+    blocker.write_text("not a folder\n")
+    return blocker / "run"
+
+
+# --- the data file -------------------------------------------------------------------------
+
+
+def test_malformed_row_with_extra_fields(tmp_path, earlier):
+    path = _write(tmp_path, HEADER + "\n" + _rows(40) + "1,2,tcp,normal,EXTRA,FIELDS\n")
+    done = _csv_run(tmp_path, path)
+    _assert_user_error(
+        done, (str(path), "line 42", "dataset.sep", "truncated"), earlier, _run_dir(tmp_path)
+    )
+
+
+def test_truncated_gzip(tmp_path, earlier):
+    path = tmp_path / "data.csv.gz"
+    path.write_bytes(gzip.compress((HEADER + "\n" + _rows(300)).encode())[:200])
+    done = _csv_run(tmp_path, path)
+    _assert_user_error(done, (str(path), "truncated or corrupted"), earlier, _run_dir(tmp_path))
+
+
+def test_truncated_csv_drops_the_cut_row_and_counts_it(tmp_path, earlier):
+    """A plain CSV cut mid-row: the short last row has no label, so it is dropped, counted."""
+    path = _write(tmp_path, HEADER + "\n" + _rows(150) + "150,3")
+    data = _assert_recovered(_csv_run(tmp_path, path), earlier, _run_dir(tmp_path))
+    assert data["rows_without_label"] == 1
+    assert data["n_train"] + data["n_test"] == 150
+
+
+def test_wrong_delimiter(tmp_path, earlier):
+    path = _write(tmp_path, (HEADER + "\n" + _rows(150)).replace(",", ";"))
+    done = _csv_run(tmp_path, path)
+    _assert_user_error(
+        done, ("'label'", "Only one column", "dataset.sep"), earlier, _run_dir(tmp_path)
+    )
+
+
+def test_file_without_the_label_column(tmp_path, earlier):
+    path = _write(tmp_path, "a,b,proto\n" + "".join(f"{i},{i % 7},tcp\n" for i in range(150)))
+    done = _csv_run(tmp_path, path)
+    _assert_user_error(
+        done,
+        ("'label'", "dataset.label_column", "Columns found: a, b, proto"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+def test_label_with_one_class(tmp_path, earlier):
+    path = _write(tmp_path, HEADER + "\n" + _rows(150, label=lambda i: "normal"))
+    done = _csv_run(tmp_path, path)
+    _assert_user_error(
+        done,
+        ("single class", "dataset.label_column='label'", "dataset.normal_value='normal'"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+@pytest.mark.parametrize(
+    "cells, counter, expected",
+    [
+        ({5: "", 8: "NaN", 11: "nan"}, "missing", 3),
+        ({5: "inf", 8: "-inf"}, "infinite", 2),
+        ({5: "abc", 8: "n/a?", 11: "0x1F!"}, "junk_text", 3),
+    ],
+    ids=["nan", "inf", "junk_text"],
+)
+def test_bad_numeric_cells_are_cleaned_and_counted(tmp_path, earlier, cells, counter, expected):
+    lines = _rows(150).splitlines()
+    for i, cell in cells.items():
+        a, _, proto, label = lines[i].split(",")
+        lines[i] = ",".join([a, cell, proto, label])
+    path = _write(tmp_path, HEADER + "\n" + "\n".join(lines) + "\n")
+    data = _assert_recovered(_csv_run(tmp_path, path), earlier, _run_dir(tmp_path))
+    assert data["cleaned_cells"][counter] == expected
+    assert sum(data["cleaned_cells"].values()) == expected
+
+
+def test_empty_file(tmp_path, earlier):
+    path = _write(tmp_path, "")
+    done = _csv_run(tmp_path, path)
+    _assert_user_error(done, (str(path), "is empty", "download"), earlier, _run_dir(tmp_path))
+
+
+def test_header_only_file(tmp_path, earlier):
+    path = _write(tmp_path, HEADER + "\n")
+    done = _csv_run(tmp_path, path)
+    _assert_user_error(done, (str(path), "no data rows"), earlier, _run_dir(tmp_path))
+
+
+def test_all_duplicate_rows(tmp_path, earlier):
+    text = HEADER + "\n" + "1,2,tcp,normal\n" * 100 + "3,4,udp,attack\n" * 50
+    path = _write(tmp_path, text)
+    done = _csv_run(tmp_path, path)
+    _assert_user_error(
+        done,
+        ("2 usable rows", "148 exact duplicate rows", "preprocess.drop_duplicates=false"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+def test_data_dir_that_does_not_exist(tmp_path, earlier):
+    missing = tmp_path / "no_such_folder"
+    done = _simulate(tmp_path, "dataset=nsl_kdd", f"data_dir={missing}", *LIGHT)
+    _assert_user_error(
+        done,
+        (f"data_dir='{missing}'", "not an existing folder", "FEDAD_DATA_DIR", "unb.ca"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+def test_a_data_error_is_all_that_stderr_says(tmp_path, earlier):
+    done = _csv_run(tmp_path, _write(tmp_path, ""))
+    _error_paragraph(done)
+    assert done.stderr.startswith("fedad: error:"), done.stderr[:2000]
+
+
+# --- train and test files ------------------------------------------------------------------
+
+
+def _two_files(tmp_path: Path, test_text: str) -> tuple[str, ...]:
+    train = _write(tmp_path, HEADER + "\n" + _rows(150), "train.csv")
+    test = _write(tmp_path, test_text, "test.csv")
+    return ("dataset=csv", f"dataset.train_file={train}", f"dataset.test_file={test}", *LIGHT)
+
+
+def test_unseen_test_categories_encode_as_zeros_and_are_counted(tmp_path, earlier):
+    sctp = _rows(40, start=1000, proto=lambda i: "sctp" if i % 8 == 0 else "tcp")
+    done = _simulate(tmp_path, *_two_files(tmp_path, HEADER + "\n" + sctp))
+    data = _assert_recovered(done, earlier, _run_dir(tmp_path))
+    assert data["unseen_categories"] == {"proto": 5}
+    assert data["n_test"] == 40
+
+
+def test_test_file_with_other_columns(tmp_path, earlier):
+    other = "a,c,proto,label\n" + _rows(40, start=1000)
+    done = _simulate(tmp_path, *_two_files(tmp_path, other))
+    _assert_user_error(
+        done,
+        ("test.csv", "train.csv", "missing from test ['b']", "only in test ['c']"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+# --- labels and task -----------------------------------------------------------------------
+
+
+def test_label_column_typo_suggests_the_right_name(tmp_path, earlier):
+    done = _csv_run(tmp_path, _good_csv(tmp_path), "dataset.label_column=lable")
+    _assert_user_error(
+        done,
+        ("'lable'", "dataset.label_column", "Did you mean 'label'?"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+def test_multiclass_without_a_class_column(tmp_path, earlier):
+    done = _csv_run(
+        tmp_path, _good_csv(tmp_path), "task=multiclass", "dataset.class_column=attack_type"
+    )
+    text = _assert_user_error(
+        done,
+        ("task=multiclass", "dataset.class_column='attack_type'", "task=binary"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+    assert "_attack" not in text, "internal columns leak into the message"
+
+
+# --- partition and clients -----------------------------------------------------------------
+
+
+def test_more_clients_than_rows(tmp_path, earlier):
+    done = _csv_run(tmp_path, _good_csv(tmp_path), "simulation.num_clients=500")
+    _assert_user_error(
+        done,
+        ("simulation.num_clients=500", "120 training rows", "fewer clients"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+@pytest.mark.parametrize("clients", [0, -3])
+def test_num_clients_below_one(tmp_path, earlier, clients):
+    done = _csv_run(tmp_path, _good_csv(tmp_path), f"simulation.num_clients={clients}")
+    _assert_user_error(
+        done,
+        (f"simulation.num_clients must be at least 1 (got {clients})", "simulation.num_clients="),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+@pytest.mark.parametrize("alpha", ["0", "-0.5"])
+def test_dirichlet_alpha_not_positive(tmp_path, earlier, alpha):
+    done = _csv_run(
+        tmp_path, _good_csv(tmp_path), "partition=dirichlet", f"partition.alpha={alpha}"
+    )
+    _assert_user_error(
+        done,
+        (f"partition.alpha must be > 0 (got {float(alpha)})", "0.1", "100"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+def test_unknown_partition_name(tmp_path, earlier):
+    """``partition.name`` set directly bypasses Hydra's group check; fedad names the choices."""
+    done = _csv_run(tmp_path, _good_csv(tmp_path), "partition.name=random")
+    _assert_user_error(
+        done,
+        ("Unknown partition 'random'", "iid, dirichlet, pathological, quantity, natural"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+# --- federated settings (checked before Ray starts) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("simulation.fraction_train=0", ("simulation.fraction_train must be in (0, 1]", "got 0")),
+        ("simulation.fraction_train=1.5", ("simulation.fraction_train", "got 1.5")),
+        ("simulation.fraction_evaluate=-0.2", ("simulation.fraction_evaluate", "got -0.2")),
+        ("simulation.num_rounds=0", ("simulation.num_rounds must be at least 1", "got 0")),
+        ("simulation.client_failure_rate=1.0", ("client_failure_rate must be in [0, 1)",)),
+    ],
+    ids=["fraction_train_0", "fraction_train_1.5", "fraction_evaluate", "rounds_0", "failure_1"],
+)
+def test_federated_setting_out_of_range(tmp_path, earlier, override, words):
+    path = _good_csv(tmp_path)
+    done = _simulate(
+        tmp_path,
+        "dataset=csv",
+        f"dataset.path={path}",
+        "baselines=none",
+        "partition=iid",
+        "simulation.num_clients=2",
+        override,
+    )
+    _assert_user_error(done, words, earlier, _run_dir(tmp_path))
+
+
+# --- unknown names -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "group, bad", [("strategy", "fedsgd"), ("model", "lstm"), ("dataset", "cicids2017")]
+)
+def test_unknown_config_group_option_lists_the_valid_ones(tmp_path, earlier, group, bad):
+    done = _simulate(tmp_path, f"{group}={bad}")
+    _assert_hydra_options(done, group, bad, earlier)
+
+
+# --- output directories and earlier results ------------------------------------------------
+
+
+def test_output_directory_not_writable(tmp_path, earlier):
+    target = _unwritable_dir(tmp_path)
+    done = _simulate(tmp_path, *LIGHT, "dataset.n_rows=300", run_dir=target)
+    text = _error_paragraph(done)
+    _assert_names(text, (str(target), "hydra.run.dir"))
+    _assert_untouched(earlier)
+
+
+def test_failed_rerun_keeps_the_finished_results_in_its_directory(tmp_path, earlier):
+    finished = tmp_path / "outputs" / "earlier"
+    done = _csv_run(tmp_path, _good_csv(tmp_path), "dataset.label_column=lable", run_dir=finished)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    _assert_untouched(earlier)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [b'{"round": 3, "state_file": "state-00003.n', b'{"round": 3}'],
+    ids=["truncated_meta", "meta_without_fields"],
+)
+def test_corrupted_checkpoint_is_refused_and_kept(tmp_path, earlier, meta):
+    previous = tmp_path / "outputs" / "earlier"
+    (previous / "checkpoint").mkdir()
+    (previous / "checkpoint" / "meta.json").write_bytes(meta)
+    (previous / "checkpoint" / "state-00003.npz").write_bytes(b"PK\x03\x04 cut short")
+    before = {**earlier, **{p: p.read_bytes() for p in (previous / "checkpoint").iterdir()}}
+    path = _good_csv(tmp_path)
+    done = _simulate(
+        tmp_path,
+        "dataset=csv",
+        f"dataset.path={path}",
+        "baselines=none",
+        "partition=iid",
+        "simulation.num_clients=2",
+        f"resume={previous}",
+    )
+    text = _error_paragraph(done)
+    _assert_names(text, ("checkpoint", str(previous)))
+    _assert_untouched(before)
+
+
+# --- python -m fedad.report ----------------------------------------------------------------
+
+
+def test_report_on_a_missing_directory(tmp_path, earlier):
+    done = _module("fedad.report", str(tmp_path / "outputs" / "nope"), cwd=tmp_path)
+    text = _error_paragraph(done)
+    assert done.stderr.startswith("fedad: error:")
+    _assert_names(text, ("does not exist", "outputs/<date>/<time>"))
+    _assert_untouched(earlier)
+
+
+def test_report_on_a_directory_without_runs(tmp_path, earlier):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = _module("fedad.report", str(empty), cwd=tmp_path)
+    text = _error_paragraph(done)
+    _assert_names(text, ("holds no run", "results.json"))
+    assert list(empty.iterdir()) == []
+    _assert_untouched(earlier)
+
+
+def test_report_lists_a_corrupted_results_file_as_failed(tmp_path, earlier):
+    """Documented recovery: an unreadable results.json makes its job 'failed', not a crash."""
+    job = tmp_path / "sweep" / "0"
+    job.mkdir(parents=True)
+    (job / "results.json").write_text('{"status": "do')
+    before = {**earlier, job / "results.json": (job / "results.json").read_bytes()}
+    done = _module("fedad.report", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert "results.json is unreadable" in report
+    _assert_untouched(before)
+
+
+def test_report_to_an_unwritable_folder(tmp_path, earlier):
+    target = _unwritable_dir(tmp_path)
+    done = _module("fedad.report", str(tmp_path / "outputs"), "--out", str(target), cwd=tmp_path)
+    text = _error_paragraph(done)
+    _assert_names(text, (str(target), "--out"))
+    _assert_untouched(earlier)
+
+
+# --- more bad data, in process: the same checks on the message, without a process start -----
+
+
+def _refused(make_cfg, tmp_path: Path, earlier, *overrides: str) -> str:
+    """Run :func:`fedad.simulate.run` on ``overrides``; return its one-paragraph FedadError."""
+    cfg = make_cfg(*overrides)
+    with pytest.raises(FedadError) as err:
+        run(cfg, _run_dir(tmp_path))
+    text = str(err.value)
+    assert "\n\n" not in text and len(text) < 800, text
+    _assert_untouched(earlier)
+    return " ".join(text.split())
+
+
+def _csv_cfg(path: Path, *overrides: str) -> tuple[str, ...]:
+    return ("dataset=csv", f"dataset.path={path}", *LIGHT, *overrides)
+
+
+def test_few_distinct_rows_cannot_be_split_by_class(make_cfg, tmp_path, earlier):
+    """4 distinct rows survive de-duplication: too few to put both classes on both sides."""
+    text = HEADER + "\n" + "1,2,tcp,normal\n" * 60 + "3,4,udp,attack\n" * 60
+    path = _write(tmp_path, text + "5,4,udp,attack\n1,9,tcp,normal\n")
+    message = _refused(make_cfg, tmp_path, earlier, *_csv_cfg(path))
+    _assert_names(
+        message, ("4 usable rows", "preprocess.test_size=0.2", "preprocess.drop_duplicates=false")
+    )
+
+
+def test_every_label_empty(make_cfg, tmp_path, earlier):
+    path = _write(tmp_path, HEADER + "\n" + "".join(f"{i},{i % 7},tcp,\n" for i in range(50)))
+    message = _refused(make_cfg, tmp_path, earlier, *_csv_cfg(path))
+    _assert_names(message, ("empty label column 'label'", "dataset.label_column"))
+
+
+def test_column_names_fewer_than_fields(make_cfg, tmp_path, earlier):
+    """Without the check, pandas silently turned the extra leading field into an index."""
+    path = _write(tmp_path, _rows(150))
+    overrides = _csv_cfg(path, "dataset.header=false", "dataset.columns=[b,proto,label]")
+    message = _refused(make_cfg, tmp_path, earlier, *overrides)
+    _assert_names(message, (str(path), "4 fields per row", "dataset.columns names 3"))
+
+
+def test_binary_file_given_as_csv(make_cfg, tmp_path, earlier):
+    path = tmp_path / "data.csv"
+    path.write_bytes(bytes(range(128, 256)) * 40)
+    message = _refused(make_cfg, tmp_path, earlier, *_csv_cfg(path))
+    _assert_names(message, (str(path), "could not be read as CSV", "dataset.sep"))
+
+
+def test_folder_given_as_data_file(make_cfg, tmp_path, earlier):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    message = _refused(make_cfg, tmp_path, earlier, *_csv_cfg(folder))
+    _assert_names(message, (str(folder), "is a folder", "dataset.path"))
+
+
+def test_unknown_task(make_cfg, tmp_path, earlier):
+    message = _refused(make_cfg, tmp_path, earlier, *_csv_cfg(_good_csv(tmp_path), "task=ternary"))
+    _assert_names(message, ("'ternary'", "binary, multiclass"))
+
+
+def test_test_size_out_of_range(make_cfg, tmp_path, earlier):
+    overrides = _csv_cfg(_good_csv(tmp_path), "preprocess.test_size=1.5")
+    message = _refused(make_cfg, tmp_path, earlier, *overrides)
+    _assert_names(message, ("preprocess.test_size", "(0, 1)", "1.5", "preprocess.test_size=0.2"))
+
+
+def test_dirichlet_alpha_not_a_number(make_cfg, tmp_path, earlier):
+    overrides = _csv_cfg(_good_csv(tmp_path), "partition=dirichlet", "partition.alpha=abc")
+    message = _refused(make_cfg, tmp_path, earlier, *overrides)
+    _assert_names(message, ("partition.alpha must be a number, got 'abc'", "partition.alpha="))
+
+
+def test_long_path_in_the_message_is_printed_whole(capsys):
+    path = "/data/downloads-2024-11-28-iot-captures-from-site-a/gateway-07/capture-part-0001.csv"
+    with pytest.raises(SystemExit) as stop:
+        exit_with(FedadError(f"Data file not found: {path} (from dataset.path). Download it."))
+    assert stop.value.code == 2
+    assert path in capsys.readouterr().err
