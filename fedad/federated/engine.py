@@ -8,10 +8,12 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import ray
 from flwr.clientapp import ClientApp
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
@@ -108,12 +110,13 @@ def simulate(
             _start_ray(init_args)
             # After ray.init, which sets a SIGTERM handler of its own (kill Ray, exit).
             interrupts.install()
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=num_clients,
-                backend_config=backend_config,
-            )
+            with _pickup_from_waiting_nodes():
+                run_simulation(
+                    server_app=server_app,
+                    client_app=client_app,
+                    num_supernodes=num_clients,
+                    backend_config=backend_config,
+                )
     except Exception:
         if not interrupts.count:
             raise
@@ -129,6 +132,43 @@ def simulate(
             sys.stdout.flush()
             logging.shutdown()
             os._exit(130)
+
+
+@contextmanager
+def _pickup_from_waiting_nodes() -> Iterator[None]:
+    """Let Flower's engine ask only the sites that have a message waiting for their messages.
+
+    Flower's loop (``vce_api.add_messages_to_queue``, internal to flwr 1.42)
+    asks every site ten times a second, and each question scans every stored
+    message: with 1,000 sites it about doubled the driver's CPU per round,
+    however few sites were sampled, and in the all-site query and final
+    evaluation every pass scanned 1,000 messages for each of 1,000 sites. This
+    loop asks the same question of the waiting sites only, at the same pace;
+    for a state it does not know, Flower's loop runs instead.
+    """
+    flower_loop = vce_api.add_messages_to_queue
+
+    def loop(state, queue, nodes_mapping, f_stop) -> None:
+        if not hasattr(state, "message_ins_store"):  # not the in-memory state it reads
+            flower_loop(state, queue, nodes_mapping, f_stop)
+            return
+        while not f_stop.is_set():
+            with state.lock:
+                waiting = {
+                    m.metadata.dst_node_id
+                    for m in state.message_ins_store.values()
+                    if m.metadata.delivered_at == ""
+                }
+            for node_id in waiting & nodes_mapping.keys():
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(message)
+            f_stop.wait(0.1)
+
+    vce_api.add_messages_to_queue = loop
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = flower_loop
 
 
 def _start_ray(init_args: Mapping) -> None:

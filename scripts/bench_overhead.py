@@ -1,0 +1,244 @@
+"""Overhead of fedad's Flower simulation against the limit: the same training in one process."""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from benchlib import ProcessTree, compose_config, load, machine, prepare_data, summarize
+
+from fedad.data.partition import partition
+from fedad.federated import make_settings, run_federated
+from fedad.federated.server_app import SCALING_FILE
+
+SETTINGS_FILE = "limit_settings.json"
+LIMIT_FILE = "limit.json"
+TARGET_ROUND = 1.3
+TARGET_STARTUP = 12.0
+FIGURES = (
+    ("startup_s", "start-up s (to round 1)"),
+    ("first_round_s", "round 1 s"),
+    ("steady_round_s", "steady-state round s"),
+    ("steady_cpu_s", "steady-state round CPU s"),
+    ("total_s", "total wall s"),
+    ("peak_mb", "peak memory MB"),
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run fedad's simulation, then the limit in a fresh process; print both and their ratio."""
+    args = parse_args(argv)
+    if args.limit:
+        run_limit(Path(args.limit))
+        return
+    overrides = [
+        f"simulation.num_clients={args.clients}",
+        f"simulation.num_rounds={args.rounds}",
+        f"dataset.n_rows={args.rows}",
+        f"model={args.model}",
+        "partition=iid",
+        "simulation.fraction_train=1.0",
+        "simulation.fraction_evaluate=1.0",
+        *args.overrides,
+    ]
+    cfg = compose_config(overrides)
+    print(f"machine: {machine()}")
+    print(f"config: {' '.join(overrides)}")
+    data = prepare_data(cfg)
+    parts = partition(cfg.partition, data.y_train, int(cfg.simulation.num_clients), int(cfg.seed))
+    per_client = max(1, int(cfg.simulation.client_resources.num_cpus))
+    parallel = min(len(parts), (os.cpu_count() or 1) // per_client)
+
+    with tempfile.TemporaryDirectory(prefix="fedad-bench-") as tmp:
+        run_dir = Path(tmp)
+        with ProcessTree() as tree:
+            called = time.time()
+            result = run_federated(cfg, data, parts, run_dir)
+            finished = time.time()
+        rounds = result.history.set_index("round").loc[1:, ["started_at", "seconds"]]
+        fedad = summarize(rounds, called, finished, tree)
+        settings = make_settings(cfg, data, len(parts), run_dir)
+        profile = str(Path(args.profile).resolve()) if args.profile else None
+        launch = {"settings": settings, "profile": profile, "called": time.time()}
+        (run_dir / SETTINGS_FILE).write_text(json.dumps(launch))
+        subprocess.run([sys.executable, __file__, "--limit", str(run_dir)], check=True)
+        limit = json.loads((run_dir / LIMIT_FILE).read_text())
+
+    print(f"\nclients {len(parts)}, rounds {args.rounds}, model {args.model}, parallel {parallel}")
+    print(f"{'':28}{'fedad':>10}{'limit':>10}")
+    for key, label in FIGURES:
+        print(f"{label:28}{fedad[key]:>10.2f}{limit[key]:>10.2f}")
+    cpu = ", ".join(f"{k} {v:.2f}" for k, v in fedad["steady_cpu_parts_s"].items())
+    print(f"fedad steady round CPU s by process: {cpu}")
+    print(f"fedad peak memory: {fedad['memory']}")
+    print(f"limit peak memory: {limit['memory']}")
+    parts_s = ", ".join(f"{k} {v:.2f}" for k, v in limit["steady_parts_s"].items())
+    print(f"limit steady round parts s: {parts_s}")
+    ideal = limit["steady_round_s"] / parallel
+    ratio = fedad["steady_round_s"] / ideal
+    print(f"ideal parallel round s (limit / {parallel}): {ideal:.2f}")
+    print(
+        f"round ratio fedad / ideal: {ratio:.2f} "
+        f"(target <= {TARGET_ROUND}: {verdict(ratio / TARGET_ROUND)})"
+    )
+    # Averaging and the server's evaluation run in one place in both; only the clients' work
+    # can spread over the parallel clients.
+    serial = limit["steady_parts_s"]["average"] + limit["steady_parts_s"]["server evaluate"]
+    bound = (limit["steady_round_s"] - serial) / parallel + serial
+    print(
+        f"ideal with the server's serial part undivided s: {bound:.2f} "
+        f"(ratio fedad / it: {fedad['steady_round_s'] / bound:.2f})"
+    )
+    cpu_ratio = fedad["steady_cpu_s"] / limit["steady_cpu_s"]
+    print(f"round CPU ratio fedad / limit: {cpu_ratio:.2f}")
+    startup = fedad["startup_s"]
+    print(
+        f"start-up: {startup:.2f} s (target <= {TARGET_STARTUP:.0f} s: "
+        f"{verdict(startup / TARGET_STARTUP)})"
+    )
+    print(load())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=6, help="round 1 warms up; 2.. are steady")
+    parser.add_argument("--rows", type=int, default=30000, help="synthetic rows before the split")
+    parser.add_argument("--model", default="cnn", choices=("cnn", "logistic"))
+    parser.add_argument(
+        "--quick", action="store_true", help="test-suite size: 3 clients, 2 rounds, 3000 rows"
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="write a cProfile of the limit's rounds (the clients' work) to PATH; "
+        "the limit's figures then include the profiler's cost",
+    )
+    parser.add_argument("--limit", metavar="RUN_DIR", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "overrides", nargs="*", help="extra Hydra overrides, e.g. train.batch_size=32"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.rounds, args.rows = 3, 2, 3000
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2: round 1 warms up")
+    return args
+
+
+def verdict(ratio: float) -> str:
+    return "met" if ratio <= 1.0 else "missed"
+
+
+def run_limit(run_dir: Path) -> None:
+    """The limit: each client's work done in a loop in this process, then a weighted mean.
+
+    It calls what fedad's ClientApp handlers call (``load_site``, ``predict``,
+    ``train_local``, ``evaluation_metrics``) on the same shards, with the
+    same federated scaling statistics, model, epochs, batch size, seeds and
+    TensorFlow threads per client as the simulation in ``run_dir``; no
+    Flower, no Ray. Each round trains every client, averages the weights by
+    example count, then evaluates the average at every client and on the
+    global test set, as a FedAvg round with both fractions at 1 does.
+    Writes ``limit.json``.
+    """
+    from fedad.federated import scaling, shards
+    from fedad.federated.client_app import (
+        _init_runtime,
+        evaluation_metrics,
+        load_site,
+        local_model,
+        predict,
+        train_local,
+    )
+    from fedad.models import build_model
+
+    launch = json.loads((run_dir / SETTINGS_FILE).read_text())
+    settings, called = launch["settings"], launch["called"]
+    # Threads per client and TensorFlow's seed, as an actor sets them before its first op.
+    _init_runtime(settings)
+    class_names = json.loads(settings["class-names"])
+    n = int(settings["num-clients"])
+    with ProcessTree() as tree, np.load(run_dir / SCALING_FILE) as stats:
+        mean, std = stats["mean"], stats["std"]
+        model = local_model(settings)
+        model_cfg = {
+            k.removeprefix("model."): v for k, v in settings.items() if k.startswith("model.")
+        }
+        server = build_model(
+            model_cfg,
+            int(settings["num-features"]),
+            len(class_names),
+            float(settings["train.learning_rate"]),
+            str(settings["train.optimizer"]),
+        )
+        X_test, y_test = shards.read_shard(shards.test_path(run_dir), "limit")
+        X_test = scaling.standardize(X_test, mean, std)
+
+        def server_evaluate(weights: list[np.ndarray]) -> None:
+            server.set_weights(weights)
+            scores = server.predict(X_test, batch_size=4096, verbose=0)
+            evaluation_metrics(y_test, scores, class_names)
+
+        weights = server.get_weights()
+        server_evaluate(weights)
+        profiler = cProfile.Profile()
+        if launch["profile"]:
+            profiler.enable()
+        rounds = []
+        for rnd in range(1, int(settings["simulation.num_rounds"]) + 1):
+            config = {"scale-mean": mean.tolist(), "scale-std": std.tolist(), "server-round": rnd}
+            started = time.time()
+            updates, counts = [], []
+            for pid in range(n):
+                site = load_site(settings, pid, config)
+                seed = int(settings["seed"]) + 1000 * rnd + pid
+                train_local(model, weights, site, settings, mu=0.0, seed=seed)
+                updates.append(model.get_weights())
+                counts.append(len(site.y_train))
+            trained = time.time()
+            shares = np.asarray(counts, dtype=np.float64) / sum(counts)
+            weights = [
+                np.tensordot(shares, np.stack(w), axes=1).astype(w[0].dtype)
+                for w in zip(*updates, strict=True)
+            ]
+            averaged = time.time()
+            for pid in range(n):
+                site = load_site(settings, pid, config)
+                model.set_weights(weights)
+                evaluation_metrics(site.y_test, predict(model, site.X_test), class_names)
+            evaluated = time.time()
+            server_evaluate(weights)
+            done = time.time()
+            rounds.append(
+                {
+                    "round": rnd,
+                    "started_at": started,
+                    "seconds": done - started,
+                    "train": trained - started,
+                    "average": averaged - trained,
+                    "client evaluate": evaluated - averaged,
+                    "server evaluate": done - evaluated,
+                }
+            )
+        profiler.disable()
+    if launch["profile"]:
+        profiler.dump_stats(launch["profile"])
+    table = pd.DataFrame(rounds).set_index("round")
+    result = summarize(table, called, time.time(), tree)
+    parts = table.loc[2:].drop(columns=["started_at", "seconds"]).mean()
+    result["steady_parts_s"] = {k: float(v) for k, v in parts.items()}
+    (run_dir / LIMIT_FILE).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Cost of fedad's simulation as the number of sites grows while the sampled number stays fixed."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import ProcessTree, compose_config, load, machine, prepare_data, summarize
+
+from fedad.data.partition import partition
+from fedad.federated import run_federated, shards
+
+TARGET = 1.2
+FIGURES = (
+    ("shards_s", "write shards s"),
+    ("startup_s", "start-up s (to round 1)"),
+    ("first_round_s", "round 1 s"),
+    ("steady_round_s", "steady-state round s"),
+    ("steady_cpu_s", "steady-state round CPU s"),
+    ("cpu_driver", "  of which driver"),
+    ("cpu_ray workers", "  of which Ray workers"),
+    ("cpu_other", "  of which Ray daemons"),
+    ("after_rounds_s", "all-site evaluation + stop s"),
+    ("total_s", "total wall s"),
+    ("rounds_peak_mb", "peak memory in rounds MB"),
+    ("peak_mb", "peak memory MB"),
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the same rounds with more and more sites in existence; print the figures per size."""
+    args = parse_args(argv)
+    biggest = max(args.sites)
+    overrides = [
+        f"dataset.n_rows={args.rows}",
+        f"model={args.model}",
+        f"simulation.num_rounds={args.rounds}",
+        f"simulation.min_clients={args.sampled}",
+        "partition=iid",
+        "partition.min_size=1",
+        *args.overrides,
+    ]
+    print(f"machine: {machine()}")
+    print(f"config: {' '.join(overrides)}")
+    base = compose_config(overrides)
+    data = prepare_data(base)
+    # One partition into the most sites; a smaller run keeps its first sites, so every run
+    # samples from sites with the same shards and only the number in existence changes.
+    parts = partition(base.partition, data.y_train, biggest, int(base.seed))
+    sizes = [len(p) for p in parts]
+    print(f"{len(data.y_train)} training rows over {biggest} sites: {min(sizes)}-{max(sizes)} each")
+
+    results = {}
+    for n in args.sites:
+        fraction = args.sampled / n
+        cfg = compose_config(
+            [
+                *overrides,
+                f"simulation.num_clients={n}",
+                f"simulation.fraction_train={fraction}",
+                f"simulation.fraction_evaluate={fraction}",
+            ]
+        )
+        with tempfile.TemporaryDirectory(prefix="fedad-scale-") as tmp:
+            started = time.time()
+            shards.write_shards(data, parts[:n], Path(tmp) / "timing")
+            shards_s = time.time() - started
+            with ProcessTree() as tree:
+                called = time.time()
+                result = run_federated(cfg, data, parts[:n], Path(tmp) / "run")
+                finished = time.time()
+        rounds = result.history.set_index("round").loc[1:, ["started_at", "seconds"]]
+        figures = summarize(rounds, called, finished, tree)
+        cpu = {f"cpu_{part}": v for part, v in figures["steady_cpu_parts_s"].items()}
+        results[n] = {"shards_s": shards_s, **figures, **cpu}
+        print(f"{n} sites done: {results[n]['memory']}", flush=True)
+
+    print(
+        f"\n{args.sampled} sites sampled per round (train and evaluate), {args.rounds} rounds, "
+        f"model {args.model}"
+    )
+    print(f"{'sites':30}" + "".join(f"{n:>10}" for n in args.sites))
+    for key, label in FIGURES:
+        print(f"{label:30}" + "".join(f"{results[n][key]:>10.2f}" for n in args.sites))
+    smallest = min(args.sites)
+    for key, label in (("steady_round_s", "per-round time"), ("peak_mb", "peak memory")):
+        ratio = results[biggest][key] / results[smallest][key]
+        verdict = "met" if ratio <= TARGET else "missed"
+        print(
+            f"{label}: {biggest} sites / {smallest} sites = {ratio:.2f} "
+            f"(target <= {TARGET}: {verdict})"
+        )
+    print(load())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--sampled", type=int, default=10, help="sites per round")
+    parser.add_argument("--rounds", type=int, default=5, help="round 1 warms up; 2.. are steady")
+    parser.add_argument("--rows", type=int, default=60000, help="synthetic rows before the split")
+    parser.add_argument("--model", default="cnn", choices=("cnn", "logistic"))
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="test-suite size: 3 and 6 sites, 2 sampled, 2 rounds, 3000 rows",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="extra Hydra overrides, e.g. train.batch_size=32"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sites, args.sampled, args.rounds, args.rows = [3, 6], 2, 2, 3000
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2: round 1 warms up")
+    if args.sampled > min(args.sites):
+        parser.error("--sampled must not exceed the smallest --sites")
+    return args
+
+
+if __name__ == "__main__":
+    main()

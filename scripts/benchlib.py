@@ -1,0 +1,211 @@
+"""Helpers shared by the benchmark scripts: fedad's config, the data, the machine, peak memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from fedad.data.prepare import prepare
+from fedad.data.prepared import PreparedData
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+MB = 2**20
+
+
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra ``overrides``, as the entry point does."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def prepare_data(cfg: DictConfig) -> PreparedData:
+    """Run fedad's data preparation for ``cfg`` (the synthetic data needs no files)."""
+    data_dir = Path(str(cfg.data_dir))
+    if not data_dir.is_absolute():
+        data_dir = REPO / data_dir
+    return prepare(cfg.dataset, cfg.preprocess, cfg.task, data_dir, int(cfg.seed))
+
+
+def machine() -> str:
+    """One line naming the cores, memory, CPU model, versions and the current load."""
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = ", ".join(
+        f"{name} {_version(name)}"
+        for name in ("flwr", "ray", "tensorflow", "keras", "scikit-learn", "xgboost")
+    )
+    return (
+        f"{os.cpu_count()} cores ({model}), {memory:.1f} GiB RAM; Python "
+        f"{platform.python_version()}, {versions}; load average {os.getloadavg()[0]:.2f}"
+    )
+
+
+def load() -> str:
+    """The 1, 5 and 15-minute load averages, for a line printed when a benchmark ends."""
+    return "load average at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _version(name: str) -> str:
+    # TensorFlow installs as tensorflow-cpu on x86-64 (see pyproject.toml).
+    for dist in (name, f"{name}-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "absent"
+
+
+class ProcessTree:
+    """Sample the memory and CPU time of this process and all its descendants.
+
+    A background thread reads ``/proc`` every ``interval`` seconds and sums
+    the resident set size (RSS) over the process tree; the largest sum is
+    the peak. Ray's daemons (``gcs_server``, ``raylet``, its agents and
+    helpers) and its worker processes descend from the process that started
+    Ray, so they count. Pages shared between processes (the TensorFlow
+    library in every worker) count once per process, as ``ps`` and ``top``
+    show them. The thread also accumulates the CPU seconds the tree used.
+
+    Use as a context manager; :attr:`peak_mb` and :attr:`parts_mb` (this
+    process, Ray workers, other descendants at the peak) are set on exit,
+    and :meth:`cpu_between` and :meth:`peak_between` look at a stretch of it.
+    """
+
+    PARTS = ("driver", "ray workers", "other")
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.peak_mb = 0.0
+        self.parts_mb: dict[str, float] = {}
+        # (time.time(), CPU seconds so far per part, RSS MB) per sample.
+        self.samples: list[tuple[float, dict[str, float], float]] = []
+        self._cpu_seen: dict[int, float] = {}
+        self._cpu = dict.fromkeys(self.PARTS, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ProcessTree:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def cpu_between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds each part of the tree used between two ``time.time()`` instants.
+
+        Parts: this process (``driver``), ``ray workers`` and ``other``
+        descendants (Ray's daemons); read at the samples nearest the instants.
+        """
+        first, last = self._nearest(start)[1], self._nearest(end)[1]
+        return {part: last[part] - first[part] for part in self.PARTS}
+
+    def peak_between(self, start: float, end: float) -> float:
+        """Largest RSS sum (MB) sampled between two ``time.time()`` instants."""
+        inside = [mb for t, _, mb in self.samples if start <= t <= end]
+        return max(inside, default=self.rss_at(start))
+
+    def rss_at(self, instant: float) -> float:
+        """RSS sum (MB) of the sample nearest to a ``time.time()`` instant."""
+        return self._nearest(instant)[2]
+
+    def describe(self) -> str:
+        """``1234 MB (driver 600, ray workers 500, other 134)``."""
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in self.parts_mb.items())
+        return f"{self.peak_mb:.0f} MB ({parts})"
+
+    def _nearest(self, instant: float) -> tuple[float, dict[str, float], float]:
+        return min(self.samples, key=lambda sample: abs(sample[0] - instant))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        now = time.time()
+        processes = _processes()
+        children: dict[int, list[int]] = {}
+        for pid, (_, ppid, _, _) in processes.items():
+            children.setdefault(ppid, []).append(pid)
+        root = os.getpid()
+        parts = dict.fromkeys(self.PARTS, 0.0)
+        stack = [root]
+        while stack:
+            pid = stack.pop()
+            name, _, rss, cpu = processes[pid]
+            worker = name.startswith("ray::") and not name.endswith("Agent")
+            part = "driver" if pid == root else "ray workers" if worker else "other"
+            parts[part] += rss
+            self._cpu[part] += cpu - self._cpu_seen.get(pid, 0.0)
+            self._cpu_seen[pid] = cpu
+            stack += children.get(pid, [])
+        total = sum(parts.values())
+        self.samples.append((now, dict(self._cpu), total))
+        if total > self.peak_mb:
+            self.peak_mb, self.parts_mb = total, parts
+
+
+def summarize(rounds: pd.DataFrame, called: float, finished: float, tree: ProcessTree) -> dict:
+    """Figures of one run from its rounds (index 1..R with ``started_at`` and ``seconds``).
+
+    Start-up runs from ``called`` to the start of round 1; steady state is
+    the mean over rounds 2..R (round 1 traces the model's functions in every
+    process); ``after_rounds_s`` runs from the end of the last round to
+    ``finished``. CPU and memory count every process of the tree.
+    """
+    steady = rounds.loc[2:]
+    first_start = float(rounds.loc[1, "started_at"])
+    end = float(rounds["started_at"].iloc[-1] + rounds["seconds"].iloc[-1])
+    cpu = tree.cpu_between(float(steady["started_at"].iloc[0]), end)
+    return {
+        "startup_s": first_start - called,
+        "first_round_s": float(rounds.loc[1, "seconds"]),
+        "steady_round_s": float(steady["seconds"].mean()),
+        "steady_cpu_s": sum(cpu.values()) / len(steady),
+        "steady_cpu_parts_s": {part: v / len(steady) for part, v in cpu.items()},
+        "after_rounds_s": finished - end,
+        "total_s": finished - called,
+        "rounds_peak_mb": tree.peak_between(first_start, end),
+        "peak_mb": tree.peak_mb,
+        "memory": tree.describe(),
+    }
+
+
+def _processes() -> dict[int, tuple[str, int, float, float]]:
+    """``pid -> (name, parent pid, RSS MB, CPU s)`` for every process in ``/proc``."""
+    page_mb = os.sysconf("SC_PAGE_SIZE") / MB
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # ended while listing
+            continue
+        # The name sits in parentheses and may hold spaces; the fields after it are plain.
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        out[int(entry.name)] = (name, int(fields[1]), int(fields[21]) * page_mb, cpu)
+    return out

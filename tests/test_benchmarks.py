@@ -1,0 +1,68 @@
+"""The benchmark scripts run to completion at their smallest size (correctness only, no timing)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedad.baselines.runner import BASELINES
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def run_quick(script: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_prints_both_runs_and_the_targets():
+    out = run_quick("bench_overhead.py")
+    for label in (
+        "machine:",
+        "start-up s (to round 1)",
+        "steady-state round s",
+        "steady-state round CPU s",
+        "total wall s",
+        "peak memory MB",
+        "limit steady round parts s: train",
+        "round ratio fedad / ideal:",
+        "start-up:",
+    ):
+        assert label in out
+    header = next(line for line in out.splitlines() if line.strip().startswith("fedad"))
+    assert header.split() == ["fedad", "limit"]
+
+
+@pytest.mark.slow
+def test_scale_benchmark_prints_every_size_and_the_targets():
+    out = run_quick("bench_scale.py")
+    sizes = next(line for line in out.splitlines() if line.startswith("sites "))
+    assert sizes.split()[1:] == ["3", "6"]
+    for label in (
+        "write shards s",
+        "steady-state round s",
+        "all-site evaluation + stop s",
+        "peak memory MB",
+        "per-round time: 6 sites / 3 sites",
+        "peak memory: 6 sites / 3 sites",
+    ):
+        assert label in out
+
+
+@pytest.mark.slow
+def test_baselines_benchmark_prints_every_baseline():
+    out = run_quick("bench_baselines.py")
+    assert "fit s" in out and "peak MB" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("2000 ")]
+    assert sorted(row[1] for row in rows) == sorted(BASELINES)
+    assert all(len(row) == 7 for row in rows)
