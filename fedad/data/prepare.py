@@ -71,7 +71,8 @@ def prepare(
     dropped = 0
 
     features = _feature_columns(train, dataset)
-    if preprocess.get("drop_duplicates", True):
+    # A dataset config may overrule it: telemetry repeats the same reading by nature.
+    if dataset.get("drop_duplicates", preprocess.get("drop_duplicates", True)):
         train, notes["duplicates_dropped_train"] = _dedup(train, features)
         dropped = notes["duplicates_dropped_train"]
         if test is not None:
