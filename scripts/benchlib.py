@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from fedad.data.prepare import prepare
-from fedad.data.prepared import PreparedData
+if TYPE_CHECKING:
+    from fedad.data.prepared import PreparedData
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 MB = 2**20
+# The scripts measure the fedad of the checkout they are in, whichever one is installed;
+# Ray's workers get this path too (see fedad.federated.engine).
+sys.path.insert(0, str(REPO))
 
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
@@ -30,6 +36,8 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
 
 def prepare_data(cfg: DictConfig) -> PreparedData:
     """Run fedad's data preparation for ``cfg`` (the synthetic data needs no files)."""
+    from fedad.data.prepare import prepare
+
     data_dir = Path(str(cfg.data_dir))
     if not data_dir.is_absolute():
         data_dir = REPO / data_dir
@@ -53,8 +61,24 @@ def machine() -> str:
     )
     return (
         f"{os.cpu_count()} cores ({model}), {memory:.1f} GiB RAM; Python "
-        f"{platform.python_version()}, {versions}; load average {os.getloadavg()[0]:.2f}"
+        f"{platform.python_version()}, {versions}; {_code()}; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
+
+
+def _code() -> str:
+    """Which fedad runs: its folder and git commit, ``+changes`` if the work tree differs."""
+    import fedad
+
+    folder = Path(fedad.__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "no git"
+    changed = "+changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return f"fedad from {folder} at {commit}{changed}"
 
 
 def load() -> str:
