@@ -14,14 +14,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from benchlib import ProcessTree, compose_config, load, machine, prepare_data, summarize
+from benchlib import (
+    ProcessTree,
+    compose_config,
+    load,
+    machine,
+    median_figures,
+    prepare_data,
+    summarize,
+    wait_for_exit,
+)
+from omegaconf import DictConfig
 
 from fedad.data.partition import partition
+from fedad.data.prepared import PreparedData
 from fedad.federated import make_settings, run_federated
 from fedad.federated.server_app import SCALING_FILE
 
 SETTINGS_FILE = "limit_settings.json"
-LIMIT_FILE = "limit.json"
+LIMIT_FILE = "limit-{}.json"
 TARGET_ROUND = 1.3
 TARGET_STARTUP = 12.0
 FIGURES = (
@@ -38,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run fedad's simulation, then the limit in a fresh process; print both and their ratio."""
     args = parse_args(argv)
     if args.limit:
-        run_limit(Path(args.limit))
+        run_limit(Path(args.limit), args.copy)
         return
     overrides = [
         f"simulation.num_clients={args.clients}",
@@ -58,22 +69,25 @@ def main(argv: list[str] | None = None) -> None:
     per_client = max(1, int(cfg.simulation.client_resources.num_cpus))
     parallel = min(len(parts), (os.cpu_count() or 1) // per_client)
 
-    with tempfile.TemporaryDirectory(prefix="fedad-bench-") as tmp:
-        run_dir = Path(tmp)
-        with ProcessTree() as tree:
-            called = time.time()
-            result = run_federated(cfg, data, parts, run_dir)
-            finished = time.time()
-        rounds = result.history.set_index("round").loc[1:, ["started_at", "seconds"]]
-        fedad = summarize(rounds, called, finished, tree)
-        settings = make_settings(cfg, data, len(parts), run_dir)
-        profile = str(Path(args.profile).resolve()) if args.profile else None
-        launch = {"settings": settings, "profile": profile, "called": time.time()}
-        (run_dir / SETTINGS_FILE).write_text(json.dumps(launch))
-        subprocess.run([sys.executable, __file__, "--limit", str(run_dir)], check=True)
-        limit = json.loads((run_dir / LIMIT_FILE).read_text())
+    runs = []
+    for repeat in range(1, args.repeats + 1):
+        # The profile, when asked for, is of the first repeat's limit.
+        runs.append(measure(cfg, data, parts, parallel, args.profile if repeat == 1 else None))
+        fedad_run, limit_run, crowded_run = runs[-1]
+        print(
+            f"repeat {repeat}: steady-state round s: fedad {fedad_run['steady_round_s']:.2f}, "
+            f"limit {limit_run['steady_round_s']:.2f}, "
+            f"{parallel} limits at once {crowded_run:.2f}",
+            flush=True,
+        )
+    fedad = median_figures([f for f, _, _ in runs])
+    limit = median_figures([lim for _, lim, _ in runs])
+    crowded = float(np.median([c for _, _, c in runs]))
 
-    print(f"\nclients {len(parts)}, rounds {args.rounds}, model {args.model}, parallel {parallel}")
+    print(
+        f"\nclients {len(parts)}, rounds {args.rounds}, model {args.model}, parallel {parallel}; "
+        f"medians over {args.repeats} repeat(s)"
+    )
     print(f"{'':28}{'fedad':>10}{'limit':>10}")
     for key, label in FIGURES:
         print(f"{label:28}{fedad[key]:>10.2f}{limit[key]:>10.2f}")
@@ -83,21 +97,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"limit peak memory: {limit['memory']}")
     parts_s = ", ".join(f"{k} {v:.2f}" for k, v in limit["steady_parts_s"].items())
     print(f"limit steady round parts s: {parts_s}")
-    ideal = limit["steady_round_s"] / parallel
-    ratio = fedad["steady_round_s"] / ideal
-    print(f"ideal parallel round s (limit / {parallel}): {ideal:.2f}")
-    print(
-        f"round ratio fedad / ideal: {ratio:.2f} "
-        f"(target <= {TARGET_ROUND}: {verdict(ratio / TARGET_ROUND)})"
-    )
+    print(f"limit, {parallel} copies at once: steady-state round s: {crowded:.2f}")
     # Averaging and the server's evaluation run in one place in both; only the clients' work
     # can spread over the parallel clients.
     serial = limit["steady_parts_s"]["average"] + limit["steady_parts_s"]["server evaluate"]
-    bound = (limit["steady_round_s"] - serial) / parallel + serial
-    print(
-        f"ideal with the server's serial part undivided s: {bound:.2f} "
-        f"(ratio fedad / it: {fedad['steady_round_s'] / bound:.2f})"
+    ideals = (
+        (f"limit / {parallel}", limit["steady_round_s"] / parallel),
+        (
+            f"limit / {parallel}, server's part undivided",
+            (limit["steady_round_s"] - serial) / parallel + serial,
+        ),
+        (f"{parallel} limits at once / {parallel}", crowded / parallel),
     )
+    for i, (name, ideal) in enumerate(ideals):
+        ratio = fedad["steady_round_s"] / ideal
+        target = f" (target <= {TARGET_ROUND}: {verdict(ratio / TARGET_ROUND)})" if i == 0 else ""
+        print(f"ideal round s, {name}: {ideal:.2f}; fedad / it: {ratio:.2f}{target}")
     cpu_ratio = fedad["steady_cpu_s"] / limit["steady_cpu_s"]
     print(f"round CPU ratio fedad / limit: {cpu_ratio:.2f}")
     startup = fedad["startup_s"]
@@ -108,6 +123,46 @@ def main(argv: list[str] | None = None) -> None:
     print(load())
 
 
+def measure(
+    cfg: DictConfig, data: PreparedData, parts: list, parallel: int, profile: str | None
+) -> tuple[dict, dict, float]:
+    """fedad's simulation in this process, then the limit alone, then ``parallel`` limits at once.
+
+    Returns fedad's figures, the limit's, and the mean steady-state round of
+    the limits run at once: each trains every client, so that round is what
+    the clients' work costs while ``parallel`` processes share the machine
+    (its memory and caches as well as its cores), as fedad's actors do.
+    """
+    with tempfile.TemporaryDirectory(prefix="fedad-bench-") as tmp:
+        run_dir = Path(tmp)
+        with ProcessTree() as tree:
+            called = time.time()
+            result = run_federated(cfg, data, parts, run_dir)
+            finished = time.time()
+        # Ray's processes are still exiting; the limit should not share the cores with them.
+        wait_for_exit(tree)
+        rounds = result.history.set_index("round").loc[1:, ["started_at", "seconds"]]
+        fedad = summarize(rounds, called, finished, tree)
+        settings = make_settings(cfg, data, len(parts), run_dir)
+        profile = str(Path(profile).resolve()) if profile else None
+        launch = {"settings": settings, "profile": profile, "called": time.time()}
+        (run_dir / SETTINGS_FILE).write_text(json.dumps(launch))
+        limit = run_limits(run_dir, 1)[0]
+        launch["profile"] = None
+        (run_dir / SETTINGS_FILE).write_text(json.dumps(launch))
+        crowded = run_limits(run_dir, parallel)
+    return fedad, limit, float(np.mean([c["steady_round_s"] for c in crowded]))
+
+
+def run_limits(run_dir: Path, copies: int) -> list[dict]:
+    """Run ``copies`` limits at once, each in a fresh process; return their figures."""
+    command = [sys.executable, __file__, "--limit", str(run_dir), "--copy"]
+    running = [subprocess.Popen([*command, str(i)]) for i in range(copies)]
+    if any(process.wait() for process in running):
+        raise SystemExit("a limit process failed (its error is above)")
+    return [json.loads((run_dir / LIMIT_FILE.format(i)).read_text()) for i in range(copies)]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=10)
@@ -115,7 +170,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=30000, help="synthetic rows before the split")
     parser.add_argument("--model", default="cnn", choices=("cnn", "logistic"))
     parser.add_argument(
-        "--quick", action="store_true", help="test-suite size: 3 clients, 2 rounds, 3000 rows"
+        "--repeats", type=int, default=3, help="runs of each; the figures are their medians"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="test-suite size: 3 clients, 2 rounds, 3000 rows, 1 repeat",
     )
     parser.add_argument(
         "--profile",
@@ -124,12 +184,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the limit's figures then include the profiler's cost",
     )
     parser.add_argument("--limit", metavar="RUN_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--copy", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument(
         "overrides", nargs="*", help="extra Hydra overrides, e.g. train.batch_size=32"
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.clients, args.rounds, args.rows = 3, 2, 3000
+        args.clients, args.rounds, args.rows, args.repeats = 3, 2, 3000, 1
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: round 1 warms up")
     return args
@@ -139,7 +202,7 @@ def verdict(ratio: float) -> str:
     return "met" if ratio <= 1.0 else "missed"
 
 
-def run_limit(run_dir: Path) -> None:
+def run_limit(run_dir: Path, copy: int) -> None:
     """The limit: each client's work done in a loop in this process, then a weighted mean.
 
     It calls what fedad's ClientApp handlers call (``load_site``, ``predict``,
@@ -149,7 +212,7 @@ def run_limit(run_dir: Path) -> None:
     Flower, no Ray. Each round trains every client, averages the weights by
     example count, then evaluates the average at every client and on the
     global test set, as a FedAvg round with both fractions at 1 does.
-    Writes ``limit.json``.
+    Writes ``limit-<copy>.json``.
     """
     from fedad.federated import scaling, shards
     from fedad.federated.client_app import (
@@ -237,7 +300,7 @@ def run_limit(run_dir: Path) -> None:
     result = summarize(table, called, time.time(), tree)
     parts = table.loc[2:].drop(columns=["started_at", "seconds"]).mean()
     result["steady_parts_s"] = {k: float(v) for k, v in parts.items()}
-    (run_dir / LIMIT_FILE).write_text(json.dumps(result))
+    (run_dir / LIMIT_FILE.format(copy)).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,11 @@ class ProcessTree:
         self._thread.join()
         self._sample()
 
+    @property
+    def seen(self) -> set[int]:
+        """Every process id sampled in the tree."""
+        return set(self._cpu_seen)
+
     def cpu_between(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds each part of the tree used between two ``time.time()`` instants.
 
@@ -187,6 +192,37 @@ class ProcessTree:
         self.samples.append((now, dict(self._cpu), total))
         if total > self.peak_mb:
             self.peak_mb, self.parts_mb = total, parts
+
+
+def wait_for_exit(tree: ProcessTree, timeout: float = 60.0) -> float:
+    """Wait until every process ``tree`` saw, but this one, has ended; return the seconds waited.
+
+    Ray's daemons and workers take a while to exit after ``ray.shutdown()``
+    (and may have been re-parented by then); a measurement started meanwhile
+    shares the cores with them.
+    """
+    started = time.time()
+    others = set(tree.seen) - {os.getpid()}
+    while others & _processes().keys() and time.time() - started < timeout:
+        time.sleep(0.1)
+    return time.time() - started
+
+
+def median_figures(runs: Sequence[dict]) -> dict:
+    """The median of each numeric figure over repeated runs (nested dicts too).
+
+    Other entries (text) come from the first run.
+    """
+    first = runs[0]
+    out = {}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            out[key] = median_figures([run[key] for run in runs])
+        elif isinstance(value, int | float):
+            out[key] = float(pd.Series([run[key] for run in runs]).median())
+        else:
+            out[key] = value
+    return out
 
 
 def summarize(rounds: pd.DataFrame, called: float, finished: float, tree: ProcessTree) -> dict:

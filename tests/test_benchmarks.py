@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +36,17 @@ def test_overhead_benchmark_prints_both_runs_and_the_targets():
         "total wall s",
         "peak memory MB",
         "limit steady round parts s: train",
-        "round ratio fedad / ideal:",
+        "(target <= 1.3: ",
         "start-up:",
     ):
         assert label in out
+    # As many limits at once as clients run in parallel (cores / CPUs per client, at most 3).
+    parallel = re.search(r"limit, (\d+) copies at once: steady-state round s: [\d.]+", out)
+    assert parallel, out
+    n = int(parallel.group(1))
+    assert 1 <= n <= 3
+    for ideal in (f"limit / {n}", f"limit / {n}, server's part undivided", f"{n} limits at once"):
+        assert re.search(rf"ideal round s, {ideal}.*: [\d.]+; fedad / it: [\d.]+", out), ideal
     header = next(line for line in out.splitlines() if line.strip().startswith("fedad"))
     assert header.split() == ["fedad", "limit"]
 
