@@ -7,9 +7,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ProcessTree, compose_config, load, machine, prepare_data, summarize
+from benchlib import (
+    ProcessTree,
+    compose_config,
+    load,
+    machine,
+    median_figures,
+    prepare_data,
+    summarize,
+    wait_for_exit,
+)
 
 from fedad.data.partition import partition
+from fedad.data.prepared import PreparedData
 from fedad.federated import run_federated, shards
 
 TARGET = 1.2
@@ -52,34 +62,21 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [len(p) for p in parts]
     print(f"{len(data.y_train)} training rows over {biggest} sites: {min(sizes)}-{max(sizes)} each")
 
-    results = {}
-    for n in args.sites:
-        fraction = args.sampled / n
-        cfg = compose_config(
-            [
-                *overrides,
-                f"simulation.num_clients={n}",
-                f"simulation.fraction_train={fraction}",
-                f"simulation.fraction_evaluate={fraction}",
-            ]
-        )
-        with tempfile.TemporaryDirectory(prefix="fedad-scale-") as tmp:
-            started = time.time()
-            shards.write_shards(data, parts[:n], Path(tmp) / "timing")
-            shards_s = time.time() - started
-            with ProcessTree() as tree:
-                called = time.time()
-                result = run_federated(cfg, data, parts[:n], Path(tmp) / "run")
-                finished = time.time()
-        rounds = result.history.set_index("round").loc[1:, ["started_at", "seconds"]]
-        figures = summarize(rounds, called, finished, tree)
-        cpu = {f"cpu_{part}": v for part, v in figures["steady_cpu_parts_s"].items()}
-        results[n] = {"shards_s": shards_s, **figures, **cpu}
-        print(f"{n} sites done: {results[n]['memory']}", flush=True)
+    runs: dict[int, list[dict]] = {n: [] for n in args.sites}
+    # Sizes take turns, so a machine that slows down for a while slows them all alike.
+    for repeat in range(1, args.repeats + 1):
+        for n in args.sites:
+            runs[n].append(measure(overrides, data, parts[:n], args.sampled))
+            print(
+                f"repeat {repeat}, {n} sites: steady-state round "
+                f"{runs[n][-1]['steady_round_s']:.2f} s, peak {runs[n][-1]['memory']}",
+                flush=True,
+            )
+    results = {n: median_figures(runs[n]) for n in args.sites}
 
     print(
         f"\n{args.sampled} sites sampled per round (train and evaluate), {args.rounds} rounds, "
-        f"model {args.model}"
+        f"model {args.model}; medians over {args.repeats} repeat(s)"
     )
     print(f"{'sites':30}" + "".join(f"{n:>10}" for n in args.sites))
     for key, label in FIGURES:
@@ -95,6 +92,33 @@ def main(argv: list[str] | None = None) -> None:
     print(load())
 
 
+def measure(overrides: list[str], data: PreparedData, parts: list, sampled: int) -> dict:
+    """Write the shards, then run the simulation over ``parts``; its figures."""
+    n = len(parts)
+    cfg = compose_config(
+        [
+            *overrides,
+            f"simulation.num_clients={n}",
+            f"simulation.fraction_train={sampled / n}",
+            f"simulation.fraction_evaluate={sampled / n}",
+        ]
+    )
+    with tempfile.TemporaryDirectory(prefix="fedad-scale-") as tmp:
+        started = time.time()
+        shards.write_shards(data, parts, Path(tmp) / "timing")
+        shards_s = time.time() - started
+        with ProcessTree() as tree:
+            called = time.time()
+            result = run_federated(cfg, data, parts, Path(tmp) / "run")
+            finished = time.time()
+    # The next run should not share the cores with this one's exiting Ray processes.
+    wait_for_exit(tree)
+    rounds = result.history.set_index("round").loc[1:, ["started_at", "seconds"]]
+    figures = summarize(rounds, called, finished, tree)
+    cpu = {f"cpu_{part}": v for part, v in figures["steady_cpu_parts_s"].items()}
+    return {"shards_s": shards_s, **figures, **cpu}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
@@ -103,16 +127,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=60000, help="synthetic rows before the split")
     parser.add_argument("--model", default="cnn", choices=("cnn", "logistic"))
     parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each size; the figures are their medians"
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
-        help="test-suite size: 3 and 6 sites, 2 sampled, 2 rounds, 3000 rows",
+        help="test-suite size: 3 and 6 sites, 2 sampled, 2 rounds, 3000 rows, 1 repeat",
     )
     parser.add_argument(
         "overrides", nargs="*", help="extra Hydra overrides, e.g. train.batch_size=32"
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.sites, args.sampled, args.rounds, args.rows = [3, 6], 2, 2, 3000
+        args.sites, args.sampled, args.rounds, args.rows, args.repeats = [3, 6], 2, 2, 3000, 1
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: round 1 warms up")
     if args.sampled > min(args.sites):
