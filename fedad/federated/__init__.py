@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from fedad.data.prepared import PreparedData  # noqa: E402
 from fedad.errors import FedadError  # noqa: E402
-from fedad.federated import checkpoint, engine, scaling, shards  # noqa: E402
+from fedad.federated import checkpoint, scaling, shards  # noqa: E402
 from fedad.federated.client_app import FAILURE_MODES, client_app  # noqa: E402
 from fedad.federated.server_app import (  # noqa: E402
     CLIENTS_FILE,
@@ -38,7 +38,7 @@ from fedad.federated.strategies import build_strategy  # noqa: E402
 from fedad.metrics import compute_metrics  # noqa: E402
 from fedad.models import MODEL_NAMES, OPTIMIZERS  # noqa: E402
 
-__all__ = ["FederatedResult", "run_federated"]
+__all__ = ["FederatedResult", "make_settings", "prepare_sites", "run_federated", "validate"]
 
 SCALINGS = ("federated", "local")
 
@@ -119,24 +119,12 @@ def run_federated(
         if a round gets fewer training replies than ``simulation.min_clients``
         (the last complete round is checkpointed first).
     """
-    validate(cfg, partitions)
+    # Imported here, not with the package: it imports Ray, which the apps' own
+    # processes under `flwr run` (one per message at a site) never use.
+    from fedad.federated import engine
+
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = {
-        "config": checkpoint.config_fingerprint(cfg),
-        "data": checkpoint.data_fingerprint(data, partitions),
-    }
-    if resume:
-        meta = checkpoint.read_meta(run_dir)
-        if meta is None:
-            raise FedadError(f"Cannot resume: {run_dir} holds no checkpoint.")
-        checkpoint.require_compatible(meta, cfg, fingerprint["data"], run_dir)
-    else:
-        checkpoint.clear(run_dir)
-    shards.write_shards(data, partitions, run_dir)
-    settings = make_settings(cfg, data, len(partitions), run_dir)
-    settings["resume"] = resume
-    settings["fingerprint"] = json.dumps(fingerprint)
+    settings = prepare_sites(cfg, data, partitions, run_dir, resume)
     sim = cfg.simulation
     resources = OmegaConf.to_container(sim.client_resources, resolve=True) or {}
     stop = threading.Event()
@@ -164,6 +152,66 @@ def run_federated(
         model_path=run_dir / MODEL_FILE,
         train_seconds=train_seconds,
     )
+
+
+def prepare_sites(
+    cfg: DictConfig,
+    data: PreparedData,
+    partitions: Sequence[np.ndarray],
+    run_dir: Path,
+    resume: bool = False,
+) -> dict[str, bool | int | float | str]:
+    """Check the settings, write one shard per site and return the apps' settings.
+
+    Everything a federated run does before an engine starts, shared by
+    :func:`run_federated` (Simulation Engine) and :mod:`fedad.deployment`
+    (Deployment Engine), so both start from the same files and settings.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed config.
+    data : PreparedData
+        Unscaled train/test arrays.
+    partitions : Sequence[np.ndarray]
+        Row indices into ``data.X_train`` for each site.
+    run_dir : Path
+        The run folder; ``shards/`` is written there.
+    resume : bool
+        Keep the checkpoint in ``run_dir`` (it must match ``cfg`` and the data)
+        instead of deleting it.
+
+    Returns
+    -------
+    dict
+        :func:`make_settings` plus ``resume`` and ``fingerprint`` (JSON, stored
+        with each checkpoint).
+
+    Raises
+    ------
+    FedadError
+        As :func:`validate`; when resuming, if there is no checkpoint or it was
+        written with other settings or data.
+    """
+    validate(cfg, partitions)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = {
+        "config": checkpoint.config_fingerprint(cfg),
+        "data": checkpoint.data_fingerprint(data, partitions),
+    }
+    if resume:
+        meta = checkpoint.read_meta(run_dir)
+        if meta is None:
+            raise FedadError(f"Cannot resume: {run_dir} holds no checkpoint.")
+        checkpoint.require_compatible(meta, cfg, fingerprint["data"], run_dir)
+    else:
+        checkpoint.clear(run_dir)
+    shards.write_shards(data, partitions, run_dir)
+    settings = make_settings(cfg, data, len(partitions), run_dir)
+    settings["resume"] = resume
+    settings["fingerprint"] = json.dumps(fingerprint)
+    return settings
 
 
 def validate(cfg: DictConfig, partitions: Sequence[np.ndarray]) -> None:

@@ -139,17 +139,43 @@ def client_app(settings: Settings | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return handle_query(msg, context, {**defaults, **context.run_config})
+        return handle_query(msg, context, run_settings(defaults, context.run_config))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, {**defaults, **context.run_config})
+        return handle_train(msg, context, run_settings(defaults, context.run_config))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, {**defaults, **context.run_config})
+        return handle_evaluate(msg, context, run_settings(defaults, context.run_config))
 
     return app
+
+
+def run_settings(defaults: Settings, run_config: Settings) -> dict[str, UserConfigValue]:
+    """Return ``defaults`` updated with the values ``run_config`` sets.
+
+    Parameters
+    ----------
+    defaults : Mapping
+        Settings passed in code (the Simulation Engine's); empty under ``flwr run``.
+    run_config : Mapping
+        ``context.run_config``.
+
+    Returns
+    -------
+    dict
+        The settings the apps read; a run-config value ``""`` counts as not set.
+
+    Notes
+    -----
+    Flower rejects a ``flwr run --run-config`` key that ``[tool.flwr.app.config]``
+    in pyproject.toml does not declare, and hands the apps every declared key.
+    Which keys a run has depends on its model and strategy (FedAvg takes no
+    ``proximal_mu``), so pyproject.toml declares them all as ``""`` and only the
+    values that ``python -m fedad.deployment`` writes for the run may count.
+    """
+    return {**defaults, **{k: v for k, v in run_config.items() if v != ""}}
 
 
 # Entry point for `flwr run` (Deployment Engine): settings come from the run config.

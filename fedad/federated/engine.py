@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
+from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 
 log = logging.getLogger(__name__)
 # How often Ray retries a client task whose actor died or was restarting.
@@ -110,7 +111,7 @@ def simulate(
             _start_ray(init_args)
             # After ray.init, which sets a SIGTERM handler of its own (kill Ray, exit).
             interrupts.install()
-            with _pickup_from_waiting_nodes():
+            with _pickup_from_waiting_nodes(), _actors_killed_at_the_end():
                 run_simulation(
                     server_app=server_app,
                     client_app=client_app,
@@ -182,6 +183,32 @@ def _pickup_from_waiting_nodes() -> Iterator[None]:
         yield
     finally:
         vce_api.add_messages_to_queue = flower_loop
+
+
+@contextmanager
+def _actors_killed_at_the_end() -> Iterator[None]:
+    """Stop the actors with ``ray.kill`` when the simulation ends, not with a task.
+
+    Flower ends each actor with a ``terminate`` task that calls ``exit_actor()``.
+    With the task retries this engine asks for, Ray reports each such exit as
+    a failed task and retries it, and when ``ray.shutdown()`` stops the raylet
+    while a retry is in flight, Ray's I/O thread ends the whole process at
+    once (``raylet_ipc_client.cc``: "Exiting because ... the local Raylet is
+    dead"): no traceback, no outputs after that point. A multirun then
+    vanished after a job's last round. ``ray.kill(no_restart=True)`` ends an
+    actor, idle or still busy, without a task to retry.
+    """
+    flower_terminate = BasicActorPool.terminate_all_actors
+
+    def kill_all(pool: BasicActorPool) -> None:
+        for actor in [*pool.pool, *pool._future_to_actor.values()]:
+            ray.kill(actor, no_restart=True)
+
+    BasicActorPool.terminate_all_actors = kill_all
+    try:
+        yield
+    finally:
+        BasicActorPool.terminate_all_actors = flower_terminate
 
 
 def _start_ray(init_args: Mapping) -> None:

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedad.errors import FedadError
 from fedad.federated import checkpoint, scaling, shards
-from fedad.federated.client_app import evaluation_metrics
+from fedad.federated.client_app import evaluation_metrics, run_settings
 from fedad.federated.strategies import build_strategy
 from fedad.models import build_model
 
@@ -75,9 +75,29 @@ def server_app(settings: Settings | None = None, stop: threading.Event | None = 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, {**defaults, **context.run_config}, stop)
+        values = run_settings(defaults, context.run_config)
+        if not defaults:
+            # Under `flwr run` this is a process of its own, whose output `flwr log`
+            # shows; without a handler fedad's per-round line would be dropped there.
+            _log_to_stderr()
+        if "run-dir" not in values:
+            raise FedadError(
+                "The ServerApp got no run-dir in its run config. Prepare the run with "
+                "`python -m fedad.deployment` and pass the run_config.toml it writes to "
+                "`flwr run --run-config` (see docs/deployment.md)."
+            )
+        run_server(grid, values, stop)
 
     return app
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("fedad")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s fedad: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 # Entry point for `flwr run` (Deployment Engine): settings come from the run config.
@@ -475,12 +495,21 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
 
 
 def _wait_for_nodes(sites: SiteGrid, expected: int, timeout: float = 300.0) -> list[int]:
-    """Return the node ids once all ``expected`` simulated sites are connected."""
+    """Return the node ids once all ``expected`` sites are connected.
+
+    Simulated sites are there at once; under `flwr run` the SuperNodes may
+    connect after the run starts, so a missing one gets a message naming the fix.
+    """
     deadline = time.monotonic() + timeout
     while len(node_ids := sites.get_node_ids()) < expected:
         sites.check_stop()
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(node_ids)} of {expected} sites connected")
+            raise FedadError(
+                f"Only {len(node_ids)} of the {expected} sites connected within {timeout:g} s. "
+                "Every site needs a SuperNode connected to this SuperLink, started with "
+                f'--node-config "partition-id=<i> num-partitions={expected}" for i = 0 .. '
+                f"{expected - 1} (see docs/deployment.md)."
+            )
         time.sleep(POLL_SECONDS)
     return node_ids
 
