@@ -18,12 +18,13 @@ QUICK = [
     f"baselines.models.{name}.n_estimators=20"
     for name in ("random_forest", "xgboost", "isolation_forest")
 ]
+# (figure, column label, decimals): a one-class SVM on a few thousand rows fits in 0.05 s.
 COLUMNS = (
-    ("prepare_s", "prepare s"),
-    ("fit_s", "fit s"),
-    ("score_s", "score s"),
-    ("data_mb", "MB before fit"),
-    ("peak_mb", "peak MB"),
+    ("prepare_s", "prepare s", 2),
+    ("fit_s", "fit s", 2),
+    ("score_s", "score s", 2),
+    ("data_mb", "MB before fit", 0),
+    ("peak_mb", "peak MB", 0),
 )
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine()}")
     print(f"config: {' '.join(overrides)}; central Keras models: {args.epochs} epochs")
     models = args.models or list(compose_config(overrides).baselines.models)
-    print(f"{'rows':>8} {'model':22}" + "".join(f"{label:>15}" for _, label in COLUMNS))
+    print(f"{'rows':>8} {'model':22}" + "".join(f"{label:>15}" for _, label, _ in COLUMNS))
     for rows in args.rows:
         for name in models:
             command = [
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
             done = subprocess.run(command, check=True, capture_output=True, text=True)
             figures = json.loads(done.stdout.strip().splitlines()[-1])
-            cells = "".join(f"{figures[key]:>15.1f}" for key, _ in COLUMNS)
+            cells = "".join(f"{figures[key]:>15.{digits}f}" for key, _, digits in COLUMNS)
             print(f"{rows:>8} {name:22}{cells}", flush=True)
     print(load())
 

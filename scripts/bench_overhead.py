@@ -166,7 +166,7 @@ def run_limits(run_dir: Path, copies: int) -> list[dict]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=6, help="round 1 warms up; 2.. are steady")
+    parser.add_argument("--rounds", type=int, default=11, help="round 1 warms up; 2.. are steady")
     parser.add_argument("--rows", type=int, default=30000, help="synthetic rows before the split")
     parser.add_argument("--model", default="cnn", choices=("cnn", "logistic"))
     parser.add_argument(

@@ -355,6 +355,14 @@ def test_relaunched_sweep_skips_the_finished_job_and_resumes_the_cut_one(sweep):
 
 
 @pytest.mark.slow
+def test_actors_end_without_a_retried_task(sweep):
+    # Flower's terminate task, retried while ray.shutdown() ran, once ended a sweep
+    # silently after a job's last round (see engine._actors_killed_at_the_end).
+    log = sweep.again.stdout + sweep.again.stderr
+    assert "ClientAppActor" not in log
+
+
+@pytest.mark.slow
 def test_resumed_fedadam_run_equals_the_uninterrupted_one(sweep):
     resumed, uninterrupted = _history(sweep.dir / "1"), _history(sweep.dir / "0")
     assert list(resumed["round"]) == [0, 1, 2, 3, 4]
