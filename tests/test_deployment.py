@@ -1,0 +1,163 @@
+"""Flower's Deployment Engine: a tiny run through a real SuperLink and SuperNodes on localhost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+
+from fedad import deployment
+from fedad.data.prepared import PreparedData
+from fedad.federated import make_settings
+from fedad.federated.client_app import evaluation_metrics, run_settings
+from fedad.federated.scaling import standardize
+from fedad.federated.shards import read_access_log
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# 2 sites, 2 rounds on 1,600 training rows: what a deployment does, as cheaply as it gets.
+OVERRIDES = [
+    "dataset.n_rows=2000",
+    "simulation.num_clients=2",
+    "simulation.num_rounds=2",
+    "baselines=none",
+    "explain=false",
+    "seed=5",
+]
+# Metrics of the global test set, the clients' training and their evaluation, per round.
+METRICS = ["loss", "accuracy", "macro_f1", "roc_auc", "pr_auc", "fpr", "train_loss"]
+linux_only = pytest.mark.skipif(
+    not Path("/proc/self/environ").exists(), reason="finds the Flower processes through /proc"
+)
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory) -> deployment.PreparedRun:
+    """The run through `python -m fedad.deployment --local` (about 2 minutes on 2 cores)."""
+    run_dir = tmp_path_factory.mktemp("deployment") / "run"
+    return deployment.main(["--local", "--run-dir", str(run_dir), "--timeout", "240", *OVERRIDES])
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> Path:
+    """The same run on the Simulation Engine, through fedad.simulate's own steps."""
+    from fedad.simulate import run
+
+    run_dir = tmp_path_factory.mktemp("simulation")
+    run(deployment.compose_config(OVERRIDES), run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+@linux_only
+def test_both_rounds_run_on_both_sites_with_finite_metrics(deployed):
+    run = deployed
+    history = pd.read_csv(run.run_dir / "history.csv")
+    assert list(history["round"]) == [0, 1, 2]
+    assert np.isfinite(history.loc[1:, METRICS].to_numpy()).all()
+    assert list(history["failures"]) == [0, 0, 0]
+    assert list(history["eval_failures"]) == [0, 0, 0]
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    clients = pd.read_csv(run.run_dir / "clients.csv")
+    assert sorted(clients["client"]) == [0, 1]
+    assert "error" not in clients.columns
+    assert (clients["n_test"] > 0).all()
+
+
+@pytest.mark.slow
+@linux_only
+def test_the_saved_global_model_scores_what_the_last_round_reported(deployed):
+    run = deployed
+    model = keras.models.load_model(run.run_dir / "global_model.keras")
+    with (
+        np.load(run.run_dir / "scaling.npz") as stats,
+        np.load(run.run_dir / "shards/test.npz") as t,
+    ):
+        scores = model.predict(standardize(t["X"], stats["mean"], stats["std"]), verbose=0)
+        y = t["y"]
+    history = pd.read_csv(run.run_dir / "history.csv")
+    metrics = evaluation_metrics(y, scores, ["normal", "attack"])
+    assert metrics["macro_f1"] == pytest.approx(history["macro_f1"].iloc[-1], abs=1e-6)
+
+
+@pytest.mark.slow
+@linux_only
+def test_each_site_reads_only_its_own_shard_and_the_server_only_the_test_set(deployed):
+    run = deployed
+    reads = set(read_access_log(run.run_dir))
+    assert reads == {
+        ("client_0000", "client_0000.npz"),
+        ("client_0001", "client_0001.npz"),
+        ("server", "test.npz"),
+    }
+
+
+@pytest.mark.slow
+@linux_only
+def test_no_flower_process_is_left_running(deployed):
+    run = deployed
+    assert deployment.flower_processes(run.flwr_home) == []
+    # The processes did run with that marker: the ServerApp wrote the outputs.
+    assert (run.run_dir / "deployment" / "superlink.log").stat().st_size > 0
+
+
+@pytest.mark.slow
+@linux_only
+def test_one_seed_gives_the_simulation_result(deployed, simulated):
+    run = deployed
+    columns = [*METRICS, "train_accuracy", "client_loss", "client_macro_f1"]
+    ours = pd.read_csv(run.run_dir / "history.csv")[columns]
+    theirs = pd.read_csv(simulated / "history.csv")[columns]
+    # Same shards, settings, seeds and aggregation order: the engines differ only in
+    # how messages travel, so the numbers agree as closely as two simulations do.
+    np.testing.assert_allclose(ours.to_numpy(), theirs.to_numpy(), atol=1e-6, equal_nan=True)
+    keys = ["client", "n_examples", "n_test", "macro_f1", "loss"]
+    ours_c = pd.read_csv(run.run_dir / "clients.csv")[keys].sort_values("client")
+    theirs_c = pd.read_csv(simulated / "clients.csv")[keys].sort_values("client")
+    np.testing.assert_allclose(ours_c.to_numpy(), theirs_c.to_numpy(), atol=1e-6)
+    ours_w = keras.models.load_model(run.run_dir / "global_model.keras").get_weights()
+    theirs_w = keras.models.load_model(simulated / "global_model.keras").get_weights()
+    for a, b in zip(ours_w, theirs_w, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _settings(make_cfg, tmp_path, *overrides: str) -> dict:
+    data = PreparedData(
+        X_train=np.zeros((4, 3), np.float32),
+        y_train=np.array([0, 1, 0, 1]),
+        X_test=np.zeros((2, 3), np.float32),
+        y_test=np.array([0, 1]),
+        feature_names=["a", "b", "c"],
+        class_names=["normal", "attack"],
+        task="binary",
+    )
+    settings = make_settings(make_cfg(*overrides), data, 2, tmp_path)
+    return {**settings, "resume": False, "fingerprint": "{}"}
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+@pytest.mark.parametrize("strategy", sorted(p.stem for p in (CONF / "strategy").glob("*.yaml")))
+def test_pyproject_declares_every_setting_of_every_model_and_strategy(
+    make_cfg, tmp_path, model, strategy
+):
+    settings = _settings(make_cfg, tmp_path, f"model={model}", f"strategy={strategy}")
+    assert set(settings) <= deployment.declared_keys()
+
+
+def test_the_run_config_reaches_the_apps_as_the_simulation_passes_it(make_cfg, tmp_path):
+    settings = _settings(make_cfg, tmp_path, "strategy=fedprox", "train.class_weights=true")
+    path = deployment.write_run_config(settings, tmp_path / "run_config.toml")
+    # What `flwr run --run-config` sends and what the SuperLink and SuperNodes make
+    # of it: the overrides fused into the declared defaults.
+    overrides = parse_config_args([str(path)])
+    declared = flatten_dict(
+        {k: "" for k in deployment.declared_keys()}  # the pyproject defaults: all ""
+    )
+    run_config = fuse_dicts(declared, overrides)
+    assert run_settings({}, run_config) == settings
+    assert all(type(run_config[k]) is type(v) for k, v in settings.items())
+    assert run_config["strategy.proximal_mu"] == pytest.approx(0.1)
+    assert "strategy.eta" not in run_settings({}, run_config)
