@@ -16,20 +16,22 @@ import numpy as np
 import pandas as pd
 from benchlib import (
     ProcessTree,
+    add_run_arguments,
+    check_run_arguments,
     compose_config,
     load,
     machine,
+    measure_simulation,
     median_figures,
     prepare_data,
     summarize,
-    wait_for_exit,
 )
 from omegaconf import DictConfig
 
 from fedad.data.partition import partition
 from fedad.data.prepared import PreparedData
-from fedad.federated import make_settings, run_federated
-from fedad.federated.server_app import SCALING_FILE
+from fedad.federated import make_settings
+from fedad.federated.server_app import SCALING_FILE, global_model
 
 SETTINGS_FILE = "limit_settings.json"
 LIMIT_FILE = "limit-{}.json"
@@ -135,14 +137,7 @@ def measure(
     """
     with tempfile.TemporaryDirectory(prefix="fedad-bench-") as tmp:
         run_dir = Path(tmp)
-        with ProcessTree() as tree:
-            called = time.time()
-            result = run_federated(cfg, data, parts, run_dir)
-            finished = time.time()
-        # Ray's processes are still exiting; the limit should not share the cores with them.
-        wait_for_exit(tree)
-        rounds = result.history.set_index("round").loc[1:, ["started_at", "seconds"]]
-        fedad = summarize(rounds, called, finished, tree)
+        fedad = measure_simulation(cfg, data, parts, run_dir)
         settings = make_settings(cfg, data, len(parts), run_dir)
         profile = str(Path(profile).resolve()) if profile else None
         launch = {"settings": settings, "profile": profile, "called": time.time()}
@@ -166,11 +161,8 @@ def run_limits(run_dir: Path, copies: int) -> list[dict]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=11, help="round 1 warms up; 2.. are steady")
-    parser.add_argument("--rows", type=int, default=30000, help="synthetic rows before the split")
-    parser.add_argument("--model", default="cnn", choices=("cnn", "logistic"))
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="runs of each; the figures are their medians"
+    add_run_arguments(
+        parser, rounds=11, rows=30000, repeats_help="runs of each; the figures are their medians"
     )
     parser.add_argument(
         "--quick",
@@ -185,16 +177,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--limit", metavar="RUN_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--copy", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "overrides", nargs="*", help="extra Hydra overrides, e.g. train.batch_size=32"
-    )
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.rounds, args.rows, args.repeats = 3, 2, 3000, 1
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.rounds < 2:
-        parser.error("--rounds must be at least 2: round 1 warms up")
+    check_run_arguments(parser, args)
     return args
 
 
@@ -223,7 +209,6 @@ def run_limit(run_dir: Path, copy: int) -> None:
         predict,
         train_local,
     )
-    from fedad.models import build_model
 
     launch = json.loads((run_dir / SETTINGS_FILE).read_text())
     settings, called = launch["settings"], launch["called"]
@@ -234,16 +219,7 @@ def run_limit(run_dir: Path, copy: int) -> None:
     with ProcessTree() as tree, np.load(run_dir / SCALING_FILE) as stats:
         mean, std = stats["mean"], stats["std"]
         model = local_model(settings)
-        model_cfg = {
-            k.removeprefix("model."): v for k, v in settings.items() if k.startswith("model.")
-        }
-        server = build_model(
-            model_cfg,
-            int(settings["num-features"]),
-            len(class_names),
-            float(settings["train.learning_rate"]),
-            str(settings["train.optimizer"]),
-        )
+        server = global_model(settings)
         X_test, y_test = shards.read_shard(shards.test_path(run_dir), "limit")
         X_test = scaling.standardize(X_test, mean, std)
 

@@ -8,19 +8,19 @@ import time
 from pathlib import Path
 
 from benchlib import (
-    ProcessTree,
+    add_run_arguments,
+    check_run_arguments,
     compose_config,
     load,
     machine,
+    measure_simulation,
     median_figures,
     prepare_data,
-    summarize,
-    wait_for_exit,
 )
 
 from fedad.data.partition import partition
 from fedad.data.prepared import PreparedData
-from fedad.federated import run_federated, shards
+from fedad.federated import shards
 
 TARGET = 1.2
 FIGURES = (
@@ -107,14 +107,7 @@ def measure(overrides: list[str], data: PreparedData, parts: list, sampled: int)
         started = time.time()
         shards.write_shards(data, parts, Path(tmp) / "timing")
         shards_s = time.time() - started
-        with ProcessTree() as tree:
-            called = time.time()
-            result = run_federated(cfg, data, parts, Path(tmp) / "run")
-            finished = time.time()
-    # The next run should not share the cores with this one's exiting Ray processes.
-    wait_for_exit(tree)
-    rounds = result.history.set_index("round").loc[1:, ["started_at", "seconds"]]
-    figures = summarize(rounds, called, finished, tree)
+        figures = measure_simulation(cfg, data, parts, Path(tmp) / "run")
     cpu = {f"cpu_{part}": v for part, v in figures["steady_cpu_parts_s"].items()}
     return {"shards_s": shards_s, **figures, **cpu}
 
@@ -123,27 +116,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--sampled", type=int, default=10, help="sites per round")
-    parser.add_argument("--rounds", type=int, default=5, help="round 1 warms up; 2.. are steady")
-    parser.add_argument("--rows", type=int, default=60000, help="synthetic rows before the split")
-    parser.add_argument("--model", default="cnn", choices=("cnn", "logistic"))
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="runs of each size; the figures are their medians"
+    add_run_arguments(
+        parser,
+        rounds=5,
+        rows=60000,
+        repeats_help="runs of each size; the figures are their medians",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
         help="test-suite size: 3 and 6 sites, 2 sampled, 2 rounds, 3000 rows, 1 repeat",
     )
-    parser.add_argument(
-        "overrides", nargs="*", help="extra Hydra overrides, e.g. train.batch_size=32"
-    )
     args = parser.parse_args(argv)
     if args.quick:
         args.sites, args.sampled, args.rounds, args.rows, args.repeats = [3, 6], 2, 2, 3000, 1
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.rounds < 2:
-        parser.error("--rounds must be at least 2: round 1 warms up")
+    check_run_arguments(parser, args)
     if args.sampled > min(args.sites):
         parser.error("--sampled must not exceed the smallest --sites")
     return args

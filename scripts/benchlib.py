@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -32,6 +33,29 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra ``overrides``, as the entry point does."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides))
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, rounds: int, rows: int, repeats_help: str
+) -> None:
+    """Add the arguments both simulation benchmarks take (defaults differ per script)."""
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help="round 1 warms up; 2.. are steady"
+    )
+    parser.add_argument("--rows", type=int, default=rows, help="synthetic rows before the split")
+    parser.add_argument("--model", default="cnn", choices=("cnn", "logistic"))
+    parser.add_argument("--repeats", type=int, default=3, help=repeats_help)
+    parser.add_argument(
+        "overrides", nargs="*", help="extra Hydra overrides, e.g. train.batch_size=32"
+    )
+
+
+def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2) the values of :func:`add_run_arguments` a measurement cannot use."""
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2: round 1 warms up")
 
 
 def prepare_data(cfg: DictConfig) -> PreparedData:
@@ -223,6 +247,25 @@ def median_figures(runs: Sequence[dict]) -> dict:
         else:
             out[key] = value
     return out
+
+
+def measure_simulation(
+    cfg: DictConfig, data: PreparedData, parts: Sequence, run_dir: Path
+) -> dict:
+    """Run fedad's simulation in this process; :func:`summarize` its figures.
+
+    Waits for Ray's processes to exit before returning, so what is measured
+    next does not share the cores with them.
+    """
+    from fedad.federated import run_federated
+
+    with ProcessTree() as tree:
+        called = time.time()
+        result = run_federated(cfg, data, parts, run_dir)
+        finished = time.time()
+    wait_for_exit(tree)
+    rounds = result.history.set_index("round").loc[1:, ["started_at", "seconds"]]
+    return summarize(rounds, called, finished, tree)
 
 
 def summarize(rounds: pd.DataFrame, called: float, finished: float, tree: ProcessTree) -> dict:

@@ -416,14 +416,7 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
         config = ConfigRecord({"scale-mean": mean.tolist(), "scale-std": std.tolist()})
 
     keras.utils.set_random_seed(seed)
-    model_cfg = {k.removeprefix("model."): v for k, v in settings.items() if k.startswith("model.")}
-    model = build_model(
-        model_cfg,
-        int(settings["num-features"]),
-        len(class_names),
-        float(settings["train.learning_rate"]),
-        str(settings["train.optimizer"]),
-    )
+    model = global_model(settings)
     X_test, y_test = shards.read_shard(shards.test_path(run_dir), "server")
     strategy_cfg = {
         k.removeprefix("strategy."): v for k, v in settings.items() if k.startswith("strategy.")
@@ -492,6 +485,30 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
             "ignore", message="__array__ implementation", category=DeprecationWarning
         )
         model.save(run_dir / MODEL_FILE)
+
+
+def global_model(settings: Settings) -> keras.Model:
+    """Build and compile the server's copy of the model the sites train, from ``settings``.
+
+    Parameters
+    ----------
+    settings : Mapping
+        Flat run settings with ``model.*``, ``num-features``, ``class-names``,
+        ``train.learning_rate`` and ``train.optimizer``.
+
+    Returns
+    -------
+    keras.Model
+        Fresh weights drawn from Keras's current random state.
+    """
+    model_cfg = {k.removeprefix("model."): v for k, v in settings.items() if k.startswith("model.")}
+    return build_model(
+        model_cfg,
+        int(settings["num-features"]),
+        len(json.loads(str(settings["class-names"]))),
+        float(settings["train.learning_rate"]),
+        str(settings["train.optimizer"]),
+    )
 
 
 def _wait_for_nodes(sites: SiteGrid, expected: int, timeout: float = 300.0) -> list[int]:
