@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedad import rundir
+
 log = logging.getLogger(__name__)
 
 
@@ -50,8 +52,6 @@ def cached(cache_dir: Path | None, inputs: Mapping[str, Any], compute: Callable[
             log.warning("ignoring unreadable baseline cache %s (%s); recomputing", path, err)
     result = compute()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as fh:
+    with rundir.atomic(path) as fh:
         pickle.dump(result, fh)
-    tmp.replace(path)
     return result

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+from fedad import rundir
 
 COLUMNS = (
     "accuracy",
@@ -19,14 +23,49 @@ COLUMNS = (
 )
 
 
-def table(results: Sequence) -> pd.DataFrame:
+@dataclass
+class ModelResult:
+    """One model's test-set outcome, comparable across federated and central runs.
+
+    Attributes
+    ----------
+    name : str
+        Model name, e.g. ``xgboost`` or ``federated_cnn``.
+    kind : str
+        ``supervised``, ``unsupervised`` or ``federated``.
+    metrics : dict
+        Output of :func:`fedad.metrics.compute_metrics` on the test set
+        (binary view for unsupervised models).
+    scores : np.ndarray
+        Test scores: class probabilities ``(n, n_classes)``, or a 1-D attack
+        score for unsupervised models; :func:`fedad.metrics.attack_score` turns
+        either into the binary ROC view.
+    train_seconds : float
+        Wall time to fit (including threshold tuning), excluding test scoring.
+    model : object
+        The fitted model, with ``predict_scores(X)``, ``decide(scores)`` and
+        ``predict(X)``; ``.estimator`` is the underlying library model.
+    info : dict
+        Settings and facts: ``params``, ``binary_view``, unsupervised
+        ``method``/``flipped``/``threshold``..., and ``cv`` when enabled.
+    """
+
+    name: str
+    kind: str
+    metrics: dict
+    scores: np.ndarray
+    train_seconds: float
+    model: object
+    info: dict = field(default_factory=dict)
+
+
+def table(results: Sequence[ModelResult]) -> pd.DataFrame:
     """One row per model result, federated rows first and marked.
 
     Parameters
     ----------
-    results : Sequence
-        Objects with ``name``, ``kind``, ``metrics`` and ``train_seconds``
-        (``fedad.baselines.runner.ModelResult``).
+    results : Sequence[ModelResult]
+        Every model of the run.
 
     Returns
     -------
@@ -65,8 +104,8 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 def write(frame: pd.DataFrame, run_dir: Path) -> None:
     """Write ``comparison.csv`` and ``comparison.md`` into ``run_dir``."""
-    frame.to_csv(run_dir / "comparison.csv", index=False)
-    (run_dir / "comparison.md").write_text(to_markdown(frame))
+    rundir.write_text(run_dir / rundir.COMPARISON_CSV, frame.to_csv(index=False))
+    rundir.write_text(run_dir / rundir.COMPARISON_MD, to_markdown(frame))
 
 
 def _cell(value: object) -> str:

@@ -1,4 +1,4 @@
-"""Figures comparing models: ROC curves and confusion matrices."""
+"""Figures of one run: the partition heatmap, ROC curves and confusion matrices."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedad.metrics import attack_score
@@ -107,6 +108,46 @@ def plot_confusion(
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_partition(
+    summary: pd.DataFrame, class_names: Sequence[str], path: str | os.PathLike, title: str
+) -> str:
+    """Draw each client's class mix as a heatmap (rows: clients, columns: classes).
+
+    Parameters
+    ----------
+    summary : pd.DataFrame
+        :func:`fedad.data.partition.summarize` output: ``client``, ``n`` and
+        one count column per class.
+    class_names : Sequence[str]
+        The class columns, in order.
+    path : str or PathLike
+        Image file to write.
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    str
+        ``path``.
+    """
+    counts = summary[list(class_names)].to_numpy(dtype=float)
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    height = min(0.25 * len(summary) + 1.5, 14)
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(class_names) + 2.5), height))
+    image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    step = max(1, len(summary) // 40)
+    ax.set_yticks(range(0, len(summary), step), summary["client"].iloc[::step])
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of client's rows")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -8,11 +8,12 @@ import subprocess
 import sys
 import time
 
-from benchlib import CONF, ProcessTree, compose_config, load, machine, prepare_data
+from benchlib import ProcessTree, load, machine, prepare
 from omegaconf import OmegaConf
 
 from fedad.baselines.runner import run_baselines
 from fedad.baselines.supervised import SUPERVISED_DEFAULTS
+from fedad.config import available_options, compose, load_option
 
 QUICK = [
     f"baselines.models.{name}.n_estimators=20"
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"machine: {machine()}")
     print(f"config: {' '.join(overrides)}; central Keras models: {args.epochs} epochs")
-    models = args.models or list(compose_config(overrides).baselines.models)
+    models = args.models or list(compose(overrides).baselines.models)
     print(f"{'rows':>8} {'model':22}" + "".join(f"{label:>15}" for _, label, _ in COLUMNS))
     for rows in args.rows:
         for name in models:
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--rows",
@@ -98,13 +100,13 @@ def fit_one(name: str, rows: int, epochs: int, overrides: list[str]) -> dict[str
     if "model" in SUPERVISED_DEFAULTS.get(name, {}):
         import keras  # noqa: F401
 
-    cfg = compose_config([*overrides, f"dataset.n_rows={rows}"])
+    cfg = compose([*overrides, f"dataset.n_rows={rows}"])
     selected = OmegaConf.masked_copy(cfg.baselines.models, [name])
     cfg.baselines.models = selected
-    model_cfgs = {path.stem: OmegaConf.load(path) for path in sorted(CONF.glob("model/*.yaml"))}
+    model_cfgs = {name: load_option("model", name) for name in available_options("model")}
     with ProcessTree(interval=0.05) as tree:
         started = time.time()
-        data = prepare_data(cfg)
+        data = prepare(cfg).data
         fitting = time.time()
         (result,) = run_baselines(
             cfg.baselines,

@@ -18,20 +18,20 @@ from benchlib import (
     ProcessTree,
     add_run_arguments,
     check_run_arguments,
-    compose_config,
     load,
     machine,
     measure_simulation,
     median_figures,
-    prepare_data,
+    prepare,
     summarize,
 )
 from omegaconf import DictConfig
 
-from fedad.data.partition import partition
+from fedad.config import compose
 from fedad.data.prepared import PreparedData
-from fedad.federated import make_settings
-from fedad.federated.server_app import SCALING_FILE, global_model
+from fedad.federated.simulation import make_settings
+from fedad.federated.task import global_model
+from fedad.rundir import SCALING_FILE
 
 SETTINGS_FILE = "limit_settings.json"
 LIMIT_FILE = "limit-{}.json"
@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> None:
         "simulation.fraction_evaluate=1.0",
         *args.overrides,
     ]
-    cfg = compose_config(overrides)
+    cfg = compose(overrides)
     print(f"machine: {machine()}")
     print(f"config: {' '.join(overrides)}")
-    data = prepare_data(cfg)
-    parts = partition(cfg.partition, data.y_train, int(cfg.simulation.num_clients), int(cfg.seed))
+    prepared = prepare(cfg)
+    data, parts = prepared.data, prepared.parts
     per_client = max(1, int(cfg.simulation.client_resources.num_cpus))
     parallel = min(len(parts), (os.cpu_count() or 1) // per_client)
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
 def measure(
     cfg: DictConfig, data: PreparedData, parts: list, parallel: int, profile: str | None
 ) -> tuple[dict, dict, float]:
-    """fedad's simulation in this process, then the limit alone, then ``parallel`` limits at once.
+    """Run fedad's simulation here, then the limit alone, then ``parallel`` limits at once.
 
     Returns fedad's figures, the limit's, and the mean steady-state round of
     the limits run at once: each trains every client, so that round is what
@@ -159,6 +159,7 @@ def run_limits(run_dir: Path, copies: int) -> list[dict]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=10)
     add_run_arguments(
@@ -185,6 +186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def verdict(ratio: float) -> str:
+    """``met`` for a ratio to the target of at most 1, else ``missed``."""
     return "met" if ratio <= 1.0 else "missed"
 
 
@@ -201,9 +203,9 @@ def run_limit(run_dir: Path, copy: int) -> None:
     Writes ``limit-<copy>.json``.
     """
     from fedad.federated import scaling, shards
-    from fedad.federated.client_app import (
-        _init_runtime,
+    from fedad.federated.task import (
         evaluation_metrics,
+        init_runtime,
         load_site,
         local_model,
         predict,
@@ -213,7 +215,7 @@ def run_limit(run_dir: Path, copy: int) -> None:
     launch = json.loads((run_dir / SETTINGS_FILE).read_text())
     settings, called = launch["settings"], launch["called"]
     # Threads per client and TensorFlow's seed, as an actor sets them before its first op.
-    _init_runtime(settings)
+    init_runtime(settings)
     class_names = json.loads(settings["class-names"])
     n = int(settings["num-clients"])
     with ProcessTree() as tree, np.load(run_dir / SCALING_FILE) as stats:

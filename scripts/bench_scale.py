@@ -10,15 +10,14 @@ from pathlib import Path
 from benchlib import (
     add_run_arguments,
     check_run_arguments,
-    compose_config,
     load,
     machine,
     measure_simulation,
     median_figures,
-    prepare_data,
+    prepare,
 )
 
-from fedad.data.partition import partition
+from fedad.config import compose
 from fedad.data.prepared import PreparedData
 from fedad.federated import shards
 
@@ -54,11 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(f"machine: {machine()}")
     print(f"config: {' '.join(overrides)}")
-    base = compose_config(overrides)
-    data = prepare_data(base)
     # One partition into the most sites; a smaller run keeps its first sites, so every run
     # samples from sites with the same shards and only the number in existence changes.
-    parts = partition(base.partition, data.y_train, biggest, int(base.seed))
+    prepared = prepare(compose([*overrides, f"simulation.num_clients={biggest}"]))
+    data, parts = prepared.data, prepared.parts
     sizes = [len(p) for p in parts]
     print(f"{len(data.y_train)} training rows over {biggest} sites: {min(sizes)}-{max(sizes)} each")
 
@@ -95,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 def measure(overrides: list[str], data: PreparedData, parts: list, sampled: int) -> dict:
     """Write the shards, then run the simulation over ``parts``; its figures."""
     n = len(parts)
-    cfg = compose_config(
+    cfg = compose(
         [
             *overrides,
             f"simulation.num_clients={n}",
@@ -113,6 +111,7 @@ def measure(overrides: list[str], data: PreparedData, parts: list, sampled: int)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--sampled", type=int, default=10, help="sites per round")

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -15,24 +16,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-if TYPE_CHECKING:
-    from fedad.data.prepared import PreparedData
-
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 MB = 2**20
 # The scripts measure the fedad of the checkout they are in, whichever one is installed;
 # Ray's workers get this path too (see fedad.federated.engine).
 sys.path.insert(0, str(REPO))
 
+from fedad.pipeline import RunData, prepare_run  # noqa: E402
 
-def compose_config(overrides: Sequence[str]) -> DictConfig:
-    """Compose ``conf/config.yaml`` with Hydra ``overrides``, as the entry point does."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+if TYPE_CHECKING:
+    from fedad.data.prepared import PreparedData
 
 
 def add_run_arguments(
@@ -58,14 +53,10 @@ def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--rounds must be at least 2: round 1 warms up")
 
 
-def prepare_data(cfg: DictConfig) -> PreparedData:
-    """Run fedad's data preparation for ``cfg`` (the synthetic data needs no files)."""
-    from fedad.data.prepare import prepare
-
-    data_dir = Path(str(cfg.data_dir))
-    if not data_dir.is_absolute():
-        data_dir = REPO / data_dir
-    return prepare(cfg.dataset, cfg.preprocess, cfg.task, data_dir, int(cfg.seed))
+def prepare(cfg: DictConfig) -> RunData:
+    """The data preparation and partition of fedad for ``cfg``, as a run does them."""
+    with tempfile.TemporaryDirectory(prefix="fedad-bench-data-") as tmp:
+        return prepare_run(cfg, Path(tmp))
 
 
 def machine() -> str:
@@ -249,15 +240,13 @@ def median_figures(runs: Sequence[dict]) -> dict:
     return out
 
 
-def measure_simulation(
-    cfg: DictConfig, data: PreparedData, parts: Sequence, run_dir: Path
-) -> dict:
+def measure_simulation(cfg: DictConfig, data: PreparedData, parts: Sequence, run_dir: Path) -> dict:
     """Run fedad's simulation in this process; :func:`summarize` its figures.
 
     Waits for Ray's processes to exit before returning, so what is measured
     next does not share the cores with them.
     """
-    from fedad.federated import run_federated
+    from fedad.federated.simulation import run_federated
 
     with ProcessTree() as tree:
         called = time.time()

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+
+from fedad.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 DATA_DIR = Path(os.environ.get("FEDAD_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
@@ -29,7 +29,6 @@ def make_cfg():
     """Compose the real ``conf/config.yaml`` with overrides, as the entry point does."""
 
     def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("config", overrides=list(overrides))
+        return compose(overrides)
 
     return _compose

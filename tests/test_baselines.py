@@ -11,7 +11,8 @@ import pytest
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from fedad.baselines.runner import ModelResult, run_baselines
+from fedad.baselines.runner import run_baselines
+from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.explain import permutation_importance_table, plot_importance_side_by_side

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import keras
@@ -11,13 +12,14 @@ import pytest
 from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 
 from fedad import deployment
+from fedad.config import CONF_DIR, FLOWER_KEYS, available_options, compose
 from fedad.data.prepared import PreparedData
-from fedad.federated import make_settings
-from fedad.federated.client_app import evaluation_metrics, run_settings
+from fedad.deployment.__main__ import main as deployment_main
 from fedad.federated.scaling import standardize
 from fedad.federated.shards import read_access_log
+from fedad.federated.simulation import make_settings
+from fedad.federated.task import evaluation_metrics, run_settings
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 # 2 sites, 2 rounds on 1,600 training rows: what a deployment does, as cheaply as it gets.
 OVERRIDES = [
     "dataset.n_rows=2000",
@@ -38,7 +40,7 @@ linux_only = pytest.mark.skipif(
 def deployed(tmp_path_factory) -> deployment.PreparedRun:
     """The run through `python -m fedad.deployment --local` (about 2 minutes on 2 cores)."""
     run_dir = tmp_path_factory.mktemp("deployment") / "run"
-    return deployment.main(["--local", "--run-dir", str(run_dir), "--timeout", "240", *OVERRIDES])
+    return deployment_main(["--local", "--run-dir", str(run_dir), "--timeout", "240", *OVERRIDES])
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def simulated(tmp_path_factory) -> Path:
     from fedad.simulate import run
 
     run_dir = tmp_path_factory.mktemp("simulation")
-    run(deployment.compose_config(OVERRIDES), run_dir)
+    run(compose(OVERRIDES), run_dir)
     return run_dir
 
 
@@ -138,13 +140,32 @@ def _settings(make_cfg, tmp_path, *overrides: str) -> dict:
     return {**settings, "resume": False, "fingerprint": "{}"}
 
 
-@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
-@pytest.mark.parametrize("strategy", sorted(p.stem for p in (CONF / "strategy").glob("*.yaml")))
-def test_pyproject_declares_every_setting_of_every_model_and_strategy(
+@pytest.mark.parametrize("model", available_options("model"))
+@pytest.mark.parametrize("strategy", available_options("strategy"))
+def test_flower_keys_cover_every_setting_of_every_model_and_strategy(
     make_cfg, tmp_path, model, strategy
 ):
     settings = _settings(make_cfg, tmp_path, f"model={model}", f"strategy={strategy}")
-    assert set(settings) <= deployment.declared_keys()
+    assert set(settings) <= set(FLOWER_KEYS), sorted(set(settings) - set(FLOWER_KEYS))
+
+
+def test_pyproject_declares_exactly_the_flower_keys():
+    """`flwr run .` from a checkout sees the same keys as the app fedad.deployment writes."""
+    pyproject = tomllib.loads((CONF_DIR.parent / "pyproject.toml").read_text())
+    declared = set(flatten_dict(pyproject["tool"]["flwr"]["app"]["config"]))
+    assert not declared - set(FLOWER_KEYS), (
+        f"declared in pyproject.toml, missing from fedad.config.FLOWER_KEYS: "
+        f"{sorted(declared - set(FLOWER_KEYS))}"
+    )
+    assert not set(FLOWER_KEYS) - declared, (
+        f"in fedad.config.FLOWER_KEYS, not declared in pyproject.toml [tool.flwr.app.config]: "
+        f"{sorted(set(FLOWER_KEYS) - declared)}"
+    )
+
+
+def test_the_written_app_declares_the_flower_keys(tmp_path):
+    app = tomllib.loads((deployment.write_app(tmp_path) / "pyproject.toml").read_text())
+    assert set(flatten_dict(app["tool"]["flwr"]["app"]["config"])) == set(FLOWER_KEYS)
 
 
 def test_the_run_config_reaches_the_apps_as_the_simulation_passes_it(make_cfg, tmp_path):
@@ -154,7 +175,7 @@ def test_the_run_config_reaches_the_apps_as_the_simulation_passes_it(make_cfg, t
     # of it: the overrides fused into the declared defaults.
     overrides = parse_config_args([str(path)])
     declared = flatten_dict(
-        {k: "" for k in deployment.declared_keys()}  # the pyproject defaults: all ""
+        dict.fromkeys(FLOWER_KEYS, "")  # the app's declared defaults: all ""
     )
     run_config = fuse_dicts(declared, overrides)
     assert run_settings({}, run_config) == settings

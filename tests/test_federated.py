@@ -13,19 +13,16 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from omegaconf import OmegaConf
 from sklearn.datasets import make_classification
 
+from fedad.config import compose
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.federated import make_settings, run_federated, validate
-from fedad.federated.client_app import (
-    injected_failure,
-    load_site,
-    local_model,
-    local_split,
-    train_local,
-)
+from fedad.federated.faults import injected_failure
 from fedad.federated.scaling import pooled_moments, site_sums, standardize
 from fedad.federated.shards import read_access_log, write_shards
+from fedad.federated.simulation import make_settings, run_federated, validate
 from fedad.federated.strategies import STRATEGIES, build_strategy, weighted_mean
+from fedad.federated.task import load_site, local_model, local_split, train_local
+from fedad.validate import validate as validate_all
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NUM_CLIENTS = 3
@@ -260,21 +257,29 @@ def test_unknown_strategy_lists_the_valid_names():
 
 
 @pytest.mark.parametrize(
-    ("key", "value", "message"),
+    ("override", "message"),
     [
-        ("simulation.num_rounds", 0, "num_rounds"),
-        ("simulation.fraction_train", 0.0, "fraction_train"),
-        ("simulation.fraction_evaluate", 1.5, "fraction_evaluate"),
-        ("simulation.min_clients", NUM_CLIENTS + 1, "min_clients"),
-        ("simulation.client_failure_rate", 1.0, "client_failure_rate"),
-        ("simulation.scaling", "global", "scaling"),
-        ("strategy.name", "fedsgd", "Unknown strategy"),
+        ("simulation.num_rounds=0", "simulation.num_rounds must be a whole number >= 1"),
+        ("simulation.fraction_train=0.0", "simulation.fraction_train must be a number in"),
+        ("simulation.fraction_evaluate=1.5", "simulation.fraction_evaluate must be a number in"),
+        ("simulation.min_clients=11", r"simulation.min_clients \(11\) cannot exceed"),
+        ("simulation.client_failure_rate=1.0", "client_failure_rate must be a number in"),
+        ("simulation.scaling=global", "simulation.scaling must be one of federated, local"),
+        ("strategy.name=fedsgd", "strategy must be one of fedavg, fedprox"),
+        ("train.local_epochs=0", "train.local_epochs must be a whole number >= 1"),
+        ("train.batch_size=0", "train.batch_size must be a whole number >= 1"),
+        ("model.kernel_size=abc", "model.kernel_size must be a whole number >= 1, got 'abc'"),
     ],
 )
-def test_invalid_settings_fail_before_ray_starts(partitions, key, value, message):
-    cfg = make_cfg()
-    OmegaConf.update(cfg, key, value)
+def test_invalid_settings_fail_before_any_data_is_read(override, message):
     with pytest.raises(FedadError, match=message):
+        validate_all(compose([override]))
+
+
+def test_min_clients_is_checked_against_the_sites_the_partition_made(partitions):
+    cfg = make_cfg()
+    cfg.simulation.min_clients = NUM_CLIENTS + 1
+    with pytest.raises(FedadError, match="min_clients must be between 1 and the 3 clients"):
         validate(cfg, partitions)
 
 

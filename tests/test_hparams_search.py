@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep
 from omegaconf import OmegaConf
+
+from fedad.config import compose
 
 with warnings.catch_warnings():
     # optuna 2.10 uses names SQLAlchemy 2 deprecates; only its RDB storage (unused) needs them.
@@ -16,10 +18,7 @@ with warnings.catch_warnings():
         "hydra_plugins.hydra_optuna_sweeper",
         reason="hydra-optuna-sweeper is not installed: pip install -e '.[optuna]'",
     )
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-    from optuna.distributions import CategoricalDistribution
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 SEARCHED = {
     "train.learning_rate",
     "train.local_epochs",
@@ -29,10 +28,7 @@ SEARCHED = {
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(
-            "config", overrides=["hparams_search=optuna", *overrides], return_hydra_config=True
-        )
+    return compose(["hparams_search=optuna", *overrides], hydra=True)
 
 
 def test_selects_the_optuna_sweeper_maximizing():
@@ -63,17 +59,17 @@ def test_search_space_names_existing_keys_with_sensible_distributions():
     for key in params:
         # The sweeper overrides these keys; an absent one would fail every trial.
         assert OmegaConf.select(cfg, key) is not None, key
-    # Parsed as the sweeper parses them at launch.
-    space, fixed = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
-    assert not fixed
-    assert space["train.learning_rate"].low < cfg.train.learning_rate
-    assert space["train.learning_rate"].high > cfg.train.learning_rate
+    # Parsed by Hydra's override grammar, which the sweeper turns into Optuna distributions.
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    space = {o.get_key_element(): o.value() for o in parsed}
+    assert all(o.is_sweep_override() for o in parsed)
+    assert space["train.learning_rate"].start < cfg.train.learning_rate
+    assert space["train.learning_rate"].end > cfg.train.learning_rate
     # Learning rate and proximal_mu span orders of magnitude: sampled on a log scale.
     for key in ("train.learning_rate", "strategy.proximal_mu"):
-        dist = space[key]
-        assert getattr(dist, "log", None) or type(dist).__name__ == "LogUniformDistribution", key
-    assert space["train.local_epochs"] == CategoricalDistribution([1, 2, 3])
-    assert space["train.batch_size"] == CategoricalDistribution([32, 64, 128])
+        assert isinstance(space[key], IntervalSweep) and "log" in space[key].tags, key
+    assert space["train.local_epochs"] == ChoiceSweep(list=[1, 2, 3])
+    assert space["train.batch_size"] == ChoiceSweep(list=[32, 64, 128])
 
 
 def test_a_sampled_trial_composes():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedad.errors import FedadError
-from fedad.models import build_model
+from fedad.models.keras_models import build_model
 
 CNN = {"name": "cnn", "filters": 8, "kernel_size": 3, "dense_units": 16, "dropout": 0.3}
 

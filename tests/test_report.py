@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from fedad.errors import FedadError
-from fedad.report import collect, main, summarize, write_report
+from fedad.report import collect, summarize
+from fedad.report.__main__ import main, write_report
 
 METRICS = ("accuracy", "precision", "recall", "f1", "macro_f1", "roc_auc", "pr_auc", "fpr")
 # Federated, twin centralized and best-baseline macro-F1 per (strategy, seed).

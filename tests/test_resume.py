@@ -18,11 +18,14 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM
 from omegaconf import OmegaConf
 from sklearn.datasets import make_classification
 
+from fedad import rundir
+from fedad.config import content
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.federated import checkpoint, run_federated
-from fedad.federated.server_app import Rounds
-from fedad.simulate import _previous_run
+from fedad.federated import checkpoint
+from fedad.federated.rounds import Rounds
+from fedad.federated.simulation import run_federated
+from fedad.resume import Decision, decide
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -48,7 +51,7 @@ def _checkpoint(server_round: int, strategy=None) -> checkpoint.Checkpoint:
         arrays=[rng.normal(size=(4, 2)).astype(np.float32), np.zeros(2, np.float32)],
         strategy_state=checkpoint.strategy_state(strategy) if strategy else {},
         history=[{"round": r, "auc": float("nan") if r == 0 else 1 / r} for r in range(3)],
-        fingerprint={"config": {"seed": 0}, "data": "abc"},
+        fingerprint={"content": {"seed": 0}, "data": "abc"},
     )
 
 
@@ -68,7 +71,7 @@ def test_checkpoint_keeps_model_history_and_the_server_optimizer_state(tmp_path)
         assert loaded.history[1] == saved.history[1]
         assert np.isnan(loaded.history[0]["auc"])
         checkpoint.restore_strategy_state(fresh, loaded.strategy_state)
-        for name in checkpoint.STATE_ATTRIBUTES:
+        for name in checkpoint.STATE_ATTRIBUTES[type(strategy).__name__]:
             before, after = getattr(strategy, name, None), getattr(fresh, name, None)
             if isinstance(before, dict):
                 assert before.keys() == after.keys()
@@ -84,7 +87,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
     real_replace = os.replace
 
     def crash_on_meta(src, dst):
-        if Path(dst).name == checkpoint.META_FILE:
+        if Path(dst).name == rundir.CHECKPOINT_META:
             raise KeyboardInterrupt("killed between the state file and meta.json")
         real_replace(src, dst)
 
@@ -95,9 +98,9 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
     loaded = checkpoint.load(tmp_path)
     assert loaded.round == 1
     np.testing.assert_array_equal(loaded.arrays[0], _checkpoint(1).arrays[0])
-    assert not list((tmp_path / checkpoint.CHECKPOINT_DIR).glob("*.tmp"))
+    assert not list((tmp_path / rundir.CHECKPOINT_DIR).glob("*.tmp"))
     checkpoint.save(tmp_path, _checkpoint(2))
-    assert sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINT_DIR).iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / rundir.CHECKPOINT_DIR).iterdir()) == [
         "meta.json",
         "state-00002.npz",
     ]
@@ -119,9 +122,19 @@ def test_checkpointer_saves_every_k_rounds_the_last_and_on_flush(tmp_path):
     assert checkpoint.read_meta(tmp_path / "off") is None
 
 
-def test_settings_that_matter_are_named_and_the_others_may_change(make_cfg):
-    cfg = make_cfg(*BASE, "simulation.num_rounds=4")
-    meta = {"round": 3, "fingerprint": {"config": checkpoint.config_fingerprint(cfg)}}
+def _finished(run_dir: Path, cfg, rounds: int | None = None) -> None:
+    """Make ``run_dir`` look like a finished run of ``cfg`` (with a checkpoint of ``rounds``)."""
+    (run_dir / rundir.CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / rundir.RESULTS_FILE).write_text(json.dumps({"status": "done"}))
+    if rounds is not None:
+        saved = _checkpoint(rounds)
+        saved.fingerprint = {"content": content(cfg), "data": ""}
+        checkpoint.save(run_dir, saved)
+
+
+def test_settings_that_matter_are_named_and_the_others_may_change(make_cfg, tmp_path):
+    cfg = make_cfg(*BASE, "simulation.num_rounds=3")
+    _finished(tmp_path, cfg, rounds=3)
     runtime = make_cfg(
         *BASE,
         "simulation.num_rounds=9",  # train longer
@@ -130,47 +143,50 @@ def test_settings_that_matter_are_named_and_the_others_may_change(make_cfg):
         "simulation.checkpoint_every=3",
         "simulation.failure_mode=hang",
         "simulation.client_resources.num_cpus=2",
-        "baselines=all",
         "resume=/somewhere",
     )
-    checkpoint.require_compatible(meta, runtime)
+    assert decide(runtime, tmp_path) is Decision.RESUME
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(FedadError) as error:
-        checkpoint.require_compatible(meta, make_cfg(*BASE, "seed=1", "strategy=fedadam"))
+        decide(make_cfg(*BASE, "seed=1", "strategy=fedadam"), tmp_path)
     message = str(error.value)
     assert "seed (was 0, now 1)" in message
     assert "strategy.name (was 'fedavg', now 'fedadam')" in message
     assert "strategy.eta (was not set, now " in message
     assert "dataset" not in message
+    # What the run contains beyond the federated model counts too: nothing is overwritten.
+    for changed in ("federated=false", "baselines=all", "explain=true"):
+        with pytest.raises(FedadError, match=changed.split("=")[0]):
+            decide(make_cfg(*BASE, "simulation.num_rounds=3", changed), tmp_path)
     with pytest.raises(FedadError, match="num_rounds .2 is below the 3 rounds"):
-        checkpoint.require_compatible(meta, make_cfg(*BASE, "simulation.num_rounds=2"))
+        decide(make_cfg(*BASE, "simulation.num_rounds=2"), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_a_folder_is_done_resumable_or_fresh(make_cfg, tmp_path):
     cfg = make_cfg(*BASE)
-    assert _previous_run(cfg, tmp_path, required=False) is None
+    assert decide(cfg, tmp_path) is Decision.FRESH
     with pytest.raises(FedadError, match="holds no checkpoint"):
-        _previous_run(cfg, tmp_path, required=True)
-    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (tmp_path / "results.json").write_text(json.dumps({"status": "done"}))
-    assert _previous_run(cfg, tmp_path, required=True) == "done"
-    assert _previous_run(make_cfg(*BASE, "simulation.round_timeout=9"), tmp_path, True) == "done"
+        decide(cfg, tmp_path, required=True)
+    _finished(tmp_path, cfg)
+    assert decide(cfg, tmp_path) is Decision.DONE
+    assert decide(make_cfg(*BASE, "simulation.round_timeout=9"), tmp_path) is Decision.DONE
     longer = make_cfg(*BASE, "simulation.num_rounds=20")
-    # Finished with other settings, and no checkpoint to continue: left as it is.
-    with pytest.raises(FedadError, match="finished run of other settings, left as it is"):
-        _previous_run(longer, tmp_path, required=False)
-    saved = _checkpoint(3)
-    saved.fingerprint = {"config": checkpoint.config_fingerprint(cfg), "data": ""}
-    checkpoint.save(tmp_path, saved)
-    assert _previous_run(longer, tmp_path, required=False) == "resume"
+    # Finished, and no checkpoint to continue from: left as it is.
+    with pytest.raises(FedadError, match="no checkpoint to continue from"):
+        decide(longer, tmp_path)
+    _finished(tmp_path, cfg, rounds=10)
+    assert decide(cfg, tmp_path, required=True) is Decision.DONE
+    assert decide(longer, tmp_path) is Decision.RESUME
     with pytest.raises(FedadError, match=r"model\.name"):
-        _previous_run(make_cfg(*BASE, "model=cnn"), tmp_path, required=False)
+        decide(make_cfg(*BASE, "model=cnn"), tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["meta_cut", "meta_fields", "state_cut"])
 def test_a_damaged_checkpoint_is_refused_and_kept(tmp_path, damage):
     checkpoint.save(tmp_path, _checkpoint(2))
-    folder = tmp_path / checkpoint.CHECKPOINT_DIR
-    target = folder / ("state-00002.npz" if damage == "state_cut" else checkpoint.META_FILE)
+    folder = tmp_path / rundir.CHECKPOINT_DIR
+    target = folder / ("state-00002.npz" if damage == "state_cut" else rundir.CHECKPOINT_META)
     content = target.read_bytes()
     target.write_bytes(b'{"round": 2}' if damage == "meta_fields" else content[: len(content) // 2])
     before = {p: p.read_bytes() for p in folder.iterdir()}
@@ -253,7 +269,7 @@ class _Launch:
         self.processes: dict[int, str] = {}
 
     def wait_for_checkpoint(self, run_dir: Path, server_round: int, timeout: float = 300) -> None:
-        meta = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.META_FILE
+        meta = run_dir / rundir.CHECKPOINT_DIR / rundir.CHECKPOINT_META
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.processes.update(_descendants(self.proc.pid))
@@ -507,4 +523,4 @@ def test_too_few_replies_stop_the_run_with_a_resumable_checkpoint(data, tmp_path
     assert meta["round"] == 0
     # Lowering the minimum is allowed on resume.
     cfg.simulation.min_clients = 1
-    checkpoint.require_compatible(meta, cfg)
+    assert decide(cfg, tmp_path) is Decision.RESUME

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from fedad import checks
 from fedad.baselines.supervised import SUPERVISED_DEFAULTS, fit_supervised
 from fedad.baselines.unsupervised import (
     FIT_ON,
@@ -17,47 +17,12 @@ from fedad.baselines.unsupervised import (
     fit_detector,
     resolve_contamination,
 )
+from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.metrics import compute_metrics
 
 BASELINES = tuple(SUPERVISED_DEFAULTS) + tuple(UNSUPERVISED_DEFAULTS)
-
-
-@dataclass
-class ModelResult:
-    """One model's test-set outcome, comparable across federated and central runs.
-
-    Attributes
-    ----------
-    name : str
-        Model name, e.g. ``xgboost`` or ``federated_cnn``.
-    kind : str
-        ``supervised``, ``unsupervised`` or ``federated``.
-    metrics : dict
-        Output of :func:`fedad.metrics.compute_metrics` on the test set
-        (binary view for unsupervised models).
-    scores : np.ndarray
-        Test scores: class probabilities ``(n, n_classes)``, or a 1-D attack
-        score for unsupervised models; :func:`fedad.metrics.attack_score` turns
-        either into the binary ROC view.
-    train_seconds : float
-        Wall time to fit (including threshold tuning), excluding test scoring.
-    model : object
-        The fitted model, with ``predict_scores(X)``, ``decide(scores)`` and
-        ``predict(X)``; ``.estimator`` is the underlying library model.
-    info : dict
-        Settings and facts: ``params``, ``binary_view``, unsupervised
-        ``method``/``flipped``/``threshold``..., and ``cv`` when enabled.
-    """
-
-    name: str
-    kind: str
-    metrics: dict
-    scores: np.ndarray
-    train_seconds: float
-    model: object
-    info: dict = field(default_factory=dict)
 
 
 def run_baselines(
@@ -105,30 +70,14 @@ def run_baselines(
         On an unknown model or setting name, or a bad ``cv_folds``,
         ``val_fraction``, ``fit_on`` or ``contamination``; before any model trains.
     """
+    checks.raise_problems(check_config(cfg_baselines), "Cannot run the baselines")
     models = _selected(cfg_baselines)
     if not models:
         return []
     cv_folds = int(cfg_baselines.get("cv_folds", 0) or 0)
-    if cv_folds == 1 or cv_folds < 0:
-        raise FedadError(
-            f"baselines.cv_folds must be 0 (no cross-validation) or at least 2, got {cv_folds}."
-        )
     val_fraction = float(cfg_baselines.get("val_fraction", 0.2))
-    if not 0.0 < val_fraction < 1.0:
-        raise FedadError(
-            f"baselines.val_fraction must lie strictly between 0 and 1, got {val_fraction}. "
-            "It is the share of training rows held out to tune the detectors' thresholds."
-        )
     fit_on = str(cfg_baselines.get("fit_on", "normal"))
     contamination = cfg_baselines.get("contamination", "auto")
-    if any(name in UNSUPERVISED_DEFAULTS for name in models):
-        # Checked before anything trains, so a typo does not cost a long run.
-        if fit_on not in FIT_ON:
-            raise FedadError(
-                f"baselines.fit_on must be one of {', '.join(FIT_ON)}, got {fit_on!r}: "
-                "'normal' fits detectors on normal training rows only, 'all' on every row."
-            )
-        resolve_contamination(contamination, np.zeros(0))
     X_train, X_test = data.scaled()
 
     def fit_sup(name: str, params: Mapping) -> Callable:
@@ -174,25 +123,69 @@ def run_baselines(
     return results
 
 
-def _selected(cfg_baselines: Mapping) -> dict[str, dict[str, Any]]:
-    """Return the selected models' settings merged over their defaults."""
-    selected: dict[str, dict[str, Any]] = {}
-    for name, params in (cfg_baselines.get("models") or {}).items():
+def check_config(cfg_baselines: Mapping) -> list[str]:
+    """What is wrong with a ``baselines`` config; empty when every model can run.
+
+    Parameters
+    ----------
+    cfg_baselines : Mapping
+        A ``conf/baselines/*.yaml`` config.
+
+    Returns
+    -------
+    list[str]
+        One phrase per problem, naming the key.
+    """
+    problems = []
+    models = cfg_baselines.get("models") or {}
+    for name, params in models.items():
         defaults = {**SUPERVISED_DEFAULTS, **UNSUPERVISED_DEFAULTS}.get(name)
         if defaults is None:
-            raise FedadError(
-                f"Unknown baseline '{name}' in baselines.models. Valid names: "
-                f"{', '.join(BASELINES)}."
+            problems.append(
+                f"baselines.models has no model '{name}' (valid names: {', '.join(BASELINES)})"
             )
-        given = dict(params or {})
-        unknown = sorted(set(given) - set(defaults))
+            continue
+        unknown = sorted(set(params or {}) - set(defaults))
         if unknown:
-            raise FedadError(
-                f"Unknown setting(s) {', '.join(unknown)} for baseline '{name}'. It accepts: "
-                f"{', '.join(defaults) or 'no settings'}."
+            problems.append(
+                f"baselines.models.{name} has unknown setting(s) {', '.join(unknown)} (it "
+                f"accepts: {', '.join(defaults) or 'no settings'})"
             )
-        selected[str(name)] = {**defaults, **given}
-    return selected
+    cv_folds = cfg_baselines.get("cv_folds", 0) or 0
+    if checks.number({"cv_folds": cv_folds}, "cv_folds", "baselines", whole=True, low=0) or (
+        cv_folds == 1
+    ):
+        problems.append(f"baselines.cv_folds must be 0 (none) or at least 2, got {cv_folds!r}")
+    if any(name in UNSUPERVISED_DEFAULTS for name in models):
+        problems.append(
+            checks.number(
+                cfg_baselines,
+                "val_fraction",
+                "baselines",
+                low=0,
+                high=1,
+                low_open=True,
+                high_open=True,
+            )
+        )
+        problems.append(checks.choice(cfg_baselines, "fit_on", "baselines", FIT_ON))
+        try:
+            resolve_contamination(cfg_baselines.get("contamination", "auto"), np.zeros(0))
+        except FedadError:
+            problems.append(
+                "baselines.contamination must be 'auto' or a number in (0, 0.5], got "
+                f"{cfg_baselines.get('contamination')!r}"
+            )
+    return [p for p in problems if p]
+
+
+def _selected(cfg_baselines: Mapping) -> dict[str, dict[str, Any]]:
+    """Return the selected models' settings merged over their defaults."""
+    defaults = {**SUPERVISED_DEFAULTS, **UNSUPERVISED_DEFAULTS}
+    return {
+        str(name): {**defaults[name], **dict(params or {})}
+        for name, params in (cfg_baselines.get("models") or {}).items()
+    }
 
 
 def _validation_split(X: np.ndarray, y_binary: np.ndarray, fraction: float, seed: int):

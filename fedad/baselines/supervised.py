@@ -189,7 +189,7 @@ def _fit_keras(
     # Imported here: TensorFlow takes seconds to load and most runs skip these models.
     import keras
 
-    from fedad.models import build_model
+    from fedad.models.keras_models import build_model
 
     keras.utils.set_random_seed(seed)
     model = build_model(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -20,9 +18,45 @@ from flwr_datasets.partitioner import (
     SizePartitioner,
 )
 
+from fedad import checks
 from fedad.errors import FedadError
 
 PARTITIONS = ("iid", "dirichlet", "pathological", "quantity", "natural")
+
+
+def check_config(cfg: Mapping) -> list[str]:
+    """What is wrong with a ``partition`` config; empty when a partition can be drawn.
+
+    Parameters
+    ----------
+    cfg : Mapping
+        ``name`` plus the partitioner's settings.
+
+    Returns
+    -------
+    list[str]
+        One phrase per problem, naming the key.
+    """
+    name = cfg.get("name")
+    if name not in PARTITIONS:
+        return [f"partition must be one of {', '.join(PARTITIONS)}, got {name!r}"]
+    problems = [checks.number(cfg, "min_size", "partition", whole=True, low=0)]
+    if name == "dirichlet":
+        problems.append(checks.number(cfg, "alpha", "partition", low=0, low_open=True))
+        problems.append(checks.flag(cfg, "self_balancing", "partition"))
+    elif name == "pathological":
+        problems.append(checks.number(cfg, "classes_per_client", "partition", whole=True, low=1))
+        problems.append(
+            checks.choice(
+                cfg,
+                "class_assignment_mode",
+                "partition",
+                ("random", "deterministic", "first-deterministic"),
+            )
+        )
+    elif name == "quantity":
+        problems.append(checks.number(cfg, "beta", "partition", low=0, low_open=True))
+    return [p for p in problems if p]
 
 
 def partition(
@@ -55,19 +89,10 @@ def partition(
         Sorted row indices into ``y`` for each client. Together they cover every
         training row exactly once.
     """
+    checks.raise_problems(check_config(cfg), "Cannot partition the training rows")
     name = cfg["name"]
-    if name not in PARTITIONS:
-        raise FedadError(
-            f"Unknown partition '{name}'. Choose one of {', '.join(PARTITIONS)}, "
-            f"e.g. `partition=dirichlet partition.alpha=0.5`."
-        )
     n = len(y)
-    min_size = int(_number(cfg, "min_size", 10, int))
-    if min_size < 0:
-        raise FedadError(
-            f"partition.min_size must be 0 or more (got {min_size}); it is the fewest training "
-            "rows a client may hold, e.g. partition.min_size=10."
-        )
+    min_size = int(cfg.get("min_size", 10))
     if name != "natural":
         _check_client_count(num_clients, n, min_size)
 
@@ -84,22 +109,16 @@ def partition(
     elif name == "iid":
         partitioner = IidPartitioner(num_partitions=num_clients)
     elif name == "dirichlet":
-        alpha = _number(cfg, "alpha", None, float)
-        if not (alpha > 0 and math.isfinite(alpha)):
-            raise FedadError(
-                f"partition.alpha must be > 0 (got {alpha}). Small values such as 0.1 give "
-                "strong label skew between clients, large ones such as 100 nearly IID splits."
-            )
         partitioner = _RestartingDirichlet(
             num_partitions=num_clients,
             partition_by="label",
-            alpha=alpha,
+            alpha=float(cfg["alpha"]),
             min_partition_size=min_size,
             self_balancing=bool(cfg.get("self_balancing", False)),
             seed=seed,
         )
     elif name == "pathological":
-        k = int(_number(cfg, "classes_per_client", None, int))
+        k = int(cfg["classes_per_client"])
         n_classes = len(np.unique(y))
         if not 1 <= k <= n_classes:
             raise FedadError(
@@ -149,6 +168,7 @@ class _RestartingDirichlet(DirichletPartitioner):
 
     RESTARTS = 20
 
+    # flower-internal: test_dirichlet_private_method (the method, _seed and _rng)
     def _determine_partition_id_to_indices_if_needed(self) -> None:
         base = self._seed
         for restart in range(self.RESTARTS):
@@ -158,6 +178,7 @@ class _RestartingDirichlet(DirichletPartitioner):
                 with warnings.catch_warnings():
                     # Flower warns on every redraw; the restarts are expected here.
                     warnings.simplefilter("ignore", UserWarning)
+                    # flower-internal: test_dirichlet_private_method
                     return super()._determine_partition_id_to_indices_if_needed()
             except ValueError:
                 if restart == self.RESTARTS - 1:
@@ -175,23 +196,6 @@ def _quiet_datasets() -> Iterator[None]:
     finally:
         if shown:
             datasets.enable_progress_bars()
-
-
-def _number(cfg: Mapping, key: str, default: float | None, kind: type) -> float:
-    """``partition.<key>`` as ``kind`` (int or float), or a FedadError naming the bad value."""
-    value = cfg.get(key, default)
-    try:
-        number = kind(value)
-        if kind is int and number != float(value):
-            raise ValueError(value)
-    except (TypeError, ValueError):
-        expected = "a whole number" if kind is int else "a number"
-        raise FedadError(
-            f"partition.{key} must be {expected}, got {value!r}. Set it on the command line, "
-            f"e.g. partition.{key}={default if default is not None else 1}, or in "
-            f"conf/partition/{cfg.get('name')}.yaml."
-        ) from None
-    return number
 
 
 def _check_client_count(num_clients: int, n_rows: int, min_size: int) -> None:
@@ -218,11 +222,7 @@ def _quantity_sizes(
     cfg: Mapping, n_rows: int, num_clients: int, min_size: int, seed: int
 ) -> list[int]:
     """Draw skewed client sizes from a Dirichlet(beta), each at least ``min_size``."""
-    beta = _number(cfg, "beta", 0.5, float)
-    if not (beta > 0 and math.isfinite(beta)):
-        raise FedadError(
-            f"partition.beta must be > 0 (got {beta}); smaller values give more unequal sizes."
-        )
+    beta = float(cfg.get("beta", 0.5))
     rng = np.random.default_rng(seed)
     spare = n_rows - num_clients * min_size
     shares = rng.dirichlet(np.full(num_clients, beta))
@@ -250,27 +250,3 @@ def label_skew(summary: pd.DataFrame, class_names: list[str]) -> float:
     mixes = counts / counts.sum(axis=1, keepdims=True)
     pooled = counts.sum(axis=0) / counts.sum()
     return float(0.5 * np.abs(mixes - pooled).sum(axis=1).mean())
-
-
-def plot_heatmap(summary: pd.DataFrame, class_names: list[str], path: Path, title: str) -> None:
-    """Save a heatmap of each client's class mix (rows: clients, columns: classes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = summary[list(class_names)].to_numpy(dtype=float)
-    shares = counts / counts.sum(axis=1, keepdims=True)
-    height = min(0.25 * len(summary) + 1.5, 14)
-    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(class_names) + 2.5), height))
-    image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    step = max(1, len(summary) // 40)
-    ax.set_yticks(range(0, len(summary), step), summary["client"].iloc[::step])
-    ax.set_xlabel("class")
-    ax.set_ylabel("client")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="share of client's rows")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

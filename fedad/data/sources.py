@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedad import checks
 from fedad.data import synthetic
 from fedad.errors import FedadError
 
@@ -23,6 +24,48 @@ class RawData:
     train: pd.DataFrame
     test: pd.DataFrame | None
     origin: str
+
+
+def check_config(cfg: Mapping) -> list[str]:
+    """What is wrong with a ``dataset`` config's types; empty when it can be read.
+
+    Whether the files exist and hold the columns named is checked when they are read.
+
+    Parameters
+    ----------
+    cfg : Mapping
+        The ``dataset`` config group.
+
+    Returns
+    -------
+    list[str]
+        One phrase per problem, naming the key.
+    """
+    if cfg.get("name") == "synthetic":
+        return synthetic.check_arguments(
+            cfg.get("n_rows"), cfg.get("n_sites"), cfg.get("attack_share"), cfg.get("overlap")
+        )
+    problems = [
+        checks.flag(cfg, "header", "dataset"),
+        checks.flag(cfg, "drop_duplicates", "dataset"),
+    ]
+    for key in ("sep", "label_column"):
+        if key in cfg and not (isinstance(cfg[key], str) and cfg[key]):
+            problems.append(f"dataset.{key} must be a non-empty text, got {cfg[key]!r}")
+    for key in ("path", "train_file", "test_file", "class_column", "natural_column"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            problems.append(f"dataset.{key} must be a text (or null), got {cfg[key]!r}")
+    for key in ("columns", "categorical_columns", "drop_columns"):
+        value = cfg.get(key)
+        if value is not None and (
+            isinstance(value, str | Mapping) or not hasattr(value, "__iter__")
+        ):
+            problems.append(f"dataset.{key} must be a list of column names, got {value!r}")
+    if cfg.get("class_map") is not None and not isinstance(cfg["class_map"], Mapping):
+        problems.append(
+            f"dataset.class_map must be a mapping of class names, got {cfg['class_map']!r}"
+        )
+    return [p for p in problems if p]
 
 
 def load(cfg: Mapping, data_dir: str | Path, seed: int) -> RawData:

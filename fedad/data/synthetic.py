@@ -90,9 +90,16 @@ def _is_real(value: object) -> bool:
     return _is_int(value) or isinstance(value, (float, np.floating))
 
 
-def _validate(n_rows: int, n_sites: int, attack_share: float, overlap: float,
-              concentration: float) -> None:
-    checks = (
+def check_arguments(n_rows: object, n_sites: object, attack_share: object, overlap: object,
+                    concentration: object = 0.5) -> list[str]:
+    """What is wrong with the generator's settings; empty when it can generate.
+
+    Returns
+    -------
+    list[str]
+        One phrase per problem, naming the ``dataset.`` key.
+    """
+    rules = (
         ("n_rows", n_rows, _is_int(n_rows) and n_rows >= 1, "an integer of at least 1"),
         ("n_sites", n_sites, _is_int(n_sites) and n_sites >= 1, "an integer of at least 1"),
         ("attack_share", attack_share, _is_real(attack_share) and 0 <= attack_share < 1,
@@ -101,12 +108,8 @@ def _validate(n_rows: int, n_sites: int, attack_share: float, overlap: float,
         ("concentration", concentration, _is_real(concentration) and concentration > 0,
          "a number greater than 0"),
     )
-    for name, value, ok, valid in checks:
-        if not ok:
-            raise FedadError(
-                f"synthetic dataset: {name}={value!r} is not valid; {name} must be {valid}. "
-                "Fix it in conf/dataset/synthetic.yaml or on the command line."
-            )
+    return [f"dataset.{name} must be {valid}, got {value!r}" for name, value, ok, valid in rules
+            if not ok]
 
 
 def generate(n_rows: int = 30000, n_sites: int = 8, attack_share: float = 0.84,
@@ -146,7 +149,12 @@ def generate(n_rows: int = 30000, n_sites: int = 8, attack_share: float = 0.84,
     FedadError
         If an argument is of the wrong type or out of range.
     """
-    _validate(n_rows, n_sites, attack_share, overlap, concentration)
+    problems = check_arguments(n_rows, n_sites, attack_share, overlap, concentration)
+    if problems:
+        raise FedadError(
+            f"synthetic dataset: {'; '.join(problems)}. Fix it in conf/dataset/synthetic.yaml "
+            "or on the command line."
+        )
     rng = np.random.default_rng(seed)
     n_dev, n_fam = len(DEVICES), len(FAMILIES)
 

@@ -4,52 +4,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.serverapp.strategy import Strategy
-from omegaconf import DictConfig, OmegaConf
 
-from fedad import __version__
+from fedad import __version__, rundir
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 
-CHECKPOINT_DIR = "checkpoint"
-META_FILE = "meta.json"
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
+
 META_KEYS = ("round", "state_file", "num_arrays", "strategy_state", "fingerprint", "history")
 
-# Strategy attributes that carry over from round to round: the server optimizer's
-# moments (FedAdam, FedYogi, FedAdagrad) and FedAvgM's momentum. Everything else a
-# strategy keeps is either configuration or rebuilt from the global model each round.
-STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
-
-# Settings that change how a run executes, not what it computes: a resumed run may
-# change them. min_clients also sets the least sample size, which matters only when
-# fraction_train * num_clients is below it.
-RUNTIME_KEYS = (
-    "resume",
-    "data_dir",
-    "baselines_cache",
-    "simulation.client_resources",
-    "simulation.ray_init_args",
-    "simulation.address",
-    "simulation.checkpoint_every",
-    "simulation.round_timeout",
-    "simulation.failure_mode",
-    "simulation.min_clients",
-)
-# Settings of the rest of the job: the federated training does not depend on them.
-OUTSIDE_FEDERATED_KEYS = ("federated", "baselines", "explain")
-# May grow on resume (train longer); checked against the rounds already done.
-ROUNDS_KEY = "simulation.num_rounds"
+# Strategy attributes that carry over from round to round, by strategy class name: the
+# server optimizer's moments and FedAvgM's momentum. Everything else a strategy keeps is
+# configuration, or rebuilt from the global model each round. Read by name (tests/
+# test_flower_contracts.py checks Flower still has them), so a rename fails loudly.
+STATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "FedAdam": ("m_t", "v_t"),
+    "FedYogi": ("m_t", "v_t"),
+    "FedAdagrad": ("m_t", "v_t"),
+    "FedAvgM": ("momentum_vector",),
+}
 
 
 @dataclass
@@ -67,8 +50,9 @@ class Checkpoint:
     history : list[dict]
         One row per round ``0 .. round``, as ``history.csv`` has them.
     fingerprint : dict
-        ``config`` (the settings that matter, see :func:`config_fingerprint`) and
-        ``data`` (see :func:`data_fingerprint`) of the run that wrote it.
+        ``content`` (the settings that decide what the run computes, see
+        :func:`fedad.resume.content`) and ``data`` (see :func:`data_fingerprint`)
+        of the run that wrote it.
     """
 
     round: int
@@ -98,7 +82,7 @@ def save(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
     Path
         The ``meta.json`` written.
     """
-    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder = Path(run_dir) / rundir.CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     state_name = f"state-{checkpoint.round:05d}.npz"
     arrays = {f"model.{i}": a for i, a in enumerate(checkpoint.arrays)}
@@ -107,7 +91,7 @@ def save(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
         kinds[name] = "dict" if isinstance(value, Mapping) else "list"
         items = value.items() if isinstance(value, Mapping) else enumerate(value)
         arrays.update({f"strategy.{name}.{key}": np.asarray(a) for key, a in items})
-    with _atomic(folder / state_name) as f:
+    with rundir.atomic(folder / state_name) as f:
         np.savez(f, **arrays)
     meta = {
         "round": checkpoint.round,
@@ -119,18 +103,13 @@ def save(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
         "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "fedad": __version__,
     }
-    with _atomic(folder / META_FILE) as f:
-        f.write(json.dumps(meta, indent=1).encode())
+    rundir.write_text(folder / rundir.CHECKPOINT_META, json.dumps(meta, indent=1))
     # The renames reach the disk before the old state file is deleted.
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    rundir.sync_folder(folder)
     for old in folder.iterdir():
-        if old.name not in (META_FILE, state_name):
+        if old.name not in (rundir.CHECKPOINT_META, state_name):
             old.unlink()
-    return folder / META_FILE
+    return folder / rundir.CHECKPOINT_META
 
 
 def read_meta(run_dir: str | Path) -> dict | None:
@@ -142,7 +121,7 @@ def read_meta(run_dir: str | Path) -> dict | None:
         If the file is not a checkpoint's ``meta.json`` (changed by hand, or
         written by something else); the checkpoint is left as it is.
     """
-    path = Path(run_dir) / CHECKPOINT_DIR / META_FILE
+    path = Path(run_dir) / rundir.CHECKPOINT_DIR / rundir.CHECKPOINT_META
     if not path.exists():
         return None
     try:
@@ -175,7 +154,7 @@ def load(run_dir: str | Path) -> Checkpoint | None:
     meta = read_meta(run_dir)
     if meta is None:
         return None
-    path = Path(run_dir) / CHECKPOINT_DIR / meta["state_file"]
+    path = Path(run_dir) / rundir.CHECKPOINT_DIR / meta["state_file"]
     try:
         with np.load(path) as npz:
             stored = {key: npz[key] for key in npz.files}
@@ -192,11 +171,11 @@ def load(run_dir: str | Path) -> Checkpoint | None:
 
 def clear(run_dir: str | Path) -> None:
     """Remove the checkpoint under ``run_dir``: a fresh run must not look resumable."""
-    shutil.rmtree(Path(run_dir) / CHECKPOINT_DIR, ignore_errors=True)
+    shutil.rmtree(Path(run_dir) / rundir.CHECKPOINT_DIR, ignore_errors=True)
 
 
 def strategy_state(strategy: Strategy) -> dict:
-    """Return copies of the :data:`STATE_ATTRIBUTES` that ``strategy`` has set.
+    """Return copies of the :data:`STATE_ATTRIBUTES` of ``strategy`` that are set.
 
     Parameters
     ----------
@@ -207,11 +186,12 @@ def strategy_state(strategy: Strategy) -> dict:
     -------
     dict
         ``{name: {key: array}}`` for dicts (FedOpt's ``m_t``, ``v_t``) and
-        ``{name: [array, ...]}`` for lists (FedAvgM's ``momentum_vector``).
+        ``{name: [array, ...]}`` for lists (FedAvgM's ``momentum_vector``);
+        empty for a strategy that keeps nothing between rounds.
     """
     state: dict = {}
-    for name in STATE_ATTRIBUTES:
-        value = getattr(strategy, name, None)
+    for name in STATE_ATTRIBUTES.get(type(strategy).__name__, ()):
+        value = getattr(strategy, name)
         if isinstance(value, Mapping):
             state[name] = {k: np.array(v, copy=True) for k, v in value.items()}
         elif value is not None:
@@ -236,45 +216,6 @@ def restore_strategy_state(strategy: Strategy, state: Mapping) -> None:
         setattr(strategy, name, dict(value) if isinstance(value, Mapping) else list(value))
 
 
-def config_fingerprint(cfg: DictConfig | Mapping, ignore: Sequence[str] | None = None) -> dict:
-    """Return the settings that decide what a run computes, flattened to dotted keys.
-
-    Parameters
-    ----------
-    cfg : DictConfig or Mapping
-        The composed config (or a plain dict of it).
-    ignore : Sequence[str], optional
-        Keys (and everything under them) left out; by default :data:`RUNTIME_KEYS`,
-        :data:`OUTSIDE_FEDERATED_KEYS` and :data:`ROUNDS_KEY`: what a checkpoint
-        must agree on.
-
-    Returns
-    -------
-    dict
-        ``{"model.name": "cnn", "train.batch_size": 64, ...}``.
-    """
-    if ignore is None:
-        ignore = (*RUNTIME_KEYS, *OUTSIDE_FEDERATED_KEYS, ROUNDS_KEY)
-    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    flat = _flatten(values)
-    return {
-        k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in ignore)
-    }
-
-
-def differences(old: Mapping, new: Mapping) -> list[str]:
-    """Describe each key whose value differs between two :func:`config_fingerprint` dicts."""
-
-    def show(values: Mapping, key: str) -> str:
-        return repr(values[key]) if key in values else "not set"
-
-    return [
-        f"{key} (was {show(old, key)}, now {show(new, key)})"
-        for key in sorted(set(old) | set(new))
-        if show(old, key) != show(new, key)
-    ]
-
-
 def data_fingerprint(data: PreparedData, partitions: Sequence[np.ndarray]) -> str:
     """Hash the train and test arrays and each client's row indices.
 
@@ -292,35 +233,19 @@ def data_fingerprint(data: PreparedData, partitions: Sequence[np.ndarray]) -> st
     return digest.hexdigest()
 
 
-def require_compatible(
-    meta: Mapping, cfg: DictConfig | Mapping, data: str | None = None, where: str | Path = ""
-) -> None:
-    """Raise :class:`FedadError` unless ``cfg`` (and ``data``) may continue the checkpoint.
+def require_same_data(meta: Mapping, data: str, where: str | Path) -> None:
+    """Raise :class:`FedadError` unless ``data`` is the checkpoint's :func:`data_fingerprint`.
 
     Parameters
     ----------
     meta : Mapping
         The checkpoint's :func:`read_meta`.
-    cfg : DictConfig or Mapping
-        The config of the run that would continue it.
-    data : str, optional
-        :func:`data_fingerprint` of the prepared data, when it is known.
+    data : str
+        :func:`data_fingerprint` of the data prepared for the continued run.
     where : str or Path
         The run folder, for the message.
     """
-    problems = differences(meta["fingerprint"].get("config", {}), config_fingerprint(cfg))
-    rounds = int(config_fingerprint(cfg, ignore=())[ROUNDS_KEY])
-    if rounds < int(meta["round"]):
-        problems.append(
-            f"{ROUNDS_KEY} ({rounds} is below the {meta['round']} rounds the checkpoint holds)"
-        )
-    if problems:
-        raise FedadError(
-            f"Cannot resume the run in {where}: its checkpoint was written with other settings. "
-            f"Differing: {'; '.join(problems)}. Resume with the settings of the original run "
-            f"(only {ROUNDS_KEY} may grow), or start a new run in another folder."
-        )
-    if data is not None and data != meta["fingerprint"].get("data"):
+    if data != meta["fingerprint"].get("data"):
         raise FedadError(
             f"Cannot resume the run in {where}: the prepared data or the partition differ from "
             "the checkpoint's although the settings are the same; did the data files change "
@@ -393,27 +318,3 @@ def _damaged(path: Path, why: object) -> FedadError:
         f"The checkpoint file {path} is damaged ({why}), so the run in {path.parent.parent} "
         "cannot be resumed; the folder is left as it is. Start the run again in another folder."
     )
-
-
-def _flatten(values: Mapping, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-@contextmanager
-def _atomic(path: Path) -> Iterator[BinaryIO]:
-    """Write ``path.tmp``; once complete, flush it to disk and rename it to ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -1,119 +1,23 @@
-"""Flower ClientApp: feature sums, local training and local evaluation at one simulated site."""
+"""Flower ClientApp: a site's message handlers for feature sums, training and evaluation."""
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
-import keras
-import numpy as np
-import tensorflow as tf
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    MetricRecord,
-    RecordDict,
-    UserConfigValue,
-)
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 
-from fedad.federated import scaling, shards
-from fedad.metrics import compute_metrics
-from fedad.models import build_model
-
-Settings = Mapping[str, UserConfigValue]
-
-# Metrics every evaluate reply carries (NaN where undefined), so that all replies
-# have the same keys, as Flower's aggregation requires.
-CLIENT_METRICS = (
-    "accuracy",
-    "precision",
-    "recall",
-    "f1",
-    "macro_f1",
-    "weighted_f1",
-    "roc_auc",
-    "pr_auc",
-    "fpr",
+from fedad.federated import faults, scaling, shards
+from fedad.federated.task import (
+    Settings,
+    evaluation_metrics,
+    init_runtime,
+    load_site,
+    local_model,
+    predict,
+    run_settings,
+    train_local,
 )
-
-# How a site made to fail by `simulation.client_failure_rate` fails its training:
-# an error reply, no reply until past `simulation.round_timeout`, or its process dies.
-FAILURE_MODES = ("error", "hang", "crash")
-# How far past the round's timeout a hanging site replies.
-HANG_MARGIN_SECONDS = 2.0
-
-# One compiled model per actor process, reused by every client the actor runs:
-# building and tracing a Keras model costs seconds, a message costs milliseconds.
-_MODELS: dict[str, ProximalModel] = {}
-_RUNTIME_READY = False
-
-
-class ProximalModel(keras.Model):
-    """A functional Keras model whose training loss adds FedProx's proximal term.
-
-    The term is ``mu / 2 * ||w - w_global||^2`` over the trainable weights;
-    Flower's FedProx strategy only sends ``mu``, each client must add the term
-    itself. ``mu = 0`` gives plain local training (FedAvg and the others).
-    The anchor is kept outside Keras' tracking so it is not part of
-    ``get_weights()``.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._anchor = _Anchor(
-            mu=tf.Variable(0.0, trainable=False),
-            weights=[tf.Variable(w, trainable=False) for w in self.get_weights()],
-        )
-
-    def set_anchor(self, weights: list[np.ndarray], mu: float) -> None:
-        """Pull training towards ``weights`` (the global model) with strength ``mu``."""
-        self._anchor.mu.assign(mu)
-        for variable, value in zip(self._anchor.weights, weights, strict=True):
-            variable.assign(value)
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """Return the compiled loss plus the proximal term while training."""
-        loss = super().compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
-        )
-        if not training:
-            return loss
-        gap = tf.add_n(
-            [
-                tf.reduce_sum(tf.square(w.value - anchor))
-                for w, anchor in zip(self.weights, self._anchor.weights, strict=True)
-                if w.trainable
-            ]
-        )
-        return loss + 0.5 * self._anchor.mu * gap
-
-
-@dataclass
-class _Anchor:
-    mu: tf.Variable
-    weights: list[tf.Variable]
-
-
-@dataclass
-class Site:
-    """One client's shard, scaled and split into local train, validation and test."""
-
-    X_train: np.ndarray
-    y_train: np.ndarray
-    X_val: np.ndarray
-    y_val: np.ndarray
-    X_test: np.ndarray
-    y_test: np.ndarray
 
 
 def client_app(settings: Settings | None = None) -> ClientApp:
@@ -152,32 +56,6 @@ def client_app(settings: Settings | None = None) -> ClientApp:
     return app
 
 
-def run_settings(defaults: Settings, run_config: Settings) -> dict[str, UserConfigValue]:
-    """Return ``defaults`` updated with the values ``run_config`` sets.
-
-    Parameters
-    ----------
-    defaults : Mapping
-        Settings passed in code (the Simulation Engine's); empty under ``flwr run``.
-    run_config : Mapping
-        ``context.run_config``.
-
-    Returns
-    -------
-    dict
-        The settings the apps read; a run-config value ``""`` counts as not set.
-
-    Notes
-    -----
-    Flower rejects a ``flwr run --run-config`` key that ``[tool.flwr.app.config]``
-    in pyproject.toml does not declare, and hands the apps every declared key.
-    Which keys a run has depends on its model and strategy (FedAvg takes no
-    ``proximal_mu``), so pyproject.toml declares them all as ``""`` and only the
-    values that ``python -m fedad.deployment`` writes for the run may count.
-    """
-    return {**defaults, **{k: v for k, v in run_config.items() if v != ""}}
-
-
 # Entry point for `flwr run` (Deployment Engine): settings come from the run config.
 app = client_app()
 
@@ -185,7 +63,7 @@ app = client_app()
 def handle_query(msg: Message, context: Context, settings: Settings) -> Message:
     """Reply with the row count and per-feature sums of this site's whole shard."""
     pid = int(context.node_config["partition-id"])
-    X, _ = shards.read_shard(shards.shard_path(settings["run-dir"], pid), _reader(pid))
+    X, _ = shards.read_shard(shards.shard_path(settings["run-dir"], pid), shards.site_reader(pid))
     count, total, squares = scaling.site_sums(X)
     stats = MetricRecord(
         {"partition-id": pid, "count": count, "sum": total.tolist(), "sumsq": squares.tolist()}
@@ -195,12 +73,14 @@ def handle_query(msg: Message, context: Context, settings: Settings) -> Message:
 
 def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     """Train the received global model on the local shard; reply with the new weights."""
-    _init_runtime(settings)
+    init_runtime(settings)
     pid = int(context.node_config["partition-id"])
     config = msg.content["config"]
     server_round = int(config["server-round"])
-    if _fails(settings, context, config):
-        return _failure(msg, pid, server_round, _act_out_failure(settings, pid, server_round))
+    if faults.fails(settings, context, config):
+        return faults.failure_reply(
+            msg, pid, server_round, faults.act_out_failure(settings, pid, server_round)
+        )
     site = load_site(settings, pid, config)
     model = local_model(settings)
     history = train_local(
@@ -218,12 +98,12 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
 
 def handle_evaluate(msg: Message, context: Context, settings: Settings) -> Message:
     """Score the received global model on the local test slice."""
-    _init_runtime(settings)
+    init_runtime(settings)
     pid = int(context.node_config["partition-id"])
     config = msg.content["config"]
     # The final pass over all sites measures the final model, so nothing fails there.
-    if not config.get("final", False) and _fails(settings, context, config):
-        return _failure(msg, pid, int(config["server-round"]))
+    if not config.get("final", False) and faults.fails(settings, context, config):
+        return faults.failure_reply(msg, pid, int(config["server-round"]))
     site = load_site(settings, pid, config)
     model = local_model(settings)
     model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
@@ -231,299 +111,3 @@ def handle_evaluate(msg: Message, context: Context, settings: Settings) -> Messa
     metrics = evaluation_metrics(site.y_test, scores, json.loads(settings["class-names"]))
     record = MetricRecord({**metrics, "num-examples": len(site.y_test)})
     return Message(RecordDict({"metrics": record}), reply_to=msg)
-
-
-def predict(model: keras.Model, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Return ``model``'s class probabilities for ``X``, scored ``batch_size`` rows at a time.
-
-    Unlike ``model.predict``, this builds no tf.data pipeline, which costs
-    several times more than scoring a site's test slice.
-    """
-    if len(X) == 0:
-        return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
-    batches = [model.predict_on_batch(X[i : i + batch_size]) for i in range(0, len(X), batch_size)]
-    return np.concatenate(batches)
-
-
-def evaluation_metrics(y: np.ndarray, scores: np.ndarray, class_names: list[str]) -> dict:
-    """Return cross-entropy ``loss`` plus :data:`CLIENT_METRICS`, NaN where undefined.
-
-    Parameters
-    ----------
-    y : np.ndarray
-        True class codes.
-    scores : np.ndarray
-        Predicted probabilities ``(n, n_classes)``.
-    class_names : list[str]
-        Class code to name.
-
-    Returns
-    -------
-    dict
-        Plain floats, ready for a MetricRecord.
-    """
-    full = compute_metrics(y, scores, class_names)
-    out = {"loss": cross_entropy(y, scores)}
-    for key in CLIENT_METRICS:
-        out[key] = math.nan if full[key] is None else float(full[key])
-    return out
-
-
-def cross_entropy(y: np.ndarray, scores: np.ndarray) -> float:
-    """Mean negative log-probability of the true class (NaN for no rows)."""
-    if len(y) == 0:
-        return math.nan
-    p = scores[np.arange(len(y)), np.asarray(y, dtype=np.int64)]
-    return float(-np.mean(np.log(np.clip(p, 1e-7, 1.0))))
-
-
-def load_site(settings: Settings, partition_id: int, config: ConfigRecord) -> Site:
-    """Read this client's shard, scale it and split it into train/validation/test.
-
-    With federated scaling the server's pooled ``scale-mean``/``scale-std`` are
-    in ``config``; otherwise the site scales with its own shard's statistics.
-    The split depends only on the seed and the partition id, so a site keeps
-    the same local test slice in every round.
-    """
-    X, y = shards.read_shard(
-        shards.shard_path(settings["run-dir"], partition_id), _reader(partition_id)
-    )
-    if "scale-mean" in config:
-        mean, std = np.asarray(config["scale-mean"]), np.asarray(config["scale-std"])
-    else:
-        mean, std = scaling.pooled_moments([scaling.site_sums(X)])
-    X = scaling.standardize(X, mean, std)
-    use_val = int(settings["train.early_stopping_patience"]) > 0
-    train, val, test = local_split(
-        len(y),
-        float(settings["train.test_fraction"]),
-        float(settings["train.val_fraction"]) if use_val else 0.0,
-        seed=(int(settings["seed"]), partition_id),
-    )
-    return Site(X[train], y[train], X[val], y[val], X[test], y[test])
-
-
-def local_split(
-    n: int, test_fraction: float, val_fraction: float, seed: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return shuffled ``(train, val, test)`` row indices for a shard of ``n`` rows.
-
-    A non-zero fraction gets at least one row and training always keeps at
-    least one, so tiny shards still train and report.
-    """
-    order = np.random.default_rng(seed).permutation(n)
-
-    def size(total: int, fraction: float) -> int:
-        if fraction <= 0 or total < 2:
-            return 0
-        return min(max(1, round(total * fraction)), total - 1)
-
-    n_test = size(n, test_fraction)
-    n_val = size(n - n_test, val_fraction)
-    return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
-
-
-def local_model(settings: Settings) -> ProximalModel:
-    """Return this process's compiled model for ``settings``, built on first use."""
-    model_cfg = {k.removeprefix("model."): v for k, v in settings.items() if k.startswith("model.")}
-    n_classes = len(json.loads(settings["class-names"]))
-    key = json.dumps(
-        [
-            model_cfg,
-            settings["num-features"],
-            n_classes,
-            settings["train.learning_rate"],
-            settings["train.optimizer"],
-        ],
-        sort_keys=True,
-    )
-    if key not in _MODELS:
-        base = build_model(
-            model_cfg,
-            int(settings["num-features"]),
-            n_classes,
-            float(settings["train.learning_rate"]),
-            str(settings["train.optimizer"]),
-        )
-        model = ProximalModel(inputs=base.inputs, outputs=base.outputs, name=base.name)
-        model.compile(
-            optimizer=keras.optimizers.deserialize(keras.optimizers.serialize(base.optimizer)),
-            loss=base.loss,
-            metrics=["accuracy"],
-        )
-        _MODELS[key] = model
-    return _MODELS[key]
-
-
-def train_local(
-    model: ProximalModel,
-    global_weights: list[np.ndarray],
-    site: Site,
-    settings: Settings,
-    mu: float,
-    seed: int,
-) -> dict[str, float]:
-    """Train ``model`` from ``global_weights`` on the site's training rows.
-
-    Parameters
-    ----------
-    model : ProximalModel
-        From :func:`local_model`; its weights and optimizer state are reset here.
-    global_weights : list[np.ndarray]
-        The global model received from the server (also the proximal anchor).
-    site : Site
-        Scaled local data.
-    settings : Mapping
-        ``train.*`` settings: ``local_epochs``, ``batch_size``,
-        ``learning_rate``, ``class_weights``, ``early_stopping_patience``.
-    mu : float
-        FedProx proximal strength; 0 for every other strategy.
-    seed : int
-        Seeds shuffling and dropout, so one seed gives one update.
-
-    Returns
-    -------
-    dict[str, float]
-        ``train_loss`` (including the proximal term) and ``train_accuracy``
-        of the last epoch, and ``train_epochs`` run.
-    """
-    model.set_weights(global_weights)
-    model.set_anchor(global_weights, mu)
-    _reset_optimizer(model.optimizer, float(settings["train.learning_rate"]))
-    _reseed(model, seed)
-    # The seed orders the rows; Keras' shuffle on top draws from TensorFlow's global seed.
-    order = np.random.default_rng(seed).permutation(len(site.y_train))
-    X, y = site.X_train[order], site.y_train[order]
-    sample_weight = balanced_weights(y) if settings["train.class_weights"] else None
-    callbacks, validation = [], None
-    patience = int(settings["train.early_stopping_patience"])
-    if patience > 0 and len(site.y_val):
-        callbacks = [
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=patience, restore_best_weights=True
-            )
-        ]
-        validation = (site.X_val, site.y_val)
-    history = model.fit(
-        X,
-        y,
-        sample_weight=sample_weight,
-        epochs=int(settings["train.local_epochs"]),
-        batch_size=int(settings["train.batch_size"]),
-        validation_data=validation,
-        callbacks=callbacks,
-        shuffle=True,
-        verbose=0,
-    ).history
-    return {
-        "train_loss": float(history["loss"][-1]),
-        "train_accuracy": float(history["accuracy"][-1]),
-        "train_epochs": float(len(history["loss"])),
-    }
-
-
-def balanced_weights(y: np.ndarray) -> np.ndarray:
-    """Per-row weights ``n / (k * count(class))`` over the k classes present locally."""
-    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-    return (len(y) / (len(classes) * counts[inverse])).astype(np.float32)
-
-
-def injected_failure(
-    seed: int, server_round: int, partition_id: int, num_partitions: int, rate: float
-) -> bool:
-    """Whether the site fails in this round under ``simulation.client_failure_rate``.
-
-    Each round, ``floor(rate * num_partitions)`` sites, drawn from the seed and
-    the round, are down (for that round's training and evaluation), so the
-    outcome is the same in every run and independent of which sites were
-    sampled. A rate below 1 always leaves at least one site up. How a down
-    site fails its training is ``simulation.failure_mode`` (:data:`FAILURE_MODES`);
-    its evaluation always gets an error reply.
-    """
-    n_down = math.floor(rate * num_partitions)
-    if n_down == 0:
-        return False
-    down = np.random.default_rng((seed, server_round)).permutation(num_partitions)[:n_down]
-    return partition_id in down
-
-
-def _fails(settings: Settings, context: Context, config: ConfigRecord) -> bool:
-    return injected_failure(
-        int(settings["seed"]),
-        int(config["server-round"]),
-        int(context.node_config["partition-id"]),
-        int(context.node_config["num-partitions"]),
-        float(settings.get("simulation.client_failure_rate", 0.0)),
-    )
-
-
-def _act_out_failure(settings: Settings, partition_id: int, server_round: int) -> str:
-    """Hang past the round timeout or kill this process, per ``simulation.failure_mode``.
-
-    Returns what to add to the error reply's reason.
-    """
-    mode = settings.get("simulation.failure_mode", "error")
-    if mode == "hang":
-        # The late reply finds the server in a later step; it is dropped there.
-        time.sleep(float(settings["simulation.round_timeout"]) + HANG_MARGIN_SECONDS)
-    elif mode == "crash":
-        # Ray restarts the actor and runs the message again: the second time it
-        # gets the error reply, so the site counts as failed once, and the crash
-        # is not repeated until Ray gives up.
-        name = f"crashed_round_{server_round:05d}_{_reader(partition_id)}"
-        marker = Path(settings["run-dir"], shards.SHARD_DIR, name)
-        if not marker.exists():
-            marker.touch()
-            os._exit(1)
-        return " (its process was killed, then restarted)"
-    return ""
-
-
-def _failure(msg: Message, partition_id: int, server_round: int, detail: str = "") -> Message:
-    # An error reply is what Flower gets from a ClientApp that raised; replying
-    # with it directly avoids a logged traceback per injected failure.
-    reason = f"injected failure: site {partition_id} is down in round {server_round}{detail}"
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
-
-
-def _reader(partition_id: int) -> str:
-    return f"client_{partition_id:04d}"
-
-
-def _init_runtime(settings: Settings) -> None:
-    """Size TensorFlow's thread pools to the actor's CPUs and fix its global seed.
-
-    Must run before any TF op. Keras' shuffle draws from the global seed
-    afresh in every fit, so one fixed seed gives each fit the same draws and
-    :func:`train_local`'s seed alone decides the row order. Setting it once
-    matters: setting it clears TensorFlow's caches, and every traced
-    function then has to be instantiated again, which costs more than a
-    small site's training.
-    """
-    global _RUNTIME_READY
-    if _RUNTIME_READY:
-        return
-    threads = int(settings.get("client-threads", 1))
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    tf.config.experimental.enable_op_determinism()
-    tf.random.set_seed(int(settings.get("seed", 0)))
-    _RUNTIME_READY = True
-
-
-def _reset_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float) -> None:
-    # Zeroed slots and step count are what a fresh optimizer starts from; the
-    # cached model is shared by many sites, so no site inherits another's moments.
-    for variable in optimizer.variables:
-        variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
-    optimizer.learning_rate = learning_rate
-
-
-def _reseed(model: keras.Model, seed: int) -> None:
-    # Dropout draws from a per-layer seed state that advances with every step;
-    # resetting it makes the update independent of which sites the actor ran before.
-    for i, layer in enumerate(model.layers):
-        generator = getattr(layer, "seed_generator", None)
-        if isinstance(generator, keras.random.SeedGenerator):
-            state = np.array([(seed + i) % 2**32, 0])
-            generator.state.assign(state.astype(generator.state.dtype))

@@ -152,6 +152,12 @@ def _pickup_from_waiting_nodes() -> Iterator[None]:
 
     def loop(state, queue, nodes_mapping, f_stop) -> None:
         if not hasattr(state, "message_ins_store"):  # not the in-memory state it reads
+            log.warning(
+                "Flower's state %s holds no message_ins_store: using Flower's own message loop, "
+                "which asks every site 10 times a second (slower with many sites); see "
+                "tests/test_flower_contracts.py",
+                type(state).__name__,
+            )
             flower_loop(state, queue, nodes_mapping, f_stop)
             return
         stored = threading.Event()
@@ -201,6 +207,7 @@ def _actors_killed_at_the_end() -> Iterator[None]:
     flower_terminate = BasicActorPool.terminate_all_actors
 
     def kill_all(pool: BasicActorPool) -> None:
+        # flower-internal: test_actor_pool
         for actor in [*pool.pool, *pool._future_to_actor.values()]:
             ray.kill(actor, no_restart=True)
 

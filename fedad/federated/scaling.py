@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import numpy as np
 
 SiteSums = tuple[int, np.ndarray, np.ndarray]
+# How sites standardize: with pooled statistics from every site, or each with its own.
+SCALINGS = ("federated", "local")
 
 
 def site_sums(X: np.ndarray) -> SiteSums:

@@ -4,53 +4,30 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import threading
 import time
 import warnings
-from collections import Counter
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-    UserConfigValue,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Strategy
 
+from fedad import rundir
+from fedad.config import section
 from fedad.errors import FedadError
 from fedad.federated import checkpoint, scaling, shards
-from fedad.federated.client_app import evaluation_metrics, run_settings
+from fedad.federated.grid import POLL_SECONDS, SiteGrid
+from fedad.federated.rounds import Rounds, ServerEvaluator
 from fedad.federated.strategies import build_strategy
-from fedad.models import build_model
+from fedad.federated.task import Settings, global_model, run_settings
 
 log = logging.getLogger(__name__)
 
-Settings = Mapping[str, UserConfigValue]
-
-HISTORY_FILE = "history.csv"
-CLIENTS_FILE = "clients.csv"
-MODEL_FILE = "global_model.keras"
-SCALING_FILE = "scaling.npz"
 # Flower's own default for how long a round waits for replies.
 DEFAULT_ROUND_TIMEOUT = 3600.0
-POLL_SECONDS = 0.1
-# Replies are looked for every 5 ms, or 20 times as long as one look took if that is
-# longer (1,000 replies pending, a network in between), up to POLL_SECONDS: a round ends
-# soon after its last reply, and looking never takes more than 5 % of a core.
-MIN_POLL_SECONDS = 0.005
-POLL_COST_SHARE = 0.05
 
 
 def server_app(settings: Settings | None = None, stop: threading.Event | None = None) -> ServerApp:
@@ -102,256 +79,6 @@ def _log_to_stderr() -> None:
 
 # Entry point for `flwr run` (Deployment Engine): settings come from the run config.
 app = server_app()
-
-
-class Stopped(Exception):
-    """The simulation is being interrupted (Ctrl-C, SIGTERM) while the ServerApp waits."""
-
-
-class SiteGrid(Grid):
-    """A view of a Grid that lists sites in partition order and counts failed replies.
-
-    Flower samples with ``random.sample`` over ``get_node_ids()``, whose order
-    (a set of random node ids) changes from run to run; listing nodes by
-    partition id makes a seed pick the same sites every time. Replies come
-    back sorted the same way, so aggregation sums in a fixed order. Error
-    replies and replies missing at the timeout are counted per message type
-    and logged with the site's partition id and the reason. Once ``stop`` is
-    set, waiting raises :class:`Stopped`, so the ServerApp thread ends with
-    the process instead of waiting out the round. Everything else is
-    delegated to the wrapped Grid.
-    """
-
-    def __init__(self, grid: Grid, stop: threading.Event | None = None) -> None:
-        self._grid = grid
-        self.stop = stop
-        self.partition_of: dict[int, int] = {}
-        self.failures: Counter[str] = Counter()
-
-    def set_run(self, run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self):
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> list[int]:
-        """Return the connected node ids, ordered by partition id."""
-        return sorted(self._grid.get_node_ids(), key=self._order)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        """Send, wait ``timeout`` s at most, count and log failures, return replies by site."""
-        messages = list(messages)
-        pending = set(self._grid.push_messages(messages))
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while True:
-            self.check_stop()
-            asked = time.monotonic()
-            arrived = list(self._grid.pull_messages(pending))
-            cost = time.monotonic() - asked
-            replies += arrived
-            pending -= {m.metadata.reply_to_message_id for m in arrived}
-            if not pending or time.monotonic() >= deadline:
-                break
-            time.sleep(min(POLL_SECONDS, max(MIN_POLL_SECONDS, cost / POLL_COST_SHARE)))
-        replies.sort(key=lambda m: self._order(m.metadata.src_node_id))
-        self._count_failures(messages, replies, timeout)
-        return replies
-
-    def check_stop(self) -> None:
-        """Raise :class:`Stopped` once the simulation is being interrupted."""
-        if self.stop is not None and self.stop.is_set():
-            raise Stopped("the simulation was interrupted")
-
-    def _count_failures(
-        self, messages: list[Message], replies: list[Message], timeout: float | None
-    ) -> None:
-        answers = {m.metadata.reply_to_message_id: m for m in replies}
-        for message in messages:
-            reply = answers.get(message.metadata.message_id)
-            if reply is not None and not reply.has_error():
-                continue
-            kind = message.metadata.message_type
-            self.failures[kind] += 1
-            reason = f"no reply within {timeout:g} s" if reply is None else reply.error.reason
-            config = message.content.config_records.get("config") or {}
-            step = f"round {config['server-round']} {kind}" if "server-round" in config else kind
-            node = message.metadata.dst_node_id
-            log.warning(
-                "site %s failed (%s): %s",
-                self.partition_of.get(node, f"at node {node}"),
-                step,
-                # An actor's death comes with a page of Ray internals; its first line says it.
-                reason.strip().splitlines()[0][:300] if reason.strip() else "no reason given",
-            )
-
-    def take_failures(self) -> tuple[int, int]:
-        """Return and reset the ``(train, evaluate)`` failures counted so far."""
-        counts = (self.failures[MessageType.TRAIN], self.failures[MessageType.EVALUATE])
-        self.failures.clear()
-        return counts
-
-    def _order(self, node_id: int) -> tuple[float, int]:
-        return (self.partition_of.get(node_id, float("inf")), node_id)
-
-
-class Rounds(Strategy):
-    """A strategy wrapper: absolute round numbers, per-round sampling seeds, a minimum of replies.
-
-    Flower's ``start`` counts rounds from 1. A run resumed after round ``done``
-    hands ``done + round`` to the wrapped strategy, so that the clients (their
-    seeds, the injected failures) and FedAdam's bias correction see the round
-    numbers of an uninterrupted run; site sampling is seeded with the seed and
-    that round for the same reason. A training round with fewer good replies
-    than ``min_replies`` raises :class:`FedadError`. The aggregated client
-    metrics of each round are kept for the history.
-    """
-
-    def __init__(self, strategy: Strategy, done: int, seed: int, min_replies: int) -> None:
-        self.strategy = strategy
-        self.done = done
-        self.seed = seed
-        self.min_replies = min_replies
-        self.sampled = 0
-        self.train_metrics: dict[int, MetricRecord] = {}
-        self.evaluate_metrics: dict[int, MetricRecord] = {}
-
-    def absolute(self, server_round: int) -> int:
-        """Return the run's round number for Flower's ``server_round``."""
-        return self.done + server_round
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        server_round = self.absolute(server_round)
-        random.seed(f"{self.seed}/train/{server_round}")
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        self.sampled = len(messages)
-        return messages
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round = self.absolute(server_round)
-        replies = list(replies)
-        good = sum(not m.has_error() for m in replies)
-        if good < self.min_replies:
-            raise FedadError(
-                f"Round {server_round} got training replies from only {good} of the "
-                f"{self.sampled} sampled sites, fewer than simulation.min_clients="
-                f"{self.min_replies}; the failing sites and their reasons are logged above."
-            )
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if metrics is not None:
-            self.train_metrics[server_round] = metrics
-        return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        server_round = self.absolute(server_round)
-        random.seed(f"{self.seed}/evaluate/{server_round}")
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        server_round = self.absolute(server_round)
-        metrics = self.strategy.aggregate_evaluate(server_round, replies)
-        if metrics is not None:
-            self.evaluate_metrics[server_round] = metrics
-        return metrics
-
-    def summary(self) -> None:
-        self.strategy.summary()
-
-
-class ServerEvaluator:
-    """Flower ``evaluate_fn``: score the global model on the global test set each round.
-
-    Also times the rounds, collects the failures the :class:`SiteGrid`
-    counted and the client metrics :class:`Rounds` kept into one history row
-    per round, keeps the latest global arrays, logs one line per round and
-    hands the round's state to the :class:`~fedad.federated.checkpoint.Checkpointer`.
-    ``history`` holds the rows of the rounds a resumed run already has.
-    """
-
-    def __init__(
-        self,
-        model: keras.Model,
-        X_test: np.ndarray,
-        y_test: np.ndarray,
-        class_names: list[str],
-        num_rounds: int,
-        grid: SiteGrid,
-        rounds: Rounds,
-        checkpointer: checkpoint.Checkpointer,
-        history: list[dict],
-    ) -> None:
-        self.model = model
-        self.X_test, self.y_test = X_test, y_test
-        self.class_names = class_names
-        self.num_rounds = num_rounds
-        self.grid = grid
-        self.rounds = rounds
-        self.checkpointer = checkpointer
-        self.rows: list[dict] = list(history)
-        self.arrays: ArrayRecord | None = None
-        self._last = time.perf_counter()
-        self._started_at = time.time()
-
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Evaluate ``arrays``; return the metrics Flower stores for ``server_round``."""
-        self.arrays = arrays
-        server_round = self.rounds.absolute(server_round)
-        if self.rows and self.rows[-1]["round"] == server_round:
-            # Flower first evaluates the initial arrays: resumed, they are the
-            # checkpoint's model, evaluated in its own round already.
-            return None
-        self.model.set_weights(arrays.to_numpy_ndarrays())
-        scores = self.model.predict(self.X_test, batch_size=4096, verbose=0)
-        metrics = evaluation_metrics(self.y_test, scores, self.class_names)
-        train_failures, eval_failures = self.grid.take_failures()
-        now = time.perf_counter()
-        seconds, self._last = now - self._last, now
-        started_at, self._started_at = self._started_at, time.time()
-        client = self.rounds.evaluate_metrics.get(server_round, {})
-        self.rows.append(
-            {
-                "round": server_round,
-                **metrics,
-                **self.rounds.train_metrics.get(server_round, {}),
-                **{f"client_{k}": v for k, v in client.items()},
-                "failures": train_failures,
-                "eval_failures": eval_failures,
-                "seconds": seconds,
-                "started_at": started_at,
-            }
-        )
-        log.info(
-            "round %d/%d  loss %.3f  macro-F1 %.3f  ROC-AUC %.3f  failures %d  %.1f s",
-            server_round,
-            self.num_rounds,
-            metrics["loss"],
-            metrics["macro_f1"],
-            metrics["roc_auc"],
-            train_failures,
-            seconds,
-        )
-        self.checkpointer.round_done(server_round, arrays.to_numpy_ndarrays(), self.rows)
-        return MetricRecord(metrics)
 
 
 def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = None) -> None:
@@ -410,7 +137,7 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
 
     node_ids = _wait_for_nodes(sites, int(settings["num-clients"]))
     counts, mean, std = _pooled_statistics(sites, node_ids)
-    np.savez(run_dir / SCALING_FILE, mean=mean, std=std)
+    np.savez(run_dir / rundir.SCALING_FILE, mean=mean, std=std)
     config = ConfigRecord()
     if settings["simulation.scaling"] == "federated":
         config = ConfigRecord({"scale-mean": mean.tolist(), "scale-std": std.tolist()})
@@ -418,11 +145,8 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     keras.utils.set_random_seed(seed)
     model = global_model(settings)
     X_test, y_test = shards.read_shard(shards.test_path(run_dir), "server")
-    strategy_cfg = {
-        k.removeprefix("strategy."): v for k, v in settings.items() if k.startswith("strategy.")
-    }
     strategy = build_strategy(
-        strategy_cfg,
+        section(settings, "strategy"),
         float(settings["simulation.fraction_train"]),
         float(settings["simulation.fraction_evaluate"]),
         int(settings["simulation.min_clients"]),
@@ -473,8 +197,8 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
 
     final_config = ConfigRecord({**config, "server-round": num_rounds, "final": True})
     clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts, timeout)
-    clients.to_csv(run_dir / CLIENTS_FILE, index=False)
-    _history(evaluator.rows).to_csv(run_dir / HISTORY_FILE, index=False)
+    clients.to_csv(run_dir / rundir.CLIENTS_FILE, index=False)
+    _history(evaluator.rows).to_csv(run_dir / rundir.HISTORY_FILE, index=False)
     model.set_weights(evaluator.arrays.to_numpy_ndarrays())
     # A built optimizer is saved with all its slots, so loading the file with
     # compile=True does not warn about missing optimizer variables.
@@ -484,31 +208,7 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
         warnings.filterwarnings(
             "ignore", message="__array__ implementation", category=DeprecationWarning
         )
-        model.save(run_dir / MODEL_FILE)
-
-
-def global_model(settings: Settings) -> keras.Model:
-    """Build and compile the server's copy of the model the sites train, from ``settings``.
-
-    Parameters
-    ----------
-    settings : Mapping
-        Flat run settings with ``model.*``, ``num-features``, ``class-names``,
-        ``train.learning_rate`` and ``train.optimizer``.
-
-    Returns
-    -------
-    keras.Model
-        Fresh weights drawn from Keras's current random state.
-    """
-    model_cfg = {k.removeprefix("model."): v for k, v in settings.items() if k.startswith("model.")}
-    return build_model(
-        model_cfg,
-        int(settings["num-features"]),
-        len(json.loads(str(settings["class-names"]))),
-        float(settings["train.learning_rate"]),
-        str(settings["train.optimizer"]),
-    )
+        model.save(run_dir / rundir.MODEL_FILE)
 
 
 def _wait_for_nodes(sites: SiteGrid, expected: int, timeout: float = 300.0) -> list[int]:

@@ -8,14 +8,19 @@ from pathlib import Path
 import numpy as np
 
 from fedad.data.prepared import PreparedData
+from fedad.rundir import SHARD_DIR
 
-SHARD_DIR = "shards"
 ACCESS_LOG = "access.log"
+
+
+def site_reader(partition_id: int) -> str:
+    """How site ``partition_id`` names itself in the access log (``client_0003``)."""
+    return f"client_{partition_id:04d}"
 
 
 def shard_path(run_dir: str | Path, partition_id: int) -> Path:
     """Return the shard file of client ``partition_id`` under ``run_dir``."""
-    return Path(run_dir) / SHARD_DIR / f"client_{partition_id:04d}.npz"
+    return Path(run_dir) / SHARD_DIR / f"{site_reader(partition_id)}.npz"
 
 
 def test_path(run_dir: str | Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 
@@ -19,6 +20,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from fedad import checks
 from fedad.errors import FedadError
 
 STRATEGIES: dict[str, type[FedAvg]] = {
@@ -32,6 +34,75 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
 }
+# Ranges of the strategies' own parameters (types come from the Flower class's defaults).
+RANGES: dict[str, dict] = {
+    "proximal_mu": {"low": 0},
+    "eta": {"low": 0, "low_open": True},
+    "eta_l": {"low": 0, "low_open": True},
+    "tau": {"low": 0, "low_open": True},
+    "beta_1": {"low": 0, "high": 1, "high_open": True},
+    "beta_2": {"low": 0, "high": 1, "high_open": True},
+    "server_learning_rate": {"low": 0, "low_open": True},
+    "server_momentum": {"low": 0, "high": 1, "high_open": True},
+    "beta": {"low": 0, "high": 0.5, "high_open": True},
+    "num_malicious_nodes": {"whole": True, "low": 0},
+}
+# Settings fedad passes to every strategy itself (not configurable per strategy).
+FEDAD_ARGUMENTS = (
+    "fraction_train",
+    "fraction_evaluate",
+    "min_train_nodes",
+    "min_evaluate_nodes",
+    "min_available_nodes",
+    "evaluate_metrics_aggr_fn",
+)
+
+
+def check_config(strategy_cfg: Mapping, replies: int) -> list[str]:
+    """What is wrong with a ``strategy`` config; empty when Flower can run it.
+
+    Parameters
+    ----------
+    strategy_cfg : Mapping
+        ``name`` plus the strategy's own parameters.
+    replies : int
+        Training replies a round can expect (sites sampled, less those made to
+        fail): the robust aggregators' bounds on assumed attackers depend on it.
+
+    Returns
+    -------
+    list[str]
+        One phrase per problem, naming the key.
+    """
+    name = strategy_cfg.get("name")
+    if name not in STRATEGIES:
+        return [f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}"]
+    signature = inspect.signature(STRATEGIES[name].__init__).parameters
+    problems = []
+    for key in strategy_cfg:
+        if key == "name":
+            continue
+        if key not in signature or key in FEDAD_ARGUMENTS:
+            known = [k for k in signature if k not in (*FEDAD_ARGUMENTS, "self")]
+            problems.append(
+                f"strategy.{key} is not a parameter of {name} (it takes: "
+                f"{', '.join(known) or 'none'})"
+            )
+            continue
+        default = signature[key].default
+        if isinstance(default, bool):
+            problems.append(checks.flag(strategy_cfg, key, "strategy"))
+        elif isinstance(default, int | float) or key in RANGES:
+            rules = RANGES.get(key, {"whole": isinstance(default, int)})
+            problems.append(checks.number(strategy_cfg, key, "strategy", **rules))
+    attackers = strategy_cfg.get("num_malicious_nodes")
+    if name == "krum" and isinstance(attackers, int) and replies < 2 * attackers + 3:
+        problems.append(
+            f"Krum tolerates f attackers among n replies only when n >= 2f + 3, but "
+            f"strategy.num_malicious_nodes={attackers} with {replies} expected replies per "
+            "round; lower it or sample more sites"
+        )
+    return [p for p in problems if p]
 
 
 def build_strategy(

@@ -1,23 +1,19 @@
-"""`python -m fedad.report DIR`: one report (tables, figures, markdown) over a run or a sweep."""
+"""The tables of a report: every job of a run or sweep in one tidy table, summaries, gaps."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import numbers
 import os
-import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from fedad import report_figures as figures
-from fedad.errors import FedadError, exit_with
-from fedad.report_markdown import format_value, render, row_labels, setting_label
+from fedad.errors import FedadError
+from fedad.report.markdown import format_value
 
 # Fields of results.json "settings"; "model" is renamed so it cannot clash with the
 # per-row model name ("federated_cnn", "random_forest", ...).
@@ -55,7 +51,7 @@ _ALIASES = {
 # Per-job fields that close each row of the tidy table.
 _JOB_FIELDS = ("label_skew", "wall_seconds", "error")
 # Settings that change how the training data is split over clients (heatmaps differ by these).
-_PARTITION_KEYS = ("dataset", "task", "partition", "alpha", "num_clients")
+PARTITION_KEYS = ("dataset", "task", "partition", "alpha", "num_clients")
 
 
 def collect(path: str | os.PathLike) -> pd.DataFrame:
@@ -133,8 +129,8 @@ def summarize(tidy: pd.DataFrame) -> pd.DataFrame:
         :data:`SUMMARY_METRICS`, ``<metric>_mean`` and ``<metric>_std`` (``ddof=1``, as
         pandas computes it; NaN when ``n`` is 1).
     """
-    done = _done(tidy)
-    keys = _group_keys(tidy)
+    done = finished_jobs(tidy)
+    keys = group_keys(tidy)
     by = [*keys, "model"]
     columns = [*by, "kind", "federated", "n"]
     columns += [f"{m}_{s}" for m in SUMMARY_METRICS for s in ("mean", "std")]
@@ -147,97 +143,7 @@ def summarize(tidy: pd.DataFrame) -> pd.DataFrame:
     for metric in SUMMARY_METRICS:
         frame[f"{metric}_mean"] = grouped[metric].mean()
         frame[f"{metric}_std"] = grouped[metric].std()
-    return _sort(frame.reset_index(), keys)[columns]
-
-
-def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Write ``report.csv``, ``summary.csv``, the figures and ``report.md``.
-
-    Parameters
-    ----------
-    path : str or PathLike
-        A run directory or a folder above run directories (see :func:`collect`).
-    out : str or PathLike, optional
-        Output folder; ``path`` itself by default.
-
-    Returns
-    -------
-    Path
-        The written ``report.md``.
-
-    Raises
-    ------
-    FedadError
-        If ``path`` does not exist or holds no run.
-    """
-    root = Path(path)
-    tidy = collect(root)
-    out_dir = Path(out) if out is not None else root
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ".write-probe").touch()
-        (out_dir / ".write-probe").unlink()
-    except OSError as err:
-        raise FedadError(
-            f"Cannot write the report to {out_dir}: {err.strerror}. Give --out a folder you can "
-            "write (by default the report goes into the run directory itself)."
-        ) from err
-    tidy.to_csv(out_dir / "report.csv", index=False)
-    summary = summarize(tidy)
-    summary.to_csv(out_dir / "summary.csv", index=False)
-    keys = _group_keys(tidy)
-    done = _done(tidy)
-    gaps = _job_gaps(done, keys)
-    sites = _job_sites(root, done, keys)
-    made = _figures(root, out_dir, done, summary, gaps, sites, keys)
-    heatmaps = _copy_heatmaps(root, out_dir, done, keys)
-    settings = _settings_columns(tidy)
-    text = render(
-        root,
-        out_dir,
-        tidy,
-        summary,
-        _gap_table(gaps, keys),
-        _site_table(sites, keys),
-        keys=keys,
-        settings=settings,
-        fixed=_fixed(done, settings, keys),
-        seeds=sorted(done["seed"].dropna().unique(), key=_sortable),
-        metrics=SUMMARY_METRICS,
-        made=made,
-        heatmaps=heatmaps,
-    )
-    report = out_dir / "report.md"
-    report.write_text(text)
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point: ``python -m fedad.report PATH [--out DIR]``.
-
-    Parameters
-    ----------
-    argv : Sequence[str], optional
-        Arguments without the program name; ``sys.argv[1:]`` when None.
-
-    Raises
-    ------
-    SystemExit
-        With status 2 and one paragraph on stderr, no traceback, on a user error
-        (a missing path, a folder without runs).
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m fedad.report",
-        description="Report a run or a multirun of fedad.simulate: tables, figures, report.md.",
-    )
-    parser.add_argument("path", help="run directory or multirun directory")
-    parser.add_argument("--out", help="output folder (default: the given directory)")
-    args = parser.parse_args(argv)
-    try:
-        report = write_report(args.path, args.out)
-    except FedadError as err:
-        exit_with(err)
-    print(report)
+    return sort(frame.reset_index(), keys)[columns]
 
 
 def _job_dirs(root: Path) -> list[Path]:
@@ -328,18 +234,21 @@ def _models(results: dict, job_dir: Path) -> list[dict]:
     return frame.to_dict("records")
 
 
-def _done(tidy: pd.DataFrame) -> pd.DataFrame:
+def finished_jobs(tidy: pd.DataFrame) -> pd.DataFrame:
+    """The rows of finished jobs that hold a model result."""
     done = tidy[(tidy["status"] == "done") & tidy["model"].notna()].copy()
     done["federated"] = done["federated"].astype(bool)
     return done
 
 
-def _group_keys(tidy: pd.DataFrame) -> list[str]:
-    done = _done(tidy)
-    return [c for c in _settings_columns(tidy) if c != "seed" and done[c].nunique(dropna=False) > 1]
+def group_keys(tidy: pd.DataFrame) -> list[str]:
+    """The settings that vary across finished jobs, seed excepted: what a summary groups by."""
+    done = finished_jobs(tidy)
+    return [c for c in settings_columns(tidy) if c != "seed" and done[c].nunique(dropna=False) > 1]
 
 
-def _sortable(value: object) -> tuple:
+def sortable(value: object) -> tuple:
+    """A sort key that orders numbers numerically, before text, with missing values last."""
     # Settings mix numbers, text and missing values; order numbers first, missing last.
     if pd.isna(value):
         return (2, "")
@@ -349,14 +258,16 @@ def _sortable(value: object) -> tuple:
     return (1, str(value))
 
 
-def _sort(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def sort(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``frame`` sorted by ``keys`` with :func:`sortable` keys."""
     if not keys or frame.empty:
         return frame
-    order = sorted(range(len(frame)), key=lambda i: [_sortable(frame[k].iat[i]) for k in keys])
+    order = sorted(range(len(frame)), key=lambda i: [sortable(frame[k].iat[i]) for k in keys])
     return frame.iloc[order].reset_index(drop=True)
 
 
-def _job_gaps(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def job_gaps(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per job: the federated model's macro-F1 minus its centralized reference's."""
     rows = []
     for job, models in done.groupby("job", sort=False):
         central = models[~models["federated"] & models["macro_f1"].notna()]
@@ -379,7 +290,8 @@ def _job_gaps(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _job_sites(root: Path, done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def job_sites(root: Path, done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per job: the worst, median and best site's final macro-F1 from ``clients.csv``."""
     rows = []
     for job, models in done.groupby("job", sort=False):
         path = root / job / "clients.csv"
@@ -402,7 +314,7 @@ def _job_sites(root: Path, done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _aggregate(
+def aggregate(
     frame: pd.DataFrame, by: list[str], values: Sequence[str], text: Sequence[str] = ()
 ) -> pd.DataFrame:
     """Mean and std (ddof=1) of ``values`` per ``by`` group, ``n`` jobs, distinct ``text``."""
@@ -413,26 +325,26 @@ def _aggregate(
     for v in values:
         out[f"{v}_mean"] = grouped[v].mean()
         out[f"{v}_std"] = grouped[v].std()
-    return _sort(out.reset_index(drop=not by), by)
+    return sort(out.reset_index(drop=not by), by)
 
 
-def _gap_table(gaps: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def gap_table(gaps: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Same-job gaps per setting and federated model, mean ± std over seeds, largest loss first."""
     if gaps.empty:
         return pd.DataFrame(columns=["gap_mean"])
     values = ["federated_f1", "reference_f1", "gap"]
-    table = _aggregate(gaps, [*keys, "model"], values, text=["reference"])
+    table = aggregate(gaps, [*keys, "model"], values, text=["reference"])
     return table.sort_values("gap_mean", kind="stable", ignore_index=True)
 
 
-def _site_table(sites: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def site_table(sites: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Worst, median and best client macro-F1 per setting, mean ± std over seeds."""
     if sites.empty:
         return pd.DataFrame()
-    return _aggregate(sites, keys, ["worst", "median", "best"], text=["clients"])
+    return aggregate(sites, keys, ["worst", "median", "best"], text=["clients"])
 
 
-def _fixed(done: pd.DataFrame, settings: list[str], keys: list[str]) -> dict[str, object]:
+def fixed(done: pd.DataFrame, settings: list[str], keys: list[str]) -> dict[str, object]:
     """Settings, seed aside, that hold one value over the done jobs, with that value."""
     return {
         c: done[c].dropna().iloc[0]
@@ -441,70 +353,7 @@ def _fixed(done: pd.DataFrame, settings: list[str], keys: list[str]) -> dict[str
     }
 
 
-def _figures(
-    root: Path,
-    out_dir: Path,
-    done: pd.DataFrame,
-    summary: pd.DataFrame,
-    gaps: pd.DataFrame,
-    sites: pd.DataFrame,
-    keys: list[str],
-) -> dict[str, Path]:
-    made: dict[str, Path] = {}
-    fed = summary[summary["federated"].astype(bool)]
-    refs = dict.fromkeys(gaps["reference"]) if not gaps.empty else {}
-    ref_f1 = {r: done.loc[done["model"] == r, "macro_f1"].mean() for r in refs}
-    for x, name, log in (("alpha", "f1_vs_alpha", True), ("num_clients", "f1_vs_clients", False)):
-        if x not in keys or fed[x].dropna().nunique() < 2:
-            continue
-        points = fed[fed[x].notna()]
-        points = points.assign(line=row_labels(points, [k for k in keys if k != x]))
-        made[name] = figures.f1_versus(points, x, ref_f1, out_dir / f"{name}.png", log)
-    histories = []
-    for job, models in done[done["federated"]].groupby("job", sort=False):
-        path = root / job / "history.csv"
-        if path.exists():
-            histories.append(pd.read_csv(path).assign(setting=setting_label(models.iloc[0], keys)))
-    if histories:
-        made["convergence"] = figures.convergence(
-            pd.concat(histories, ignore_index=True), out_dir / "convergence.png"
-        )
-    if not gaps.empty:
-        agg = _aggregate(gaps, [*keys, "model"], ["gap"])
-        made["gap"] = figures.gap_bars(agg.assign(label=row_labels(agg, keys)), out_dir / "gap.png")
-    if not sites.empty:
-        agg = _aggregate(sites, keys, ["worst", "median", "best"])
-        agg["label"] = [setting_label(r, keys) for _, r in agg.iterrows()]
-        made["site_spread"] = figures.site_spread(agg, out_dir / "site_spread.png")
-    return made
-
-
-def _copy_heatmaps(
-    root: Path, out_dir: Path, done: pd.DataFrame, keys: list[str]
-) -> list[tuple[str, Path]]:
-    # One heatmap per distinct split (lowest seed): strategies sharing a split share it.
-    split_keys = [k for k in keys if k in _PARTITION_KEYS or k.startswith("partition.")]
-    jobs = done.drop_duplicates("job")
-    jobs = jobs.iloc[sorted(range(len(jobs)), key=lambda i: _sortable(jobs["seed"].iat[i]))]
-    copied: list[tuple[str, Path]] = []
-    seen: set[str] = set()
-    for _, job in _sort(jobs, split_keys).iterrows():
-        source = root / job["job"] / "partition.png"
-        label = setting_label(job, split_keys) if split_keys else "partition"
-        if label in seen or not source.exists():
-            continue
-        seen.add(label)
-        target = out_dir / "heatmaps" / (re.sub(r"[^A-Za-z0-9.=_-]+", "_", label) + ".png")
-        target.parent.mkdir(exist_ok=True)
-        shutil.copyfile(source, target)
-        copied.append((f"{label} (seed {format_value(job['seed'])}, job `{job['job']}`)", target))
-    return copied
-
-
-def _settings_columns(tidy: pd.DataFrame) -> list[str]:
+def settings_columns(tidy: pd.DataFrame) -> list[str]:
+    """The setting columns of the tidy table (between ``status`` and ``model``)."""
     cols = list(tidy.columns)
     return cols[cols.index("status") + 1 : cols.index("model")]
-
-
-if __name__ == "__main__":
-    main()

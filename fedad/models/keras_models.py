@@ -1,4 +1,4 @@
-"""Keras models trained by the federated clients and the centralized baselines."""
+"""Keras classifiers trained by the federated sites and the centralized baselines."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from collections.abc import Mapping
 import keras
 
 from fedad.errors import FedadError
-
-MODEL_NAMES = ("cnn", "logistic")
-OPTIMIZERS = ("adam", "sgd")
+from fedad.models.catalog import MODEL_NAMES, OPTIMIZERS
 
 
 def build_model(

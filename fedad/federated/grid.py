@@ -1,0 +1,130 @@
+"""SiteGrid: Flower's Grid seen in partition order, with failed replies counted and logged."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.1
+# Replies are looked for every 5 ms, or 20 times as long as one look took if that is
+# longer (1,000 replies pending, a network in between), up to POLL_SECONDS: a round ends
+# soon after its last reply, and looking never takes more than 5 % of a core.
+MIN_POLL_SECONDS = 0.005
+POLL_COST_SHARE = 0.05
+
+
+class Stopped(Exception):
+    """The simulation is being interrupted (Ctrl-C, SIGTERM) while the ServerApp waits."""
+
+
+class SiteGrid(Grid):
+    """A view of a Grid that lists sites in partition order and counts failed replies.
+
+    Flower samples with ``random.sample`` over ``get_node_ids()``, whose order
+    (a set of random node ids) changes from run to run; listing nodes by
+    partition id makes a seed pick the same sites every time. Replies come
+    back sorted the same way, so aggregation sums in a fixed order. Error
+    replies and replies missing at the timeout are counted per message type
+    and logged with the site's partition id and the reason. Once ``stop`` is
+    set, waiting raises :class:`Stopped`, so the ServerApp thread ends with
+    the process instead of waiting out the round. Everything else is
+    delegated to the wrapped Grid.
+    """
+
+    def __init__(self, grid: Grid, stop: threading.Event | None = None) -> None:
+        self._grid = grid
+        self.stop = stop
+        self.partition_of: dict[int, int] = {}
+        self.failures: Counter[str] = Counter()
+
+    def set_run(self, run) -> None:
+        """Set the run on the wrapped Grid."""
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        """The wrapped Grid's run."""
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        """Create a message with the wrapped Grid."""
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> list[int]:
+        """Return the connected node ids, ordered by partition id."""
+        return sorted(self._grid.get_node_ids(), key=self._order)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push messages through the wrapped Grid; return their ids."""
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull the replies that have arrived through the wrapped Grid."""
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Send, wait ``timeout`` s at most, count and log failures, return replies by site."""
+        messages = list(messages)
+        pending = set(self._grid.push_messages(messages))
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while True:
+            self.check_stop()
+            asked = time.monotonic()
+            arrived = list(self._grid.pull_messages(pending))
+            cost = time.monotonic() - asked
+            replies += arrived
+            pending -= {m.metadata.reply_to_message_id for m in arrived}
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(min(POLL_SECONDS, max(MIN_POLL_SECONDS, cost / POLL_COST_SHARE)))
+        replies.sort(key=lambda m: self._order(m.metadata.src_node_id))
+        self._count_failures(messages, replies, timeout)
+        return replies
+
+    def check_stop(self) -> None:
+        """Raise :class:`Stopped` once the simulation is being interrupted."""
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped("the simulation was interrupted")
+
+    def _count_failures(
+        self, messages: list[Message], replies: list[Message], timeout: float | None
+    ) -> None:
+        answers = {m.metadata.reply_to_message_id: m for m in replies}
+        for message in messages:
+            reply = answers.get(message.metadata.message_id)
+            if reply is not None and not reply.has_error():
+                continue
+            kind = message.metadata.message_type
+            self.failures[kind] += 1
+            reason = f"no reply within {timeout:g} s" if reply is None else reply.error.reason
+            config = message.content.config_records.get("config") or {}
+            step = f"round {config['server-round']} {kind}" if "server-round" in config else kind
+            node = message.metadata.dst_node_id
+            log.warning(
+                "site %s failed (%s): %s",
+                self.partition_of.get(node, f"at node {node}"),
+                step,
+                # An actor's death comes with a page of Ray internals; its first line says it.
+                reason.strip().splitlines()[0][:300] if reason.strip() else "no reason given",
+            )
+
+    def take_failures(self) -> tuple[int, int]:
+        """Return and reset the ``(train, evaluate)`` failures counted so far."""
+        counts = (self.failures[MessageType.TRAIN], self.failures[MessageType.EVALUATE])
+        self.failures.clear()
+        return counts
+
+    def _order(self, node_id: int) -> tuple[float, int]:
+        return (self.partition_of.get(node_id, float("inf")), node_id)

@@ -1,0 +1,173 @@
+"""Round bookkeeping around a Flower strategy: round numbers, sampling seeds, history rows."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+
+import keras
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedad.errors import FedadError
+from fedad.federated import checkpoint
+from fedad.federated.grid import SiteGrid
+from fedad.federated.task import evaluation_metrics
+
+log = logging.getLogger(__name__)
+
+
+class Rounds(Strategy):
+    """A strategy wrapper: absolute round numbers, per-round sampling seeds, a minimum of replies.
+
+    Flower's ``start`` counts rounds from 1. A run resumed after round ``done``
+    hands ``done + round`` to the wrapped strategy, so that the clients (their
+    seeds, the injected failures) and FedAdam's bias correction see the round
+    numbers of an uninterrupted run; site sampling is seeded with the seed and
+    that round for the same reason. A training round with fewer good replies
+    than ``min_replies`` raises :class:`FedadError`. The aggregated client
+    metrics of each round are kept for the history.
+    """
+
+    def __init__(self, strategy: Strategy, done: int, seed: int, min_replies: int) -> None:
+        self.strategy = strategy
+        self.done = done
+        self.seed = seed
+        self.min_replies = min_replies
+        self.sampled = 0
+        self.train_metrics: dict[int, MetricRecord] = {}
+        self.evaluate_metrics: dict[int, MetricRecord] = {}
+
+    def absolute(self, server_round: int) -> int:
+        """Return the run's round number for Flower's ``server_round``."""
+        return self.done + server_round
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Sample and configure this round's training, seeded by the absolute round."""
+        server_round = self.absolute(server_round)
+        random.seed(f"{self.seed}/train/{server_round}")
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self.sampled = len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the training replies; refuse a round with too few good ones."""
+        server_round = self.absolute(server_round)
+        replies = list(replies)
+        good = sum(not m.has_error() for m in replies)
+        if good < self.min_replies:
+            raise FedadError(
+                f"Round {server_round} got training replies from only {good} of the "
+                f"{self.sampled} sampled sites, fewer than simulation.min_clients="
+                f"{self.min_replies}; the failing sites and their reasons are logged above."
+            )
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if metrics is not None:
+            self.train_metrics[server_round] = metrics
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample and configure this round's client evaluation, seeded by the absolute round."""
+        server_round = self.absolute(server_round)
+        random.seed(f"{self.seed}/evaluate/{server_round}")
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate the evaluation replies and keep their metrics for the history."""
+        server_round = self.absolute(server_round)
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            self.evaluate_metrics[server_round] = metrics
+        return metrics
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.strategy.summary()
+
+
+class ServerEvaluator:
+    """Flower ``evaluate_fn``: score the global model on the global test set each round.
+
+    Also times the rounds, collects the failures the :class:`SiteGrid`
+    counted and the client metrics :class:`Rounds` kept into one history row
+    per round, keeps the latest global arrays, logs one line per round and
+    hands the round's state to the :class:`~fedad.federated.checkpoint.Checkpointer`.
+    ``history`` holds the rows of the rounds a resumed run already has.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        X_test: np.ndarray,
+        y_test: np.ndarray,
+        class_names: list[str],
+        num_rounds: int,
+        grid: SiteGrid,
+        rounds: Rounds,
+        checkpointer: checkpoint.Checkpointer,
+        history: list[dict],
+    ) -> None:
+        self.model = model
+        self.X_test, self.y_test = X_test, y_test
+        self.class_names = class_names
+        self.num_rounds = num_rounds
+        self.grid = grid
+        self.rounds = rounds
+        self.checkpointer = checkpointer
+        self.rows: list[dict] = list(history)
+        self.arrays: ArrayRecord | None = None
+        self._last = time.perf_counter()
+        self._started_at = time.time()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate ``arrays``; return the metrics Flower stores for ``server_round``."""
+        self.arrays = arrays
+        server_round = self.rounds.absolute(server_round)
+        if self.rows and self.rows[-1]["round"] == server_round:
+            # Flower first evaluates the initial arrays: resumed, they are the
+            # checkpoint's model, evaluated in its own round already.
+            return None
+        self.model.set_weights(arrays.to_numpy_ndarrays())
+        scores = self.model.predict(self.X_test, batch_size=4096, verbose=0)
+        metrics = evaluation_metrics(self.y_test, scores, self.class_names)
+        train_failures, eval_failures = self.grid.take_failures()
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        started_at, self._started_at = self._started_at, time.time()
+        client = self.rounds.evaluate_metrics.get(server_round, {})
+        self.rows.append(
+            {
+                "round": server_round,
+                **metrics,
+                **self.rounds.train_metrics.get(server_round, {}),
+                **{f"client_{k}": v for k, v in client.items()},
+                "failures": train_failures,
+                "eval_failures": eval_failures,
+                "seconds": seconds,
+                "started_at": started_at,
+            }
+        )
+        log.info(
+            "round %d/%d  loss %.3f  macro-F1 %.3f  ROC-AUC %.3f  failures %d  %.1f s",
+            server_round,
+            self.num_rounds,
+            metrics["loss"],
+            metrics["macro_f1"],
+            metrics["roc_auc"],
+            train_failures,
+            seconds,
+        )
+        self.checkpointer.round_done(server_round, arrays.to_numpy_ndarrays(), self.rows)
+        return MetricRecord(metrics)

@@ -1,0 +1,260 @@
+"""Federated training of one detector across simulated sites, on Flower's Simulation Engine."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from fedad import rundir
+from fedad.config import Scalar, content, group_settings
+from fedad.data.prepared import PreparedData
+from fedad.errors import FedadError
+from fedad.federated import checkpoint, scaling, shards
+from fedad.federated.client_app import client_app
+from fedad.federated.server_app import server_app
+from fedad.metrics import compute_metrics
+
+
+@dataclass
+class FederatedResult:
+    """What a federated run produced.
+
+    Attributes
+    ----------
+    metrics : dict
+        :func:`fedad.metrics.compute_metrics` of the final global model on the
+        global test set.
+    scores : np.ndarray
+        The final global model's test probabilities ``(n_test, n_classes)``.
+    history : pd.DataFrame
+        One row per round; round 0 is the initial model. Server-side metrics
+        on the global test set (``loss``, ``accuracy``, ``macro_f1``, ...),
+        the clients' weighted training metrics (``train_*``) and evaluation
+        metrics (``client_*``), ``failures`` (failed training replies),
+        ``eval_failures``, ``seconds`` (the round's wall time; round 0's starts
+        once the server's model is built) and ``started_at`` (when the round
+        began, epoch seconds).
+    clients : pd.DataFrame
+        One row per site: the final model on the site's local test slice.
+    model_path : Path
+        The saved global model (``.keras``); its inputs are standardized with
+        ``mean``/``std`` from ``scaling.npz`` in the same folder.
+    train_seconds : float
+        Wall time of the whole simulation, Ray and actor start-up included.
+    """
+
+    metrics: dict
+    scores: np.ndarray
+    history: pd.DataFrame
+    clients: pd.DataFrame
+    model_path: Path
+    train_seconds: float
+
+
+def run_federated(
+    cfg: DictConfig,
+    data: PreparedData,
+    partitions: Sequence[np.ndarray],
+    run_dir: Path,
+    resume: bool = False,
+) -> FederatedResult:
+    """Train the configured model with Flower across ``len(partitions)`` simulated sites.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed config; reads ``seed``, ``model``, ``strategy``,
+        ``train`` and ``simulation``.
+    data : PreparedData
+        Unscaled train/test arrays.
+    partitions : Sequence[np.ndarray]
+        Row indices into ``data.X_train`` for each client.
+    run_dir : Path
+        Output folder: ``shards/`` (one file per site, read only by that
+        site, plus ``access.log``), ``history.csv``, ``clients.csv``,
+        ``global_model.keras``, ``scaling.npz`` and ``checkpoint/`` (see
+        :mod:`fedad.federated.checkpoint`).
+    resume : bool
+        Continue from the checkpoint in ``run_dir`` (after its last complete
+        round, up to ``simulation.num_rounds``) instead of starting over; a
+        fresh run deletes any checkpoint there.
+
+    Returns
+    -------
+    FederatedResult
+
+    Raises
+    ------
+    FedadError
+        If a setting is out of range or a partition is empty; when resuming, if
+        there is no checkpoint or it was written with other settings or data;
+        if a round gets fewer training replies than ``simulation.min_clients``
+        (the last complete round is checkpointed first).
+    """
+    # Imported here, not with the package: it imports Ray, which the apps' own
+    # processes under `flwr run` (one per message at a site) never use.
+    from fedad.federated import engine
+
+    run_dir = Path(run_dir)
+    settings = prepare_sites(cfg, data, partitions, run_dir, resume)
+    sim = cfg.simulation
+    resources = OmegaConf.to_container(sim.client_resources, resolve=True) or {}
+    stop = threading.Event()
+    start = time.perf_counter()
+    engine.simulate(
+        server_app(settings, stop),
+        client_app(settings),
+        len(partitions),
+        client_resources=resources,
+        ray_init_args=OmegaConf.to_container(sim.ray_init_args, resolve=True) or {},
+        address=sim.get("address"),
+        stop=stop,
+    )
+    train_seconds = time.perf_counter() - start
+
+    model = keras.models.load_model(run_dir / rundir.MODEL_FILE, compile=False)
+    with np.load(run_dir / rundir.SCALING_FILE) as stats:
+        X_test = scaling.standardize(data.X_test, stats["mean"], stats["std"])
+    scores = model.predict(X_test, batch_size=4096, verbose=0)
+    return FederatedResult(
+        metrics=compute_metrics(data.y_test, scores, data.class_names),
+        scores=scores,
+        history=pd.read_csv(run_dir / rundir.HISTORY_FILE),
+        clients=pd.read_csv(run_dir / rundir.CLIENTS_FILE),
+        model_path=run_dir / rundir.MODEL_FILE,
+        train_seconds=train_seconds,
+    )
+
+
+def prepare_sites(
+    cfg: DictConfig,
+    data: PreparedData,
+    partitions: Sequence[np.ndarray],
+    run_dir: Path,
+    resume: bool = False,
+) -> dict[str, bool | int | float | str]:
+    """Check the settings, write one shard per site and return the apps' settings.
+
+    Everything a federated run does before an engine starts, shared by
+    :func:`run_federated` (Simulation Engine) and :mod:`fedad.deployment`
+    (Deployment Engine), so both start from the same files and settings.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed config.
+    data : PreparedData
+        Unscaled train/test arrays.
+    partitions : Sequence[np.ndarray]
+        Row indices into ``data.X_train`` for each site.
+    run_dir : Path
+        The run folder; ``shards/`` is written there.
+    resume : bool
+        Keep the checkpoint in ``run_dir`` (it must match ``cfg`` and the data)
+        instead of deleting it.
+
+    Returns
+    -------
+    dict
+        :func:`make_settings` plus ``resume`` and ``fingerprint`` (JSON, stored
+        with each checkpoint).
+
+    Raises
+    ------
+    FedadError
+        As :func:`validate`; when resuming, if there is no checkpoint or it was
+        written with other settings or data.
+    """
+    validate(cfg, partitions)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = {
+        "content": content(cfg),
+        "data": checkpoint.data_fingerprint(data, partitions),
+    }
+    if resume:
+        # fedad.resume.decide compared the settings; the data is left to compare.
+        checkpoint.require_same_data(checkpoint.read_meta(run_dir), fingerprint["data"], run_dir)
+    else:
+        checkpoint.clear(run_dir)
+    shards.write_shards(data, partitions, run_dir)
+    settings = make_settings(cfg, data, len(partitions), run_dir)
+    settings["resume"] = resume
+    settings["fingerprint"] = json.dumps(fingerprint)
+    return settings
+
+
+def validate(cfg: DictConfig, partitions: Sequence[np.ndarray]) -> None:
+    """Raise :class:`FedadError` for a partition the federated run cannot use.
+
+    Every setting was checked before the data was read (:func:`fedad.validate.validate`);
+    what depends on the partition is checked here: empty sites, and
+    ``simulation.min_clients`` against the sites there really are (a natural
+    partition makes one per group, whatever ``simulation.num_clients`` says).
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed config.
+    partitions : Sequence[np.ndarray]
+        Row indices per client.
+    """
+    n = len(partitions)
+    problems = []
+    if n < 1:
+        problems.append("there are no clients (the partition produced no client)")
+    empty = [i for i, rows in enumerate(partitions) if len(rows) == 0]
+    if empty:
+        problems.append(f"clients {empty} have no training rows; lower simulation.num_clients")
+    if not 1 <= int(cfg.simulation.min_clients) <= max(n, 1):
+        problems.append(
+            f"simulation.min_clients must be between 1 and the {n} clients, got "
+            f"{cfg.simulation.min_clients}"
+        )
+    if problems:
+        raise FedadError("Cannot run the federated simulation: " + "; ".join(problems) + ".")
+
+
+def make_settings(
+    cfg: DictConfig, data: PreparedData, num_clients: int, run_dir: Path
+) -> dict[str, Scalar]:
+    """Flatten what the apps need into a Flower-style run config.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed config.
+    data : PreparedData
+        For the feature count and class names.
+    num_clients : int
+        Number of sites.
+    run_dir : Path
+        Where the shards are and the outputs go.
+
+    Returns
+    -------
+    dict
+        Scalar values only, with dotted keys (``model.filters``,
+        ``train.batch_size``, ``strategy.proximal_mu``,
+        ``simulation.num_rounds``), as ``flwr run`` flattens a
+        ``[tool.flwr.app.config]`` table, so the same apps can be deployed;
+        every key is one of :data:`fedad.config.FLOWER_KEYS`.
+    """
+    return {
+        "run-dir": str(Path(run_dir).resolve()),
+        "seed": int(cfg.seed),
+        "num-clients": num_clients,
+        "num-features": int(data.n_features),
+        "class-names": json.dumps([str(c) for c in data.class_names]),
+        "client-threads": max(1, int(cfg.simulation.client_resources.get("num_cpus", 1))),
+        **group_settings(cfg),
+    }

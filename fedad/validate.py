@@ -1,0 +1,107 @@
+"""Every setting of a run checked before any data is read or Ray starts."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedad import checks
+from fedad.baselines.runner import check_config as check_baselines
+from fedad.data.partition import check_config as check_partition
+from fedad.data.prepare import TASKS
+from fedad.data.sources import check_config as check_dataset
+from fedad.federated.faults import FAILURE_MODES
+from fedad.federated.scaling import SCALINGS
+from fedad.federated.strategies import check_config as check_strategy
+from fedad.models import OPTIMIZERS
+from fedad.models import check_config as check_model
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one :class:`~fedad.errors.FedadError` listing every setting of ``cfg`` that cannot run.
+
+    The schema (:mod:`fedad.config`) has already checked types at compose
+    time; this checks ranges, each option's own parameters (dataset,
+    partition, model, strategy, baselines) and the relations between values
+    (the robust strategies' bounds on attackers against the sites a round
+    samples, ``min_clients`` against the sites, local CPUs against the
+    resources each site asks for).
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed config.
+    """
+    values = OmegaConf.to_container(cfg, resolve=True)
+    sim, train, pre = values["simulation"], values["train"], values["preprocess"]
+    problems = [
+        checks.number(values, "seed", "", whole=True, low=0, high=2**32 - 1),
+        checks.choice(values, "task", "", TASKS),
+        checks.number(pre, "test_size", "preprocess", low=0, high=1, low_open=True, high_open=True),
+        checks.number(pre, "audit_threshold", "preprocess", low=0.5, high=1),
+        checks.number(sim, "num_clients", "simulation", whole=True, low=1),
+        checks.number(sim, "num_rounds", "simulation", whole=True, low=1),
+        checks.number(sim, "fraction_train", "simulation", low=0, high=1, low_open=True),
+        checks.number(sim, "fraction_evaluate", "simulation", low=0, high=1, low_open=True),
+        checks.number(sim, "min_clients", "simulation", whole=True, low=1),
+        checks.number(sim, "client_failure_rate", "simulation", low=0, high=1, high_open=True),
+        checks.choice(sim, "failure_mode", "simulation", FAILURE_MODES),
+        checks.number(sim, "round_timeout", "simulation", low=0, low_open=True),
+        checks.number(sim, "checkpoint_every", "simulation", whole=True, low=0),
+        checks.choice(sim, "scaling", "simulation", SCALINGS),
+        checks.number(train, "local_epochs", "train", whole=True, low=1),
+        checks.number(train, "batch_size", "train", whole=True, low=1),
+        checks.number(train, "learning_rate", "train", low=0, low_open=True),
+        checks.choice(train, "optimizer", "train", OPTIMIZERS),
+        checks.number(train, "early_stopping_patience", "train", whole=True, low=0),
+        checks.number(train, "val_fraction", "train", low=0, high=1, high_open=True),
+        checks.number(train, "test_fraction", "train", low=0, high=1, high_open=True),
+        _resources(sim),
+    ]
+    if not any(problems) and sim["min_clients"] > sim["num_clients"]:
+        problems.append(
+            f"simulation.min_clients ({sim['min_clients']}) cannot exceed the "
+            f"simulation.num_clients={sim['num_clients']} sites"
+        )
+    if not any(problems) and train["val_fraction"] + train["test_fraction"] >= 1:
+        problems.append(
+            "train.val_fraction + train.test_fraction must leave rows to train on (sum < 1), "
+            f"got {train['val_fraction']} + {train['test_fraction']}"
+        )
+    problems += check_dataset(values["dataset"])
+    problems += check_partition(values["partition"])
+    problems += check_baselines(values["baselines"])
+    if values["federated"]:
+        problems += check_model(values["model"])
+        problems += check_strategy(values["strategy"], expected_replies(sim))
+    checks.raise_problems(problems, "Cannot start the run")
+
+
+def expected_replies(sim: dict) -> int:
+    """Training replies a round can expect: the sites sampled, less those made to fail."""
+    n = int(sim["num_clients"])
+    sampled = max(int(float(sim["fraction_train"]) * n), int(sim["min_clients"]))
+    failing = math.floor(float(sim["client_failure_rate"]) * n)
+    return max(sampled - failing, 0)
+
+
+def _resources(sim: dict) -> str | None:
+    """Each site's resources as numbers, within this machine's CPUs for a local Ray."""
+    resources = sim.get("client_resources") or {}
+    for key in resources:
+        problem = checks.number(resources, key, "simulation.client_resources", low=0)
+        if problem:
+            return problem
+    cpus = float(resources.get("num_cpus", 1))
+    if cpus <= 0:
+        return "simulation.client_resources.num_cpus must be > 0, got 0"
+    available = os.cpu_count() or 1
+    if sim.get("address") is None and cpus > available:
+        return (
+            f"simulation.client_resources.num_cpus={cpus:g} is more than the {available} CPUs of "
+            "this machine, so no site could ever be scheduled; ask for at most "
+            f"{available} (or attach to a larger Ray cluster with simulation.address=...)"
+        )
+    return None
