@@ -59,47 +59,92 @@ class ModelResult:
     info: dict = field(default_factory=dict)
 
 
+# The price of federation, on each federated row: the gap to its centralized twin (federated
+# minus twin; for FPR a positive gap means more false alarms) and the gain over going alone.
+GAPS = ("gap_macro_f1", "gap_roc_auc", "gap_fpr", "gain_vs_alone", "gain_vs_worst_site")
+
+
 def table(results: Sequence[ModelResult]) -> pd.DataFrame:
-    """One row per model result, federated rows first and marked.
+    """One row per model result, federated rows first, then the sites alone, then the rest.
 
     Parameters
     ----------
     results : Sequence[ModelResult]
-        Every model of the run.
+        Every model of the run. A federated result names its centralized twin
+        in ``info["twin"]``; the sites alone are ``local_<model>`` (their mean)
+        and ``local_<model>_worst``.
 
     Returns
     -------
     pd.DataFrame
         Columns ``model``, ``kind``, ``federated``, the metrics in
-        :data:`COLUMNS` and ``train_seconds``.
+        :data:`COLUMNS`, ``train_seconds``, ``twin`` and :data:`GAPS`
+        (federated rows only).
     """
-    rows = [
-        {
+    by_name = {r.name: r for r in results}
+    rows = []
+    for r in results:
+        row = {
             "model": r.name,
             "kind": r.kind,
             "federated": r.kind == "federated",
             **{c: r.metrics.get(c) for c in COLUMNS},
             "train_seconds": round(float(r.train_seconds), 2),
         }
-        for r in results
-    ]
-    frame = pd.DataFrame(rows, columns=["model", "kind", "federated", *COLUMNS, "train_seconds"])
-    return frame.sort_values("federated", ascending=False, kind="stable", ignore_index=True)
+        if r.kind == "federated":
+            row.update(_gaps(r, by_name))
+        rows.append(row)
+    columns = ["model", "kind", "federated", *COLUMNS, "train_seconds", "twin", *GAPS]
+    frame = pd.DataFrame(rows, columns=columns)
+    order = frame["kind"].map({"federated": 0, "local": 1}).fillna(2)
+    return frame.iloc[order.argsort(kind="stable")].reset_index(drop=True)
+
+
+def _gaps(fed: ModelResult, by_name: dict[str, ModelResult]) -> dict:
+    """The federated row's twin and gaps (None where the other model did not run)."""
+    twin = by_name.get(fed.info.get("twin", ""))
+    alone = by_name.get(f"local_{fed.name.removeprefix('federated_')}")
+    worst = by_name.get(f"local_{fed.name.removeprefix('federated_')}_worst")
+
+    def minus(other: ModelResult | None, metric: str) -> float | None:
+        if other is None or fed.metrics.get(metric) is None or other.metrics.get(metric) is None:
+            return None
+        return float(fed.metrics[metric]) - float(other.metrics[metric])
+
+    return {
+        "twin": twin.name if twin else fed.info.get("twin"),
+        "gap_macro_f1": minus(twin, "macro_f1"),
+        "gap_roc_auc": minus(twin, "roc_auc"),
+        "gap_fpr": minus(twin, "fpr"),
+        "gain_vs_alone": minus(alone, "macro_f1"),
+        "gain_vs_worst_site": minus(worst, "macro_f1"),
+    }
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    """Render the table as GitHub markdown; federated rows carry a ★."""
-    shown = frame.drop(columns=["federated"]).copy()
+    """Render the table as GitHub markdown; federated rows carry a ★, then their price."""
+    shown = frame.drop(columns=["federated", "twin", *GAPS]).copy()
     shown["model"] = [
         f"★ {m}" if f else m for m, f in zip(frame["model"], frame["federated"], strict=True)
     ]
-    header = "| " + " | ".join(shown.columns) + " |"
-    rule = "|" + "|".join("---" if c in ("model", "kind") else "---:" for c in shown.columns) + "|"
+    text = _markdown(shown) + "\n★ federated model\n"
+    price = frame.loc[frame["federated"], ["model", "twin", *GAPS]]
+    if len(price):
+        text += (
+            "\nThe price of federation (federated minus its centralized twin; gains over each "
+            "site training alone, on average and for the worst site):\n\n" + _markdown(price)
+        )
+    return text
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(frame.columns) + " |"
+    kinds = ("model", "kind", "twin")
+    rule = "|" + "|".join("---" if c in kinds else "---:" for c in frame.columns) + "|"
     lines = [header, rule]
-    for row in shown.itertuples(index=False):
-        cells = [_cell(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n★ federated model\n"
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write(frame: pd.DataFrame, run_dir: Path) -> None:
@@ -111,6 +156,8 @@ def write(frame: pd.DataFrame, run_dir: Path) -> None:
 def _cell(value: object) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "–"
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)

@@ -166,20 +166,19 @@ def explain(
         chosen.append(max(supervised, key=lambda m: m.metrics.get("macro_f1") or 0.0))
     tables = {}
     for m in chosen:
-        predict = _keras_predict(m.model) if m.kind == "federated" else m.model.predict_scores
+        # An anomaly score is one column, flagged at the model's threshold (binary view).
+        threshold = getattr(m.model, "threshold", None)
+        y_test = data.y_test if threshold is None else (data.y_test != 0).astype(np.int64)
         table = permutation_importance_table(
-            predict, X_test, data.y_test, data.feature_names, seed=seed
+            m.model.predict_scores,
+            X_test,
+            y_test,
+            data.feature_names,
+            seed=seed,
+            threshold=threshold,
         )
         table.to_csv(run_dir / rundir.importance_csv(m.name), index=False)
         tables[m.name] = table
     if tables:
         plot_importance_side_by_side(tables, run_dir / rundir.IMPORTANCE_PNG)
     return {name: t["feature"].head(10).tolist() for name, t in tables.items()}
-
-
-def _keras_predict(model_path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    import keras
-
-    model = keras.models.load_model(model_path)
-    # A direct call, not predict(): permutation importance calls this hundreds of times.
-    return lambda X: keras.ops.convert_to_numpy(model(X, training=False))

@@ -17,11 +17,12 @@ from fedad.config import compose
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.federated.faults import injected_failure
+from fedad.federated.keras_family import local_model, train_local
 from fedad.federated.scaling import pooled_moments, site_sums, standardize
 from fedad.federated.shards import read_access_log, write_shards
 from fedad.federated.simulation import make_settings, run_federated, validate
 from fedad.federated.strategies import STRATEGIES, build_strategy, weighted_mean
-from fedad.federated.task import load_site, local_model, local_split, train_local
+from fedad.federated.task import load_site, local_split
 from fedad.validate import validate as validate_all
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -186,7 +187,7 @@ def test_fedprox_term_keeps_the_client_update_near_the_global_model(data, partit
     start = [w + np.float32(0.5) for w in model.get_weights()]
 
     def update(mu: float) -> list[np.ndarray]:
-        train_local(model, start, site, settings, mu=mu, seed=1)
+        train_local(model, start, site.X_train, site.y_train, settings, mu=mu, seed=1)
         return model.get_weights()
 
     def distance(weights: list[np.ndarray]) -> float:
