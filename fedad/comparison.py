@@ -62,24 +62,32 @@ class ModelResult:
 # The price of federation, on each federated row: the gap to its centralized twin (federated
 # minus twin; for FPR a positive gap means more false alarms) and the gain over going alone.
 GAPS = ("gap_macro_f1", "gap_roc_auc", "gap_fpr", "gain_vs_alone", "gain_vs_worst_site")
+# The cost to reach the twin: the first round whose test macro-F1 comes within REACH of the
+# twin's, the seconds and payload MB until then (None: not reached in the run).
+REACH = 0.01
+COSTS = ("reach_round", "reach_seconds", "reach_mb")
 
 
-def table(results: Sequence[ModelResult]) -> pd.DataFrame:
+def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd.DataFrame:
     """One row per model result, federated rows first, then the sites alone, then the rest.
 
     Parameters
     ----------
     results : Sequence[ModelResult]
         Every model of the run. A federated result names its centralized twin
-        in ``info["twin"]``; the sites alone are ``local_<model>`` (their mean)
-        and ``local_<model>_worst``.
+        in ``info["twin"]``, its payload in ``info["mb_exchanged"]`` and its
+        per-round test macro-F1, cumulative seconds and MB in ``info["curve"]``;
+        the sites alone are ``local_<model>`` (their mean) and
+        ``local_<model>_worst``.
+    pooling_mb : float, optional
+        What pooling the training rows would move (the centralized rows' payload).
 
     Returns
     -------
     pd.DataFrame
         Columns ``model``, ``kind``, ``federated``, the metrics in
-        :data:`COLUMNS`, ``train_seconds``, ``twin`` and :data:`GAPS`
-        (federated rows only).
+        :data:`COLUMNS`, ``train_seconds``, ``mb_exchanged``, ``twin``,
+        :data:`GAPS` and :data:`COSTS` (these last on federated rows only).
     """
     by_name = {r.name: r for r in results}
     rows = []
@@ -90,11 +98,22 @@ def table(results: Sequence[ModelResult]) -> pd.DataFrame:
             "federated": r.kind == "federated",
             **{c: r.metrics.get(c) for c in COLUMNS},
             "train_seconds": round(float(r.train_seconds), 2),
+            "mb_exchanged": _payload(r, pooling_mb),
         }
         if r.kind == "federated":
             row.update(_gaps(r, by_name))
         rows.append(row)
-    columns = ["model", "kind", "federated", *COLUMNS, "train_seconds", "twin", *GAPS]
+    columns = [
+        "model",
+        "kind",
+        "federated",
+        *COLUMNS,
+        "train_seconds",
+        "mb_exchanged",
+        "twin",
+        *GAPS,
+        *COSTS,
+    ]
     frame = pd.DataFrame(rows, columns=columns)
     order = frame["kind"].map({"federated": 0, "local": 1}).fillna(2)
     return frame.iloc[order.argsort(kind="stable")].reset_index(drop=True)
@@ -113,6 +132,7 @@ def _gaps(fed: ModelResult, by_name: dict[str, ModelResult]) -> dict:
 
     return {
         "twin": twin.name if twin else fed.info.get("twin"),
+        **_reach(fed, twin),
         "gap_macro_f1": minus(twin, "macro_f1"),
         "gap_roc_auc": minus(twin, "roc_auc"),
         "gap_fpr": minus(twin, "fpr"),
@@ -121,18 +141,45 @@ def _gaps(fed: ModelResult, by_name: dict[str, ModelResult]) -> dict:
     }
 
 
+def _payload(result: ModelResult, pooling_mb: float | None) -> float | None:
+    """MB a model moved: the federated payload, nothing alone, the pooled rows centrally."""
+    if result.kind == "federated":
+        return result.info.get("mb_exchanged")
+    return 0.0 if result.kind == "local" else pooling_mb
+
+
+def _reach(fed: ModelResult, twin: ModelResult | None) -> dict[str, float | None]:
+    """The first round within :data:`REACH` macro-F1 of the twin, and its seconds and MB."""
+    curve = fed.info.get("curve")
+    target = None if twin is None else twin.metrics.get("macro_f1")
+    if not curve or target is None:
+        return dict.fromkeys(COSTS)
+    for i, value in enumerate(curve["macro_f1"]):
+        if value is not None and value >= target - REACH:
+            return {
+                "reach_round": curve["round"][i],
+                "reach_seconds": curve["seconds"][i],
+                "reach_mb": curve["mb"][i],
+            }
+    return dict.fromkeys(COSTS)
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
     """Render the table as GitHub markdown; federated rows carry a ★, then their price."""
-    shown = frame.drop(columns=["federated", "twin", *GAPS]).copy()
+    shown = frame.drop(columns=["federated", "twin", *GAPS, *COSTS]).copy()
     shown["model"] = [
         f"★ {m}" if f else m for m, f in zip(frame["model"], frame["federated"], strict=True)
     ]
     text = _markdown(shown) + "\n★ federated model\n"
-    price = frame.loc[frame["federated"], ["model", "twin", *GAPS]]
+    price = frame.loc[frame["federated"], ["model", "twin", *GAPS, *COSTS]]
     if len(price):
         text += (
-            "\nThe price of federation (federated minus its centralized twin; gains over each "
-            "site training alone, on average and for the worst site):\n\n" + _markdown(price)
+            "\nThe price of federation: federated minus its centralized twin; gains over each "
+            "site training alone, on average and for the worst site; the round, seconds and "
+            f"payload MB until the test macro-F1 first came within {REACH} of the twin's "
+            "(– : not reached). MB exchanged: the federated model's payload (model arrays, "
+            "metrics and configs, both ways); centrally, the training rows pooling would "
+            "move (float32 features plus int32 labels).\n\n" + _markdown(price)
         )
     return text
 

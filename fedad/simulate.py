@@ -84,7 +84,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     results["status"] = rundir.DONE
     results["wall_seconds"] = round(time.perf_counter() - started, 2)
     rundir.save_results(run_dir, results)
-    print(comparison.to_markdown(comparison.table(models)) if models else "no models ran")
+    table = comparison.table(models, results["data"]["pooling_mb"])
+    print(comparison.to_markdown(table) if models else "no models ran")
     log.info("outputs in %s", run_dir)
     return results
 
@@ -110,6 +111,13 @@ def _federated(
             # Clients' held-out slices of their own shards: safe to tune on, unlike the test set.
             "validation_macro_f1": float(validation.iloc[-1]) if len(validation) else None,
             "twin": TWINS[cfg.model.name],
+            "mb_exchanged": float(fed.history["mb_cumulative"].iloc[-1]),
+            "curve": {
+                "round": fed.history["round"].astype(int).tolist(),
+                "macro_f1": fed.history["macro_f1"].tolist(),
+                "seconds": fed.history["seconds"].cumsum().round(2).tolist(),
+                "mb": fed.history["mb_cumulative"].round(4).tolist(),
+            },
         },
     )
     return [federated, *fed.alone]
@@ -156,7 +164,7 @@ def _cache_dir(cfg: DictConfig) -> Path | None:
 
 
 def _record(results: dict, models: list[ModelResult], run_dir: Path) -> None:
-    comparison.write(comparison.table(models), run_dir)
+    comparison.write(comparison.table(models, results["data"]["pooling_mb"]), run_dir)
     results["models"] = {
         m.name: {"kind": m.kind, **m.metrics, "train_seconds": m.train_seconds, "info": m.info}
         for m in models

@@ -157,6 +157,7 @@ class ServerEvaluator:
             arrays.to_numpy_ndarrays(), self.X_test, self.y_test, self.family.evaluate_config()
         )
         train_failures, eval_failures = self.grid.take_failures()
+        payload = self.grid.take_payload()
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
         started_at, self._started_at = self._started_at, time.time()
@@ -168,6 +169,7 @@ class ServerEvaluator:
                 **self.rounds.train_metrics.get(server_round, {}),
                 **{f"client_{k}": v for k, v in client.items()},
                 **self.family.history_fields(),
+                **payload,
                 "failures": train_failures,
                 "eval_failures": eval_failures,
                 "seconds": seconds,

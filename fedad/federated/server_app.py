@@ -18,7 +18,7 @@ from fedad.config import section
 from fedad.errors import FedadError
 from fedad.federated import checkpoint, scaling, shards
 from fedad.federated.families import family_for
-from fedad.federated.grid import POLL_SECONDS, SiteGrid
+from fedad.federated.grid import PAYLOAD, POLL_SECONDS, SiteGrid
 from fedad.federated.rounds import Rounds, ServerEvaluator
 from fedad.federated.strategies import build_strategy
 from fedad.federated.task import Settings, run_settings
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Flower's own default for how long a round waits for replies.
 DEFAULT_ROUND_TIMEOUT = 3600.0
+# Payload is reported in MB of 10^6 bytes.
+MB = 1e6
 
 
 def server_app(settings: Settings | None = None, stop: threading.Event | None = None) -> ServerApp:
@@ -198,6 +200,9 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     )
     clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts, timeout)
     clients.to_csv(run_dir / rundir.CLIENTS_FILE, index=False)
+    # The final pass over every site is the last exchange: counted with the last round.
+    for key, value in sites.take_payload().items():
+        evaluator.rows[-1][key] += value
     _history(evaluator.rows).to_csv(run_dir / rundir.HISTORY_FILE, index=False)
     family.save(evaluator.arrays.to_numpy_ndarrays(), run_dir)
 
@@ -282,7 +287,8 @@ def _final_site_metrics(
 
 
 def _history(rows: list[dict]) -> pd.DataFrame:
-    """The rows as a table, with the failure counts and timings last."""
+    """The rows as a table: metrics, payload (and the cumulative MB), failures and timings."""
     history = pd.DataFrame(rows)
-    tail = ["failures", "eval_failures", "seconds", "started_at"]
+    history["mb_cumulative"] = history[list(PAYLOAD)].sum(axis=1).cumsum() / MB
+    tail = [*PAYLOAD, "mb_cumulative", "failures", "eval_failures", "seconds", "started_at"]
     return history[[c for c in history.columns if c not in tail] + tail]
