@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from fedad import rundir
+from fedad.metrics import MIN_CLASS_ROWS
 
 COLUMNS = (
     "accuracy",
@@ -87,8 +88,21 @@ def table(results: Sequence[ModelResult]) -> pd.DataFrame:
     return frame.sort_values("federated", ascending=False, kind="stable", ignore_index=True)
 
 
-def to_markdown(frame: pd.DataFrame) -> str:
-    """Render the table as GitHub markdown; federated rows carry a ★."""
+def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = None) -> str:
+    """Render the table as GitHub markdown; federated rows carry a ★.
+
+    Parameters
+    ----------
+    frame : pd.DataFrame
+        From :func:`table`.
+    small_classes : Mapping[str, int], optional
+        Test classes with few rows (see :func:`fedad.metrics.small_classes`),
+        flagged under the table.
+
+    Returns
+    -------
+    str
+    """
     shown = frame.drop(columns=["federated"]).copy()
     shown["model"] = [
         f"★ {m}" if f else m for m, f in zip(frame["model"], frame["federated"], strict=True)
@@ -99,13 +113,22 @@ def to_markdown(frame: pd.DataFrame) -> str:
     for row in shown.itertuples(index=False):
         cells = [_cell(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n★ federated model\n"
+    text = "\n".join(lines) + "\n\n★ federated model\n"
+    if small_classes:
+        counts = ", ".join(f"{name} ({n})" for name, n in small_classes.items())
+        text += (
+            f"\n⚠ few test rows: {counts}, below {MIN_CLASS_ROWS}. Those classes' scores, and "
+            "the macro averages over them, rest on few rows.\n"
+        )
+    return text
 
 
-def write(frame: pd.DataFrame, run_dir: Path) -> None:
-    """Write ``comparison.csv`` and ``comparison.md`` into ``run_dir``."""
+def write(
+    frame: pd.DataFrame, run_dir: Path, small_classes: Mapping[str, int] | None = None
+) -> None:
+    """Write ``comparison.csv`` and ``comparison.md`` (see :func:`to_markdown`) into ``run_dir``."""
     rundir.write_text(run_dir / rundir.COMPARISON_CSV, frame.to_csv(index=False))
-    rundir.write_text(run_dir / rundir.COMPARISON_MD, to_markdown(frame))
+    rundir.write_text(run_dir / rundir.COMPARISON_MD, to_markdown(frame, small_classes))
 
 
 def _cell(value: object) -> str:

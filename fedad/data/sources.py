@@ -106,9 +106,6 @@ def _number_format_problems(cfg: Mapping) -> list[str]:
         problems.append(
             f"dataset.thousands and dataset.decimal must differ, both are {marks['decimal']!r}"
         )
-    for key, mark in marks.items():
-        if mark == cfg.get("sep", ","):
-            problems.append(f"dataset.{key}={mark!r} is also the field separator dataset.sep")
     return problems
 
 
