@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 
 from fedad.config import available_options
+from fedad.data.prepare import prepare
 from fedad.errors import FedadError, exit_with
 from fedad.simulate import run
 
@@ -658,7 +659,7 @@ def _written(i: int) -> str:
     ],
     ids=["quoted_thousands", "decimal_comma"],
 )
-def test_numbers_written_as_text(tmp_path, earlier, text, overrides, setting):
+def test_numbers_written_as_text(make_cfg, tmp_path, earlier, text, overrides, setting):
     """Read as text they become categories, with a warning; the named setting reads numbers."""
     path = _write(tmp_path, text)
     done = _csv_run(tmp_path, path, *overrides)
@@ -666,11 +667,12 @@ def test_numbers_written_as_text(tmp_path, earlier, text, overrides, setting):
     data = _assert_warned(done, earlier, _run_dir(tmp_path), words)
     assert data["written_numbers"] == {"b": 120}  # counted on the training rows
     assert data["n_features"] > 4
-    fixed = tmp_path / "outputs" / "fixed"
-    done = _csv_run(tmp_path, path, *overrides, setting, run_dir=fixed)
-    data = _assert_recovered(done, earlier, fixed)
-    assert data["written_numbers"] == {} and data["warnings"] == []
-    assert data["n_features"] == 4  # a, b, proto=tcp, proto=udp
+    # With the setting the warning names, in process (the reader is the same).
+    cfg = make_cfg(*_csv_cfg(path, *overrides, setting))
+    fixed = prepare(cfg.dataset, cfg.preprocess, cfg.task, cfg.data_dir, 0)
+    assert fixed.notes["written_numbers"] == {} and fixed.notes["warnings"] == []
+    assert fixed.feature_names == ["a", "b", "proto=tcp", "proto=udp"]
+    assert fixed.notes["cleaned_cells"]["junk_text"] == 0
 
 
 def test_header_read_as_a_data_row_is_warned(tmp_path, earlier):
@@ -692,13 +694,12 @@ def test_data_row_read_as_a_header_is_warned(tmp_path, earlier):
 # --- test sets that cannot measure ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("test_rows", [40, 1], ids=["one_class", "one_row"])
-def test_test_file_that_cannot_measure_is_refused(tmp_path, earlier, test_rows):
-    attacks = _rows(test_rows, start=1000, label=lambda i: "attack")
+def test_test_file_of_one_class_is_refused(tmp_path, earlier):
+    attacks = _rows(40, start=1000, label=lambda i: "attack")
     done = _simulate(tmp_path, *_two_files(tmp_path, HEADER + "\n" + attacks))
     _assert_user_error(
         done,
-        (f"holds {test_rows} row(s) of a single class ('attack')", "dataset.test_file="),
+        ("holds 40 row(s) of a single class ('attack')", "dataset.test_file=", "ROC-AUC"),
         earlier,
         _run_dir(tmp_path),
     )
@@ -906,6 +907,12 @@ def test_headerless_file_read_with_a_header(make_cfg, tmp_path, earlier):
         message,
         ("Column 'label' (dataset.label_column)", "look like data", "(dataset.header)"),
     )
+
+
+def test_test_file_of_one_row_is_refused(make_cfg, tmp_path, earlier):
+    one = _rows(1, start=1000, label=lambda i: "normal")
+    message = _refused(make_cfg, tmp_path, earlier, *_two_files(tmp_path, HEADER + "\n" + one))
+    _assert_names(message, ("holds 1 row(s) of a single class ('normal')",))
 
 
 def test_binary_file_given_as_csv(make_cfg, tmp_path, earlier):
