@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedad.data.labels import attach, near_misses
 from fedad.data.prepare import prepare
 from fedad.data.preprocess import Preprocessor, signed_log1p
 
@@ -106,3 +107,22 @@ def test_named_configs_compose(make_cfg, dataset):
     cfg = make_cfg(f"dataset={dataset}")
     assert cfg.dataset.name == dataset
     assert cfg.dataset.label_column
+
+
+def test_label_spellings_across_train_and_test_files():
+    """A class spelt one way in training and another in the test file is caught, and folded."""
+    train = pd.DataFrame({"x": range(6), "label": ["normal", "DoS", "neptune"] * 2})
+    test = pd.DataFrame({"x": range(3), "label": ["Normal", "dos", "Neptune"]})
+    dataset = {"label_column": "label", "normal_value": "normal", "class_map": {"neptune": "DoS"}}
+    _, labelled, facts = attach(train, test, dataset, "multiclass")
+    assert facts["label_variants"] == {"Normal": 1}
+    # 'Neptune' misses the class map (case), so it is a class of its own, like 'dos'.
+    assert facts["class_variants"] == {"DoS": 4, "dos": 1}
+    assert labelled["_class"].tolist() == ["Normal", "dos", "Neptune"]
+    train_, labelled, facts = attach(
+        train, test, {**dataset, "label_case": "insensitive"}, "multiclass"
+    )
+    assert labelled["_class"].tolist() == ["normal", "dos", "dos"]
+    assert set(train_["_class"]) == {"normal", "dos"}
+    assert facts["label_variants"] == facts["class_variants"] == {}
+    assert near_misses(facts, dataset) == []

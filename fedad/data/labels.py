@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 INTERNAL = ("_attack", "_class")
 
 
-def attach(frame: pd.DataFrame, dataset: Mapping, task: str) -> tuple[pd.DataFrame, dict]:
+def attach(
+    train: pd.DataFrame, test: pd.DataFrame | None, dataset: Mapping, task: str
+) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
     """Add ``_attack`` (0/1) and ``_class`` (class name; normal rows are ``normal``).
 
     Labels and class names are compared after stripping the spaces around them;
@@ -28,8 +30,10 @@ def attach(frame: pd.DataFrame, dataset: Mapping, task: str) -> tuple[pd.DataFra
 
     Parameters
     ----------
-    frame : pd.DataFrame
-        The raw rows of one file.
+    train : pd.DataFrame
+        The raw rows of the training file (or of the one file).
+    test : pd.DataFrame or None
+        The raw rows of the test file, if the dataset has one.
     dataset : Mapping
         The ``dataset`` config group.
     task : str
@@ -37,15 +41,39 @@ def attach(frame: pd.DataFrame, dataset: Mapping, task: str) -> tuple[pd.DataFra
 
     Returns
     -------
-    frame : pd.DataFrame
-        The labelled rows.
+    train, test : pd.DataFrame
+        The labelled rows (``test`` None when it was).
     facts : dict
-        ``rows_without_label``; ``label_variants`` (spellings of the label that
-        differ from ``dataset.normal_value`` only in case or spacing and were not
-        taken as normal, with their row counts); ``class_variants`` (multiclass:
-        class spellings that differ only in case or spacing and so stay
-        separate classes, with their row counts).
+        Over both files: ``rows_without_label``; ``label_variants`` (spellings
+        of the label that differ from ``dataset.normal_value`` only in case or
+        spacing and were not taken as normal, with their row counts);
+        ``class_variants`` (multiclass: class spellings that differ only in
+        case or spacing and so stay separate classes, with their row counts).
     """
+    parts = [_attach(frame, dataset, task) for frame in (train, test) if frame is not None]
+    columns = [dataset["label_column"], *INTERNAL]
+    labelled = pd.concat([frame[columns] for frame, _, _ in parts], ignore_index=True)
+    near = np.concatenate([mask for _, _, mask in parts])
+    values = labelled[dataset["label_column"]].astype(str).str.strip()
+    facts = {
+        "rows_without_label": sum(n for _, n, _ in parts),
+        "label_variants": _counts(values[near]),
+        "class_variants": {},
+    }
+    if task == "multiclass":
+        # Near misses of the normal value in the class column are reported once, above.
+        same = (dataset.get("class_column") or dataset["label_column"]) == dataset["label_column"]
+        attacks = labelled.loc[(labelled["_attack"] == 1) & ~(near & same), "_class"]
+        spellings = attacks.groupby(_loose(attacks)).unique()
+        clashes = [c for group in spellings if len(group) > 1 for c in group]
+        facts["class_variants"] = _counts(attacks[attacks.isin(clashes)])
+    return parts[0][0], parts[1][0] if test is not None else None, facts
+
+
+def _attach(
+    frame: pd.DataFrame, dataset: Mapping, task: str
+) -> tuple[pd.DataFrame, int, np.ndarray]:
+    """One file's labelled rows, its unlabelled count and which labels are near misses."""
     label = dataset["label_column"]
     if label not in frame.columns:
         hint = ""
@@ -64,16 +92,11 @@ def attach(frame: pd.DataFrame, dataset: Mapping, task: str) -> tuple[pd.DataFra
     if not np.isnan(normal_number):
         is_normal |= numeric == normal_number
     frame["_attack"] = (~is_normal).astype(int)
-    near = ~is_normal & (_loose(values) == _loose(pd.Series([normal]))[0])
-    facts = {
-        "rows_without_label": unlabelled,
-        "label_variants": _counts(values[near]),
-        "class_variants": {},
-    }
+    near = (~is_normal & (_loose(values) == _loose(pd.Series([normal]))[0])).to_numpy()
 
     if task == "binary":
         frame["_class"] = np.where(is_normal, "normal", "attack")
-        return frame, facts
+        return frame, unlabelled, near
     class_column = dataset.get("class_column") or label
     if class_column not in frame.columns:
         columns = [c for c in frame.columns if c not in INTERNAL]
@@ -90,24 +113,8 @@ def attach(frame: pd.DataFrame, dataset: Mapping, task: str) -> tuple[pd.DataFra
     }
     if class_map:
         classes = _fold(classes.map(lambda c: class_map.get(c, c)), insensitive)
-    # Near misses of the normal value are reported once, as label variants.
-    attacks = classes[~is_normal & ~(near & (class_column == label))]
-    spellings = attacks.groupby(_loose(attacks)).unique()
-    clashes = [c for group in spellings if len(group) > 1 for c in group]
-    facts["class_variants"] = _counts(attacks[attacks.isin(clashes)])
     frame["_class"] = np.where(is_normal, "normal", classes)
-    return frame, facts
-
-
-def merge(facts: Iterable[dict]) -> dict:
-    """Add up the :func:`attach` facts of the train and test files."""
-    total: dict = {"rows_without_label": 0, "label_variants": {}, "class_variants": {}}
-    for part in facts:
-        total["rows_without_label"] += part["rows_without_label"]
-        for key in ("label_variants", "class_variants"):
-            for value, n in part[key].items():
-                total[key][value] = total[key].get(value, 0) + n
-    return total
+    return frame, unlabelled, near
 
 
 def near_misses(facts: dict, dataset: Mapping) -> list[str]:
@@ -116,7 +123,7 @@ def near_misses(facts: dict, dataset: Mapping) -> list[str]:
     Parameters
     ----------
     facts : dict
-        From :func:`attach` or :func:`merge`.
+        From :func:`attach`.
     dataset : Mapping
         The ``dataset`` config group.
 

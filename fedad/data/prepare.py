@@ -67,11 +67,7 @@ def prepare(
         raise FedadError(f"task must be one of {', '.join(TASKS)} (got '{task}').")
     raw = sources.load(dataset, data_dir, seed)
     notes: dict = {"origin": raw.origin, "warnings": raw.warnings}
-    train, facts = labels.attach(raw.train, dataset, task)
-    test = None
-    if raw.test is not None:
-        test, test_facts = labels.attach(raw.test, dataset, task)
-        facts = labels.merge([facts, test_facts])
+    train, test, facts = labels.attach(raw.train, raw.test, dataset, task)
     notes.update(facts)
     for text in labels.near_misses(facts, dataset):
         raw.warn(text)
