@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from fedad import rundir
+from fedad.metrics import MIN_CLASS_ROWS
 
 COLUMNS = (
     "accuracy",
@@ -164,13 +165,32 @@ def _reach(fed: ModelResult, twin: ModelResult | None) -> dict[str, float | None
     return dict.fromkeys(COSTS)
 
 
-def to_markdown(frame: pd.DataFrame) -> str:
-    """Render the table as GitHub markdown; federated rows carry a ★, then their price."""
+def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = None) -> str:
+    """Render the table as GitHub markdown: federated rows carry a ★, then their price.
+
+    Parameters
+    ----------
+    frame : pd.DataFrame
+        From :func:`table`.
+    small_classes : Mapping[str, int], optional
+        Test classes with few rows (see :func:`fedad.metrics.small_classes`),
+        flagged under the table.
+
+    Returns
+    -------
+    str
+    """
     shown = frame.drop(columns=["federated", "twin", *GAPS, *COSTS]).copy()
     shown["model"] = [
         f"★ {m}" if f else m for m, f in zip(frame["model"], frame["federated"], strict=True)
     ]
     text = _markdown(shown) + "\n★ federated model\n"
+    if small_classes:
+        counts = ", ".join(f"{name} ({n})" for name, n in small_classes.items())
+        text += (
+            f"\n⚠ few test rows: {counts}, below {MIN_CLASS_ROWS}. Those classes' scores, and "
+            "the macro averages over them, rest on few rows.\n"
+        )
     price = frame.loc[frame["federated"], ["model", "twin", *GAPS, *COSTS]]
     if len(price):
         text += (
@@ -194,10 +214,12 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(frame: pd.DataFrame, run_dir: Path) -> None:
-    """Write ``comparison.csv`` and ``comparison.md`` into ``run_dir``."""
+def write(
+    frame: pd.DataFrame, run_dir: Path, small_classes: Mapping[str, int] | None = None
+) -> None:
+    """Write ``comparison.csv`` and ``comparison.md`` (see :func:`to_markdown`) into ``run_dir``."""
     rundir.write_text(run_dir / rundir.COMPARISON_CSV, frame.to_csv(index=False))
-    rundir.write_text(run_dir / rundir.COMPARISON_MD, to_markdown(frame))
+    rundir.write_text(run_dir / rundir.COMPARISON_MD, to_markdown(frame, small_classes))
 
 
 def _cell(value: object) -> str:

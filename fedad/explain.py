@@ -11,11 +11,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from sklearn.inspection import permutation_importance
-from sklearn.metrics import f1_score
 
 from fedad import rundir
 from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
+from fedad.metrics import macro_f1
 
 # Figures are written to files; no display is needed (or present on servers).
 matplotlib.use("Agg")
@@ -40,7 +40,8 @@ class _ScoreFunction:
             raise ValueError("1-D attack scores need a threshold to become predictions")
         else:
             pred = (scores >= self.threshold).astype(np.int64)
-        return float(f1_score(y, pred, average="macro", zero_division=0))
+        # 1-D scores are the binary view: two classes.
+        return macro_f1(y, pred, scores.shape[1] if scores.ndim == 2 else 2) or 0.0
 
 
 def permutation_importance_table(

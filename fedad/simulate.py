@@ -85,7 +85,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     results["wall_seconds"] = round(time.perf_counter() - started, 2)
     rundir.save_results(run_dir, results)
     table = comparison.table(models, results["data"]["pooling_mb"])
-    print(comparison.to_markdown(table) if models else "no models ran")
+    small = results["data"]["small_test_classes"]
+    print(comparison.to_markdown(table, small) if models else "no models ran")
     log.info("outputs in %s", run_dir)
     return results
 
@@ -164,7 +165,8 @@ def _cache_dir(cfg: DictConfig) -> Path | None:
 
 
 def _record(results: dict, models: list[ModelResult], run_dir: Path) -> None:
-    comparison.write(comparison.table(models, results["data"]["pooling_mb"]), run_dir)
+    table = comparison.table(models, results["data"]["pooling_mb"])
+    comparison.write(table, run_dir, results["data"]["small_test_classes"])
     results["models"] = {
         m.name: {"kind": m.kind, **m.metrics, "train_seconds": m.train_seconds, "info": m.info}
         for m in models
