@@ -24,6 +24,9 @@ CLIENT_METRICS = (
     "roc_auc",
     "pr_auc",
     "fpr",
+    # How many classes the slice holds: 1 marks a site whose local test slice cannot
+    # measure a detector (one class), kept, not refused.
+    "classes_scored",
 )
 
 
