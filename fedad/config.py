@@ -58,6 +58,7 @@ class SimulationConfig:
     checkpoint_every: int = 1
     scaling: str = "federated"
     local_sites: int = 10
+    final_eval_fraction: float | None = None
     client_resources: dict[str, float] = field(
         default_factory=lambda: {"num_cpus": 1.0, "num_gpus": 0.0}
     )
@@ -297,6 +298,7 @@ FLOWER_KEYS = (
     "simulation.checkpoint_every",
     "simulation.scaling",
     "simulation.local_sites",
+    "simulation.final_eval_fraction",
 )
 
 Scalar = bool | int | float | str

@@ -52,6 +52,9 @@ def validate(cfg: DictConfig) -> None:
         checks.number(sim, "checkpoint_every", "simulation", whole=True, low=0),
         checks.choice(sim, "scaling", "simulation", SCALINGS),
         checks.number(sim, "local_sites", "simulation", whole=True, low=0),
+        None
+        if sim.get("final_eval_fraction") is None
+        else checks.number(sim, "final_eval_fraction", "simulation", low=0, high=1, low_open=True),
         checks.number(train, "local_epochs", "train", whole=True, low=1),
         checks.number(train, "batch_size", "train", whole=True, low=1),
         checks.number(train, "learning_rate", "train", low=0, low_open=True),

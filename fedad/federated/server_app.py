@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ROUND_TIMEOUT = 3600.0
 # Payload is reported in MB of 10^6 bytes.
 MB = 1e6
+# The final model is evaluated at every site up to this many, else at a sample of this many.
+FINAL_EVAL_SITES = 100
 
 
 def server_app(settings: Settings | None = None, stop: threading.Event | None = None) -> ServerApp:
@@ -198,7 +200,11 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     final_config = ConfigRecord(
         {**config, **family.evaluate_config(), "server-round": num_rounds, "final": True}
     )
-    clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts, timeout)
+    fraction = settings.get("simulation.final_eval_fraction")
+    chosen = final_evaluation_sites(
+        len(counts), None if fraction in (None, "") else float(fraction), seed
+    )
+    clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts, timeout, chosen)
     clients.to_csv(run_dir / rundir.CLIENTS_FILE, index=False)
     # The final pass over every site is the last exchange: counted with the last round.
     for key, value in sites.take_payload().items():
@@ -256,34 +262,66 @@ def _pooled_statistics(
     return counts, mean, std
 
 
+def final_evaluation_sites(n_sites: int, fraction: float | None, seed: int) -> list[int]:
+    """The partition ids the final model is evaluated at (``simulation.final_eval_fraction``).
+
+    Parameters
+    ----------
+    n_sites : int
+        Sites of the run.
+    fraction : float or None
+        The share of sites; None: every site up to :data:`FINAL_EVAL_SITES`,
+        then a sample of that many.
+    seed : int
+        The run's seed: the sample is the same in every run.
+
+    Returns
+    -------
+    list[int]
+        Sorted partition ids; at least one.
+    """
+    count = min(n_sites, FINAL_EVAL_SITES) if fraction is None else round(fraction * n_sites)
+    count = max(1, min(n_sites, count))
+    if count == n_sites:
+        return list(range(n_sites))
+    chosen = np.random.default_rng((seed, n_sites)).permutation(n_sites)[:count]
+    return sorted(int(i) for i in chosen)
+
+
 def _final_site_metrics(
     sites: SiteGrid,
     arrays: ArrayRecord,
     config: ConfigRecord,
     counts: dict[int, int],
     timeout: float,
+    chosen: list[int],
 ) -> pd.DataFrame:
-    """Evaluate the final global model at every site; one row per site that replied."""
+    """Evaluate the final global model at the ``chosen`` sites; one row per site of the run.
+
+    Sites not chosen have ``evaluated`` False and no metrics; a chosen site
+    that failed has its ``error``.
+    """
+    node_of = {pid: node for node, pid in sites.partition_of.items()}
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": config}),
-            dst_node_id=n,
+            dst_node_id=node_of[pid],
             message_type=MessageType.EVALUATE,
         )
-        for n in sites.get_node_ids()
+        for pid in chosen
     ]
-    rows = []
+    rows = {pid: {"client": pid, "n_examples": n, "evaluated": False} for pid, n in counts.items()}
+    for pid in chosen:
+        rows[pid]["evaluated"] = True
     for reply in sites.send_and_receive(messages, timeout=timeout):
-        pid = sites.partition_of[reply.metadata.src_node_id]
-        row = {"client": pid, "n_examples": counts[pid]}
+        row = rows[sites.partition_of[reply.metadata.src_node_id]]
         if reply.has_error():
             row["error"] = reply.error.reason
         else:
             metrics = dict(reply.content["metrics"])
             row["n_test"] = metrics.pop("num-examples")
             row.update(metrics)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([rows[pid] for pid in sorted(rows)])
 
 
 def _history(rows: list[dict]) -> pd.DataFrame:
