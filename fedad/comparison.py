@@ -59,6 +59,8 @@ class ModelResult:
     info: dict = field(default_factory=dict)
 
 
+# Shown after COLUMNS when a model has it.
+EXTRA = ("attack_success",)
 # The price of federation, on each federated row: the gap to its centralized twin (federated
 # minus twin; for FPR a positive gap means more false alarms) and the gain over going alone.
 GAPS = ("gap_macro_f1", "gap_roc_auc", "gap_fpr", "gain_vs_alone", "gain_vs_worst_site")
@@ -78,23 +80,29 @@ def table(results: Sequence[ModelResult]) -> pd.DataFrame:
     -------
     pd.DataFrame
         Columns ``model``, ``kind``, ``federated``, the metrics in
-        :data:`COLUMNS`, ``train_seconds``, ``twin`` and :data:`GAPS`
-        (federated rows only).
+        :data:`COLUMNS` (and ``attack_success`` when a model has it, under a
+        targeted attack), ``train_seconds``, ``twin``, :data:`GAPS` (federated
+        rows only) and, when a model has one, ``note`` (``ε = 3.2, δ = 1e-05``
+        under DP).
     """
     by_name = {r.name: r for r in results}
+    # Attack success is defined only for a run under a targeted attack.
+    metrics = [*COLUMNS, *(EXTRA if any(EXTRA[0] in r.metrics for r in results) else ())]
     rows = []
     for r in results:
         row = {
             "model": r.name,
             "kind": r.kind,
             "federated": r.kind == "federated",
-            **{c: r.metrics.get(c) for c in COLUMNS},
+            **{c: r.metrics.get(c) for c in metrics},
             "train_seconds": round(float(r.train_seconds), 2),
+            "note": r.info.get("note"),
         }
         if r.kind == "federated":
             row.update(_gaps(r, by_name))
         rows.append(row)
-    columns = ["model", "kind", "federated", *COLUMNS, "train_seconds", "twin", *GAPS]
+    notes = ["note"] if any(r.info.get("note") for r in results) else []
+    columns = ["model", "kind", "federated", *metrics, "train_seconds", "twin", *GAPS, *notes]
     frame = pd.DataFrame(rows, columns=columns)
     order = frame["kind"].map({"federated": 0, "local": 1}).fillna(2)
     return frame.iloc[order.argsort(kind="stable")].reset_index(drop=True)
@@ -122,10 +130,16 @@ def _gaps(fed: ModelResult, by_name: dict[str, ModelResult]) -> dict:
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    """Render the table as GitHub markdown; federated rows carry a ★, then their price."""
-    shown = frame.drop(columns=["federated", "twin", *GAPS]).copy()
+    """Render the table as GitHub markdown; federated rows carry a ★, then their price.
+
+    A row's ``note`` (its privacy budget) follows its name:
+    ``★ federated_cnn (ε = 3.2, δ = 1e-05)``.
+    """
+    notes = frame["note"] if "note" in frame else pd.Series([None] * len(frame))
+    shown = frame.drop(columns=["federated", "twin", *GAPS, "note"], errors="ignore").copy()
     shown["model"] = [
-        f"★ {m}" if f else m for m, f in zip(frame["model"], frame["federated"], strict=True)
+        ("★ " if f else "") + m + (f" ({n})" if isinstance(n, str) and n else "")
+        for m, f, n in zip(frame["model"], frame["federated"], notes, strict=True)
     ]
     text = _markdown(shown) + "\n★ federated model\n"
     price = frame.loc[frame["federated"], ["model", "twin", *GAPS]]
