@@ -68,8 +68,8 @@ def collect(path: str | os.PathLike) -> pd.DataFrame:
     pd.DataFrame
         One row per job and model; a job without any model result keeps one row with an
         empty ``model``. Columns, in order: ``job`` (path relative to ``path``),
-        ``status`` (``done``, ``failed`` or ``incomplete``), the settings (swept override
-        keys first, then the :data:`SETTINGS` fields), ``model``, ``kind``,
+        ``status`` (``done``, ``failed``, ``skipped`` or ``incomplete``), the settings
+        (swept override keys first, then the :data:`SETTINGS` fields), ``model``, ``kind``,
         ``federated``, the metrics, then ``label_skew``, ``wall_seconds`` and ``error``.
         :func:`summarize` relies on the settings lying between ``status`` and ``model``.
 
@@ -174,6 +174,9 @@ def _read_job(root: Path, job_dir: Path) -> dict:
     elif error or results.get("status") == "failed":
         status = "failed"
         error = error or "results.json says failed, but the job left no failed.json."
+    elif results.get("status") == "skipped":
+        # A sweep skipped it: valid settings outside the chosen method's bound.
+        status, error = "skipped", str(results.get("error", ""))
     else:
         status = "done" if results.get("status") == "done" else "incomplete"
     settings = dict(results.get("settings") or {})
