@@ -9,11 +9,13 @@ that a run without attack and privacy is bit-identical to the same run before th
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from flwr.app import (
     ArrayRecord,
@@ -33,6 +35,7 @@ from fedad.data.prepared import PreparedData
 from fedad.federated import attacks, privacy
 from fedad.federated.simulation import run_federated
 from fedad.federated.strategies import build_strategy
+from fedad.report.__main__ import write_report
 
 pytest.importorskip("dp_accounting", reason="privacy accounting needs fedad[dp]")
 
@@ -209,6 +212,39 @@ def test_local_dp_leaves_the_strategy_and_counts_each_round():
     assert strategy.history_fields()["epsilon"] == pytest.approx(
         privacy.epsilon(LOCAL, 1, 3, 3), rel=1e-12
     )
+
+
+def test_report_gives_macro_f1_against_epsilon_beside_the_same_sites_without_dp(tmp_path):
+    runs = [
+        (10, 1.0, 19.05, 0.55),
+        (10, 2.0, 8.08, 0.45),
+        (100, 2.0, 8.08, 0.70),
+        (10, None, None, 0.80),
+    ]
+    for i, (sites, noise, epsilon, f1) in enumerate(runs):
+        dp = {"name": "none"} if noise is None else {**CENTRAL, "noise_multiplier": noise}
+        model = {
+            "kind": "federated",
+            "macro_f1": f1,
+            "info": {"privacy": {**dp, "epsilon": epsilon}},
+        }
+        (tmp_path / f"job{i}").mkdir()
+        (tmp_path / f"job{i}" / "results.json").write_text(
+            json.dumps(
+                {
+                    "status": "done",
+                    "settings": {"strategy": "fedavg", "seed": 0, "num_clients": sites},
+                    "models": {"federated_cnn": model},
+                }
+            )
+        )
+    text = write_report(tmp_path).read_text()
+    table = pd.read_csv(tmp_path / "privacy.csv")
+    assert list(table["num_clients"]) == [10, 10, 100]
+    assert table["kept"].tolist()[:2] == pytest.approx([0.55 - 0.80, 0.45 - 0.80])
+    assert math.isnan(table["kept"].iloc[2])  # no 100-site run without DP in the folder
+    assert "| central | 10 | 2 | 1 | 8.08 | 1e-05 | 0.450 | 0.800 | -0.350 |" in text
+    assert (tmp_path / "f1_vs_epsilon.png").exists()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from flwr.serverapp.strategy import (
 
 from fedad import checks
 from fedad.config import Settings, section
-from fedad.federated.strategies import STRATEGIES, TREE_STRATEGIES
 from fedad.federated.task import run_settings
 from fedad.resolvers import sampled_sites
 
@@ -84,6 +83,9 @@ def check_config(privacy_cfg: Mapping, strategy: str, model: str, sim: Mapping) 
     list[str]
         One phrase per problem, naming the key.
     """
+    # Imported here: the ClientApp imports this module, and needs no strategy (nor XGBoost).
+    from fedad.federated.strategies import STRATEGIES, TREE_STRATEGIES
+
     name = privacy_cfg.get("name")
     if name not in PRIVACY:
         return [f"privacy must be one of {', '.join(PRIVACY)}, got {name!r}"]
@@ -103,7 +105,11 @@ def check_config(privacy_cfg: Mapping, strategy: str, model: str, sim: Mapping) 
             f"privacy={name} clips and noises model weights, but model={model} sends boosted "
             "trees, which have neither; use privacy=none with trees"
         )
-    elif name in CENTRAL and STRATEGIES[strategy].aggregate_train is not FedAvg.aggregate_train:
+    elif (
+        name in CENTRAL
+        and strategy in STRATEGIES
+        and STRATEGIES[strategy].aggregate_train is not FedAvg.aggregate_train
+    ):
         problems.append(
             f"privacy={name} calibrates its noise to a mean of clipped updates, where one site "
             f"moves the result by at most clipping_norm / sites; strategy={strategy} aggregates "

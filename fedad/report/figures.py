@@ -168,13 +168,14 @@ def poisoning(table: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     """
     made = {}
     attacks = sorted(table["attack"].unique())
-    fig, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 4), squeeze=False)
+    width = max(6.0, 4.5 * len(attacks))
+    fig, axes = plt.subplots(1, len(attacks), figsize=(width, 4), squeeze=False)
     for ax, attack in zip(axes[0], attacks, strict=True):
         _share_lines(ax, table[table["attack"] == attack], "macro_f1")
         ax.set_title(attack)
         ax.set_ylabel("macro-F1")
     axes[0][0].legend(fontsize="small")
-    fig.suptitle("Federated macro-F1 against the share of malicious sites")
+    fig.suptitle("Federated macro-F1 against the malicious share")
     made["Macro-F1 against the attacker share"] = _save(fig, out_dir / "poisoning_f1.png")
     targeted = table[(table["attack"] == "targeted_flip") & table["attack_success_mean"].notna()]
     if len(targeted):

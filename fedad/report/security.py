@@ -231,25 +231,27 @@ def _headline(table: pd.DataFrame) -> list[str]:
             continue
         share = format_value(top["share"].iloc[0])
         fedavg = top[top["strategy"] == "fedavg"]
-        text = f"- **{attack}, share {share}:**"
-        if len(fedavg):
-            text += f" FedAvg drops {_pm(fedavg.iloc[0], 'drop')};"
+        parts = [f"FedAvg drops {_pm(fedavg.iloc[0], 'drop')}"] if len(fedavg) else []
         robust = top[top["strategy"] != "fedavg"].dropna(subset=["drop_mean"])
         if len(robust):
             best = robust.loc[robust["drop_mean"].idxmin()]
             held = "within" if best["drop_mean"] <= WITHIN else "not within"
-            text += (
-                f" best defence {best['strategy']} drops {_pm(best, 'drop')} ({held} "
+            parts.append(
+                f"best defence {best['strategy']} drops {_pm(best, 'drop')} ({held} "
                 f"{WITHIN} of its clean run)"
             )
         if attack == "targeted_flip" and top["attack_success_mean"].notna().any():
             least = top.loc[top["attack_success_mean"].idxmin()]
-            text += "; attack success " + ", ".join(
-                f"{r['strategy']} {_pm(r, 'attack_success')}"
-                for _, r in top.iterrows()
-                if r["strategy"] in ("fedavg", least["strategy"])
+            parts.append(
+                "attack success "
+                + ", ".join(
+                    f"{r['strategy']} {_pm(r, 'attack_success')}"
+                    for _, r in top.iterrows()
+                    if r["strategy"] in ("fedavg", least["strategy"])
+                )
             )
-        lines.append(text.rstrip(";") + ".")
+        if parts:
+            lines.append(f"- **{attack}, share {share}:** " + "; ".join(parts) + ".")
     return [*lines, ""] if lines else []
 
 
