@@ -243,14 +243,6 @@ def poison_update(
     return out
 
 
-def crafts_update(settings: Settings, partition_id: int, num_sites: int, server_round: int) -> bool:
-    """Whether the site sends arrays of its own making this round (model poisoning).
-
-    Such a site runs its own code, so it skips the client-side privacy mods too.
-    """
-    return active(settings, partition_id, num_sites, server_round) in MODEL_ATTACKS
-
-
 def describe(settings: Settings, num_sites: int) -> dict[str, Any]:
     """The run's attack for ``results.json``: its settings and the malicious sites."""
     attack = settings_of(settings)
