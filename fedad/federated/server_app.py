@@ -16,12 +16,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedad import rundir
 from fedad.config import section
 from fedad.errors import FedadError
-from fedad.federated import checkpoint, scaling, shards
+from fedad.federated import attacks, checkpoint, privacy, scaling, shards
 from fedad.federated.families import family_for
 from fedad.federated.grid import PAYLOAD, POLL_SECONDS, SiteGrid
 from fedad.federated.rounds import Rounds, ServerEvaluator
 from fedad.federated.strategies import build_strategy
 from fedad.federated.task import Settings, run_settings
+from fedad.resolvers import sampled_sites
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,11 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     the pooled statistics are the best estimate of the population the global
     model serves.
 
+    Attacks and privacy: under a targeted attack (``attack.*``) each round's
+    row holds the attack success on the global test set; under differential
+    privacy (``privacy.*``) the strategy runs inside Flower's DP wrapper and
+    each row holds the epsilon spent so far (:mod:`fedad.federated.privacy`).
+
     Checkpoints and faults: after every ``simulation.checkpoint_every`` rounds
     (round 0 and the last included) the global model, the strategy's state and
     the history go to ``run-dir/checkpoint`` (see :mod:`fedad.federated.checkpoint`);
@@ -147,17 +153,26 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     family = family_for(settings)
     family.seed_initial(seed)
     X_test, y_test = shards.read_shard(shards.test_path(run_dir), "server")
+    dp = privacy.settings_of(settings)
     strategy = build_strategy(
         section(settings, "strategy"),
         float(settings["simulation.fraction_train"]),
         float(settings["simulation.fraction_evaluate"]),
         int(settings["simulation.min_clients"]),
+        weight_key=privacy.WEIGHT_KEY if dp["name"] in privacy.CENTRAL else None,
     )
+    # The strategy Flower drives: under DP, Flower's wrapper and fedad's accounting around it.
+    runner = strategy
+    if dp["name"] != "none":
+        sim = {**section(settings, "simulation"), "num_clients": len(node_ids)}
+        runner = privacy.Private(strategy, dp, len(node_ids), sampled_sites(sim))
     if previous:
         checkpoint.restore_strategy_state(strategy, previous.strategy_state)
         family.restore(previous.history[-1])
+        if isinstance(runner, privacy.Private):
+            runner.restore(previous.history[-1])
         log.info("resuming after round %d of %d from %s", done, num_rounds, run_dir)
-    rounds = Rounds(strategy, done, seed, int(settings["simulation.min_clients"]), family)
+    rounds = Rounds(runner, done, seed, int(settings["simulation.min_clients"]), family)
     checkpointer = checkpoint.Checkpointer(
         run_dir,
         int(settings.get("simulation.checkpoint_every", 1)),
@@ -175,6 +190,8 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
         rounds,
         checkpointer,
         previous.history if previous else [],
+        targets=attacks.targets(settings, family.class_names),
+        fields=runner.history_fields if isinstance(runner, privacy.Private) else None,
     )
     try:
         rounds.start(
