@@ -13,6 +13,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from fedad.data import audit, sources
+from fedad.data.labels import classify
 from fedad.data.prepared import PreparedData
 from fedad.data.preprocess import Preprocessor, infer_categorical
 from fedad.errors import FedadError
@@ -136,6 +137,7 @@ def prepare(
         groups_train=train[natural].astype(str).to_numpy() if natural else None,
         scaler=StandardScaler().fit(X_train),
         notes=notes,
+        preprocessor=encoder,
     )
 
 
@@ -157,20 +159,8 @@ def _labelled(frame: pd.DataFrame, dataset: Mapping, task: str) -> tuple[pd.Data
             f"{', '.join(map(str, frame.columns))}.{hint} Set dataset.label_column to one of them."
         )
     frame, unlabelled = _drop_unlabelled(frame, label)
-    values = frame[label].astype(str).str.strip()
-    normal = str(dataset["normal_value"]).strip()
-    is_normal = values == normal
-    numeric = pd.to_numeric(values, errors="coerce")
-    normal_number = pd.to_numeric(pd.Series([normal]), errors="coerce")[0]
-    if not np.isnan(normal_number):
-        is_normal |= numeric == normal_number
-    frame["_attack"] = (~is_normal).astype(int)
-
-    if task == "binary":
-        frame["_class"] = np.where(is_normal, "normal", "attack")
-        return frame, unlabelled
     class_column = dataset.get("class_column") or label
-    if class_column not in frame.columns:
+    if task != "binary" and class_column not in frame.columns:
         columns = [c for c in frame.columns if c not in INTERNAL]
         raise FedadError(
             f"task=multiclass needs an attack-type column, but dataset.class_column="
@@ -178,11 +168,7 @@ def _labelled(frame: pd.DataFrame, dataset: Mapping, task: str) -> tuple[pd.Data
             f"{_did_you_mean(class_column, columns)} Set dataset.class_column to the column "
             "naming each row's attack type, or use task=binary."
         )
-    classes = frame[class_column].astype(str).str.strip()
-    class_map = dict(dataset.get("class_map") or {})
-    if class_map:
-        classes = classes.map(lambda c: class_map.get(c, c))
-    frame["_class"] = np.where(is_normal, "normal", classes)
+    frame["_attack"], frame["_class"] = classify(frame, dataset, task)
     return frame, unlabelled
 
 

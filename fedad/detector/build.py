@@ -1,0 +1,203 @@
+"""A finished run's detectors: the federated model and the best centralized one (by validation)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fedad import checks, rundir
+from fedad.comparison import ModelResult
+from fedad.data.prepared import PreparedData
+from fedad.detector.artifact import write
+from fedad.detector.scorer import DEFAULT_RULE, POOLED_SITES, TRAIN_ROWS
+from fedad.federated.checkpoint import data_fingerprint
+
+log = logging.getLogger("fedad")
+
+
+def check_config(cfg: Mapping) -> list[str]:
+    """What is wrong with the ``detector`` settings; empty when they can run.
+
+    Parameters
+    ----------
+    cfg : Mapping
+        The ``detector`` block of the config.
+
+    Returns
+    -------
+    list[str]
+        One phrase per problem, naming the key.
+    """
+    problems = [checks.flag(cfg, "write", "detector")]
+    if cfg.get("target_fpr") is not None:
+        problems.append(checks.number(cfg, "target_fpr", "detector", low=0, high=1))
+    return [p for p in problems if p]
+
+
+def choose(models: Sequence[ModelResult]) -> list[ModelResult]:
+    """The models that get a detector: every federated one, and the best supervised one.
+
+    The supervised model is the one with the highest validation macro-F1 (rows
+    held out of the training data), never a test-set score; ties go to the
+    first in the configured order.
+    """
+    chosen = [m for m in models if m.kind == "federated"]
+    candidates = [
+        m
+        for m in models
+        if m.kind == "supervised" and m.info.get("validation_macro_f1") is not None
+    ]
+    if candidates:
+        chosen.append(max(candidates, key=lambda m: m.info["validation_macro_f1"]))
+    return chosen
+
+
+def write_detectors(
+    cfg: DictConfig,
+    data: PreparedData,
+    parts: Sequence[np.ndarray],
+    models: Sequence[ModelResult],
+    run_dir: Path,
+) -> dict:
+    """Write ``detector/<model>/`` for each model :func:`choose` picks.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The run's composed config.
+    data : PreparedData
+        The run's split, with its fitted preprocessor.
+    parts : Sequence[np.ndarray]
+        The sites' training rows (part of the data fingerprint, as in checkpoints).
+    models : Sequence[ModelResult]
+        Every model of the run, scored.
+    run_dir : Path
+        The run folder.
+
+    Returns
+    -------
+    dict
+        Model name -> the detector folder and why the model was chosen, for
+        ``results.json``.
+    """
+    written = {}
+    fingerprint = data_fingerprint(data, parts)
+    for model in choose(models):
+        if model.kind == "federated":
+            with np.load(run_dir / rundir.SCALING_FILE) as stats:
+                mean, std = stats["mean"], stats["std"]
+            scaling = POOLED_SITES
+            saved, classes = model.model, list(range(data.n_classes))
+            why = "the federated model"
+        else:
+            mean, std = data.scaler.mean_, data.scaler.scale_
+            scaling = TRAIN_ROWS
+            saved, classes = model.model.estimator, [int(c) for c in model.model.classes]
+            why = (
+                "the centralized supervised model with the highest validation macro-F1 "
+                f"({model.info['validation_macro_f1']:.4f}, on rows held out of the training data)"
+            )
+        folder = run_dir / rundir.DETECTOR_DIR / model.name
+        manifest = _manifest(cfg, data, model, classes, scaling, why, fingerprint)
+        write(folder, manifest, saved, data.preprocessor, mean, std)
+        written[model.name] = {"folder": str(folder.relative_to(run_dir)), "chosen_as": why}
+    return written
+
+
+def _manifest(
+    cfg: DictConfig,
+    data: PreparedData,
+    model: ModelResult,
+    classes: list[int],
+    scaling: str,
+    why: str,
+    fingerprint: str,
+) -> dict:
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    pre = data.preprocessor
+    label_columns = [dataset["label_column"]]
+    if cfg.task != "binary" and dataset.get("class_column"):
+        label_columns.append(dataset["class_column"])
+    dropped = [*(dataset.get("drop_columns") or [])]
+    if dataset.get("natural_column"):
+        dropped.append(dataset["natural_column"])
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {
+            "name": model.name,
+            "run_kind": model.kind,
+            "classes": classes,
+            "chosen_as": why,
+            "validation_macro_f1": model.info.get("validation_macro_f1"),
+        },
+        "reader": {
+            "sep": dataset.get("sep", ","),
+            "header": bool(dataset.get("header", True)),
+            "columns": dataset.get("columns"),
+        },
+        "labels": {
+            "task": cfg.task,
+            "label_column": dataset["label_column"],
+            "normal_value": dataset["normal_value"],
+            "class_column": dataset.get("class_column"),
+            "class_map": dataset.get("class_map"),
+        },
+        "class_names": list(data.class_names),
+        "schema": {
+            "features": [{"name": c, "type": "number"} for c in pre.numeric]
+            + [{"name": c, "type": "category"} for c in pre.categorical],
+            "optional": [*label_columns, *dropped],
+            "labels": label_columns,
+            "dropped": dropped,
+            "encoded_features": list(data.feature_names),
+            "log_transform": pre.log_transform,
+        },
+        "scaling": {"rule": scaling},
+        "decision": _decision(model, data),
+        "data": {
+            "dataset": dataset["name"],
+            "train_file": dataset.get("train_file") or dataset.get("path"),
+            "test_file": dataset.get("test_file"),
+            "origin": data.notes.get("origin"),
+            "fingerprint": fingerprint,
+            "n_train": int(len(data.y_train)),
+            "n_test": int(len(data.y_test)),
+        },
+        "test_metrics": model.metrics,
+    }
+
+
+def _decision(model: ModelResult, data: PreparedData) -> dict:
+    binary = data.n_classes == 2
+    rules = {
+        DEFAULT_RULE: {
+            "threshold": None,
+            "description": "the most probable class"
+            + (" (attack when its probability passes 0.5)" if binary else ""),
+        }
+    }
+    chosen = model.info.get("validation", {}).get("target_fpr")
+    if chosen:
+        rules["target_fpr"] = {
+            **chosen,
+            "description": (
+                f"attack when the attack score (1 - p(normal)) is at least the threshold, which "
+                f"flagged {chosen['fpr']:.4f} of the normal validation rows (target "
+                f"{chosen['target']}); chosen on rows held out of the training data by a refit "
+                "of the same model, so the shipped model's rate may differ a little"
+            ),
+        }
+        note = "target_fpr: chosen on validation rows"
+    elif model.kind == "federated":
+        note = (
+            "no target_fpr rule: the federated model has no central validation rows (each "
+            "site keeps its own)"
+        )
+    else:
+        note = "no target_fpr rule: detector.target_fpr was null"
+    return {"default": DEFAULT_RULE, "rules": rules, "note": note}
