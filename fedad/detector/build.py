@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from fedad import checks, rundir
@@ -164,6 +165,7 @@ def _manifest(
             "train_file": dataset.get("train_file") or dataset.get("path"),
             "test_file": dataset.get("test_file"),
             "origin": data.notes.get("origin"),
+            "data_dir": to_absolute_path(cfg.data_dir),
             "fingerprint": fingerprint,
             "n_train": int(len(data.y_train)),
             "n_test": int(len(data.y_test)),

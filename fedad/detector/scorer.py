@@ -93,6 +93,15 @@ class Detector:
         return [*self.preprocessor.numeric, *self.preprocessor.categorical]
 
     @property
+    def categories(self) -> dict[str, list[str]]:
+        """Each categorical column's training vocabulary (other values score as unseen)."""
+        encoder = self.preprocessor.encoder
+        return {
+            col: [str(c) for c in cats]
+            for col, cats in zip(self.preprocessor.categorical, encoder.categories_, strict=True)
+        }
+
+    @property
     def rules(self) -> dict[str, dict]:
         """Decision rules by name: ``argmax`` always, ``target_fpr`` when one was chosen."""
         return self.manifest["decision"]["rules"]
@@ -105,6 +114,13 @@ class Detector:
                 f"{', '.join(self.rules)}. ({self.rules_note()})"
             )
         return self.rules[rule].get("threshold")
+
+    def threshold_used(self, rule: str) -> float | None:
+        """The attack-score threshold of ``rule`` (argmax: 0.5 for two classes, else None)."""
+        threshold = self.check_rule(rule)
+        if threshold is None and len(self.class_names) == 2:
+            return 0.5  # argmax of two probabilities: attack when its score passes 0.5
+        return threshold
 
     def rules_note(self) -> str:
         """Why a rule may be missing: what the manifest says of the target-FPR threshold."""
@@ -133,7 +149,7 @@ class Detector:
                 for col, n in self.preprocessor.unseen.items()
                 if n > before.get(col, 0)
             }
-        X = self._standardize(X)
+        X = self.standardize(X)
         full = np.zeros((len(X), len(self.class_names)), dtype=np.float64)
         full[:, self.columns] = self.predict_model(X)
         attack = 1.0 - full[:, 0]
@@ -146,9 +162,7 @@ class Detector:
 
     def table(self, scored: Scored, rule: str = DEFAULT_RULE) -> pd.DataFrame:
         """One output row per scored row: probabilities, attack score, class, rule, threshold."""
-        threshold = self.check_rule(rule)
-        if threshold is None and len(self.class_names) == 2:
-            threshold = 0.5  # argmax of two probabilities: attack when its score passes 0.5
+        threshold = self.threshold_used(rule)
         columns = {f"p_{name}": scored.scores[:, i] for i, name in enumerate(self.class_names)}
         columns["attack_score"] = scored.attack_score
         columns["predicted"] = np.asarray(self.class_names, dtype=object)[scored.predicted]
@@ -173,7 +187,8 @@ class Detector:
         codes[empty] = -1
         return codes
 
-    def _standardize(self, X: np.ndarray) -> np.ndarray:
+    def standardize(self, X: np.ndarray) -> np.ndarray:
+        """Standardize encoded rows as the model was trained to expect (``float32``)."""
         if self.manifest["scaling"]["rule"] == POOLED_SITES:
             return standardize(X, self.mean, self.std)
         return self.scaler.transform(X).astype(np.float32, copy=False)
