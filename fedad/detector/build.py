@@ -86,28 +86,54 @@ def write_detectors(
         Model name -> the detector folder and why the model was chosen, for
         ``results.json``.
     """
-    written = {}
     fingerprint = data_fingerprint(data, parts)
-    for model in choose(models):
-        if model.kind == "federated":
-            with np.load(run_dir / rundir.SCALING_FILE) as stats:
-                mean, std = stats["mean"], stats["std"]
-            scaling = POOLED_SITES
-            saved, classes = model.model, list(range(data.n_classes))
-            why = "the federated model"
-        else:
-            mean, std = data.scaler.mean_, data.scaler.scale_
-            scaling = TRAIN_ROWS
-            saved, classes = model.model.estimator, [int(c) for c in model.model.classes]
-            why = (
-                "the centralized supervised model with the highest validation macro-F1 "
-                f"({model.info['validation_macro_f1']:.4f}, on rows held out of the training data)"
-            )
-        folder = run_dir / rundir.DETECTOR_DIR / model.name
-        manifest = _manifest(cfg, data, model, classes, scaling, why, fingerprint)
-        write(folder, manifest, saved, data.preprocessor, mean, std)
-        written[model.name] = {"folder": str(folder.relative_to(run_dir)), "chosen_as": why}
-    return written
+    return {m.name: write_detector(cfg, data, fingerprint, m, run_dir) for m in choose(models)}
+
+
+def write_detector(
+    cfg: DictConfig, data: PreparedData, fingerprint: str, model: ModelResult, run_dir: Path
+) -> dict:
+    """Write ``detector/<model>/`` for one model of a run.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The run's composed config.
+    data : PreparedData
+        The run's split, with its fitted preprocessor.
+    fingerprint : str
+        The data fingerprint (:func:`fedad.federated.checkpoint.data_fingerprint`).
+    model : ModelResult
+        A federated or supervised model of the run.
+    run_dir : Path
+        The run folder (a federated model's ``scaling.npz`` is read from it).
+
+    Returns
+    -------
+    dict
+        ``folder`` (relative to ``run_dir``) and ``chosen_as``.
+    """
+    if model.kind == "federated":
+        with np.load(run_dir / rundir.SCALING_FILE) as stats:
+            mean, std = stats["mean"], stats["std"]
+        scaling = POOLED_SITES
+        saved, classes = model.model, list(range(data.n_classes))
+        why = "the federated model"
+    else:
+        mean, std = data.scaler.mean_, data.scaler.scale_
+        scaling = TRAIN_ROWS
+        saved, classes = model.model.estimator, [int(c) for c in model.model.classes]
+        validation = model.info.get("validation_macro_f1")
+        why = (
+            "the centralized supervised model with the highest validation macro-F1 "
+            f"({validation:.4f}, on rows held out of the training data)"
+            if validation is not None
+            else "a centralized supervised model"
+        )
+    folder = run_dir / rundir.DETECTOR_DIR / model.name
+    manifest = _manifest(cfg, data, model, classes, scaling, why, fingerprint)
+    write(folder, manifest, saved, data.preprocessor, mean, std)
+    return {"folder": str(folder.relative_to(run_dir)), "chosen_as": why}
 
 
 def _manifest(

@@ -106,6 +106,8 @@ def chunks(detector: Detector, source: InputFile, rows: int = CHUNK_ROWS) -> Ite
             chunksize=rows,
         )
         for frame in frames:
+            if frame.empty:  # a header without rows still makes one frame
+                continue
             frame.columns = source.columns
             check_numbers(frame, detector.preprocessor.numeric, source.path)
             yield frame
