@@ -1,4 +1,4 @@
-"""A saved detector scores raw rows as its run did: artifact, fedad.score, fedad.export, bad input."""
+"""A saved detector scores raw rows as its run did: artifact, score, export, bad input."""
 
 from __future__ import annotations
 
@@ -159,8 +159,10 @@ def test_a_run_folder_is_not_a_detector_but_names_its_detectors(small_run, capsy
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda f: f.drop(columns=["duration", "protocol"]), "lacks column(s) the detector "
-         "needs: duration, protocol"),
+        (
+            lambda f: f.drop(columns=["duration", "protocol"]),
+            "lacks column(s) the detector needs: duration, protocol",
+        ),
         (lambda f: f.assign(duration=["abc", *f["duration"][1:]]), "'duration' (row 1: 'abc'"),
         (lambda f: f.assign(fwd_bytes=[np.nan, *f["fwd_bytes"][1:]]), "'fwd_bytes' (row 1: empty"),
         (lambda f: f.head(0), "has a header but no rows"),
@@ -195,3 +197,74 @@ def test_a_bad_detector_setting_is_refused_before_any_data_is_read():
 
     with pytest.raises(FedadError, match="detector.target_fpr"):
         validate(compose(["detector.target_fpr=2"]))
+
+
+@pytest.fixture(scope="module")
+def nsl_kdd_run(tmp_path_factory, data_dir):
+    from fedad.simulate import run
+
+    cfg = compose(
+        [
+            "dataset=nsl_kdd",
+            f"data_dir={data_dir}",
+            "simulation.num_clients=2",
+            "simulation.num_rounds=1",
+            "explain=false",
+            "~baselines.models.random_forest",
+            "~baselines.models.central_cnn",
+            "~baselines.models.central_logistic",
+        ]
+    )
+    run_dir = tmp_path_factory.mktemp("nsl_kdd")
+    return cfg, run_dir, run(cfg, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["federated", "supervised"])
+def test_scoring_the_raw_test_file_reproduces_the_run_metrics(
+    nsl_kdd_run, data_dir, tmp_path, kind
+):
+    cfg, run_dir, results = nsl_kdd_run
+    (name,) = [n for n in results["detectors"] if results["models"][n]["kind"] == kind]
+    folder = run_dir / results["detectors"][name]["folder"]
+    test_file = data_dir / cfg.dataset.test_file
+    out = tmp_path / "scores.csv"
+    score.main([str(folder), str(test_file), "-o", str(out)])
+    table = pd.read_csv(out)
+    raw = pd.read_csv(test_file, header=None, names=list(cfg.dataset.columns))
+    assert len(table) == len(raw)  # one row per input row, duplicates included
+    detector = Detector.load(folder)
+    # The run dropped exact duplicates (features and class) within the test file: so do we.
+    kept = ~raw[detector.features].assign(_class=table["true_class"]).duplicated().to_numpy()
+    names = pd.Index(detector.class_names)
+    metrics = compute_metrics(
+        names.get_indexer(table["true_class"])[kept],
+        table[[f"p_{c}" for c in detector.class_names]].to_numpy()[kept],
+        detector.class_names,
+        names.get_indexer(table["predicted"])[kept],
+    )
+    recorded = results["models"][name]
+    assert metrics["n"] == recorded["n"] == results["data"]["n_test"]
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            assert round(value, 4) == round(recorded[key], 4), key
+        elif key == "per_class_recall":
+            assert {k: round(v, 4) for k, v in value.items()} == {
+                k: round(v, 4) for k, v in recorded[key].items()
+            }
+        else:
+            assert value == recorded[key], key
+
+
+@pytest.mark.slow
+def test_the_federated_model_exports_to_tflite_with_the_same_scores(nsl_kdd_run, capsys, tmp_path):
+    from fedad import export
+
+    _, run_dir, results = nsl_kdd_run
+    folder = run_dir / results["detectors"]["federated_cnn"]["folder"]
+    out = tmp_path / "model.tflite"
+    export.main([str(folder), "--format", "tflite", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert out.is_file() and f"{out.stat().st_size / 1024:.1f} KB" in printed
+    assert "its scores match the Keras model's within 1e-05" in printed
+    assert "on 22544 rows" in printed
