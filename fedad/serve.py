@@ -172,11 +172,15 @@ def _csv_rows(raw: bytes, detector: Detector, max_batch: int) -> list[dict[str, 
 def _invalid(err: ValidationError) -> Refused:
     """One 422 paragraph naming each column with a missing, mistyped or non-finite value."""
     by_column: dict[str, dict] = defaultdict(lambda: {"rows": [], "problem": ""})
-    problems = []
+    problems, seen = [], set()
     for e in err.errors(include_url=False):
         loc = [p for p in e["loc"] if p != "records"]
         row = loc[0] + 1 if loc and isinstance(loc[0], int) else None
         column = str(loc[1]) if len(loc) > 1 else "records"
+        # A value against a union (a category: text or number) fails once per member.
+        if (row, column) in seen:
+            continue
+        seen.add((row, column))
         problem = "missing" if e["type"] == "missing" else e["msg"]
         problems.append({"row": row, "column": column, "problem": problem})
         entry = by_column[column]
