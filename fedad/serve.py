@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import ipaddress
+import json
 import logging
 from collections import defaultdict
 from typing import Annotated, Any
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 # pydantic reads a TypedDict of typing_extensions only, on Python < 3.12.
@@ -92,7 +93,7 @@ def create_app(detector: Detector, max_batch: int = MAX_BATCH, rule: str = DEFAU
         }
 
     @app.post("/score")
-    async def score(request: Request) -> dict:
+    async def score(request: Request) -> Response:
         chosen = request.query_params.get("rule", rule)
         if chosen not in detector.rules:
             raise Refused(
@@ -121,31 +122,34 @@ def create_app(detector: Detector, max_batch: int = MAX_BATCH, rule: str = DEFAU
             )
         if not valid:
             raise Refused(422, "The request holds no rows to score.")
-        frame = pd.DataFrame.from_records(valid)
+        # Column by column: much faster than a frame built record by record.
+        numeric = set(detector.preprocessor.numeric)
+        frame = pd.DataFrame(
+            {
+                c: np.fromiter((r[c] for r in valid), np.float64, len(valid))
+                if c in numeric
+                else [str(r[c]) for r in valid]
+                for c in detector.features
+            }
+        )
         scored = await run_in_threadpool(detector.score, frame, chosen)
-        threshold = detector.threshold_used(chosen)
-        names = np.asarray(detector.class_names, dtype=object)
-        return {
+        extra = set().union(*map(dict.keys, valid)) - known
+        answer = {
             "model": detector.name,
             "rule": chosen,
-            "threshold": threshold,
+            "threshold": detector.threshold_used(chosen),
             "rows": len(frame),
-            "results": [
-                {
-                    "predicted": p,
-                    "attack_score": a,
-                    "probabilities": dict(zip(names, s, strict=True)),
-                }
-                for p, a, s in zip(
-                    names[scored.predicted].tolist(),
-                    scored.attack_score.tolist(),
-                    scored.scores.tolist(),
-                    strict=True,
-                )
-            ],
+            # One list per field, row i at position i: cheap to build and to read in bulk.
+            "predicted": np.asarray(detector.class_names)[scored.predicted].tolist(),
+            "attack_score": scored.attack_score.tolist(),
+            "probabilities": {
+                name: scored.scores[:, i].tolist() for i, name in enumerate(detector.class_names)
+            },
             "unseen_categories": scored.unseen,
-            "ignored_columns": sorted(c for c in frame.columns if c not in known),
+            "ignored_columns": sorted(extra),
         }
+        # Serialised here: FastAPI's own encoder walks every value in Python.
+        return Response(json.dumps(answer), media_type="application/json")
 
     return app
 

@@ -192,6 +192,16 @@ def test_a_rule_the_detector_lacks_is_refused(copy_of, capsys):
     assert "no decision rule 'nope'" in _fails(capsys, str(folder), str(source), "--rule", "nope")
 
 
+def test_a_tree_model_is_not_exported(small_run, capsys):
+    from fedad import export
+
+    run_dir, _, _ = small_run
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(detector_dir(run_dir, "xgboost")), "--format", "tflite"])
+    assert exit_info.value.code == 2
+    assert "only Keras models" in capsys.readouterr().err
+
+
 def test_a_bad_detector_setting_is_refused_before_any_data_is_read():
     from fedad.validate import validate
 
@@ -257,13 +267,17 @@ def test_scoring_the_raw_test_file_reproduces_the_run_metrics(
 
 
 @pytest.mark.slow
-def test_the_federated_model_exports_to_tflite_with_the_same_scores(nsl_kdd_run, capsys, tmp_path):
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_the_federated_model_exports_with_the_same_scores(nsl_kdd_run, capsys, tmp_path, fmt):
     from fedad import export
 
+    if fmt == "onnx":
+        pytest.importorskip("tf2onnx", reason="the onnx export needs the [edge] extra")
+        pytest.importorskip("onnxruntime", reason="the onnx export needs the [edge] extra")
     _, run_dir, results = nsl_kdd_run
     folder = run_dir / results["detectors"]["federated_cnn"]["folder"]
-    out = tmp_path / "model.tflite"
-    export.main([str(folder), "--format", "tflite", "-o", str(out)])
+    out = tmp_path / f"model.{fmt}"
+    export.main([str(folder), "--format", fmt, "-o", str(out)])
     printed = capsys.readouterr().out
     assert out.is_file() and f"{out.stat().st_size / 1024:.1f} KB" in printed
     assert "its scores match the Keras model's within 1e-05" in printed

@@ -98,21 +98,20 @@ def test_json_and_csv_rows_score_as_the_detector_does(server, detector_folder):
     answer = client.post("/score", json={"records": rows})
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    assert body["rows"] == len(rows) == len(body["results"])
+    assert body["rows"] == len(rows) == len(body["predicted"]) == len(body["attack_score"])
     detector = Detector.load(detector_folder)
     want = detector.score(raw_rows(len(rows)))
-    got = np.array([[r["probabilities"][c] for c in detector.class_names] for r in body["results"]])
+    got = np.array([body["probabilities"][c] for c in detector.class_names]).T
     np.testing.assert_allclose(got, want.scores)
-    assert [r["predicted"] for r in body["results"]] == [
-        detector.class_names[i] for i in want.predicted
-    ]
+    np.testing.assert_allclose(body["attack_score"], want.attack_score)
+    assert body["predicted"] == [detector.class_names[i] for i in want.predicted]
     csv_answer = client.post(
         "/score",
         content=raw_rows(len(rows)).to_csv(index=False),
         headers={"content-type": "text/csv"},
     )
     assert csv_answer.status_code == 200, csv_answer.text
-    assert csv_answer.json()["results"] == body["results"]
+    assert csv_answer.json() == body
 
 
 def test_unseen_categories_are_scored_and_counted_and_extra_columns_listed(server):
@@ -124,7 +123,7 @@ def test_unseen_categories_are_scored_and_counted_and_extra_columns_listed(serve
     body = client.post("/score", json={"records": rows}).json()
     assert body["unseen_categories"] == {"service": 2}
     assert body["ignored_columns"] == ["comment"]
-    assert len(body["results"]) == 3
+    assert len(body["predicted"]) == 3
 
 
 def test_the_target_fpr_rule_is_chosen_per_request(server):
