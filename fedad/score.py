@@ -55,6 +55,12 @@ def score_file(
     found = open_input(detector, source)
     target = Path(out) if out is not None else None
     folder = target.parent if target is not None else Path(tempfile.gettempdir())
+    if target is not None and (target.is_dir() or not folder.is_dir()):
+        raise FedadError(
+            f"Cannot write the scores to {target}: "
+            + ("it is a folder." if target.is_dir() else f"there is no folder {folder}.")
+            + " Give -o a file path in an existing folder."
+        )
     rows, unseen = 0, {}
     labelled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as tmp:
