@@ -90,9 +90,15 @@ def score_file(
             os.unlink(tmp.name)
             raise
     if target is None:
-        with open(tmp.name) as f:
-            shutil.copyfileobj(f, sys.stdout)
-        os.unlink(tmp.name)
+        try:
+            with open(tmp.name) as f:
+                shutil.copyfileobj(f, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader stopped early (| head): the rest goes nowhere, quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        finally:
+            os.unlink(tmp.name)
     else:
         os.replace(tmp.name, target)
     summary: dict = {"rows": rows, "ignored_columns": found.ignored, "unseen_categories": unseen}
