@@ -57,6 +57,7 @@ class SimulationConfig:
     round_timeout: float = 600.0
     checkpoint_every: int = 1
     scaling: str = "federated"
+    local_sites: int = 10
     client_resources: dict[str, float] = field(
         default_factory=lambda: {"num_cpus": 1.0, "num_gpus": 0.0}
     )
@@ -264,6 +265,14 @@ FLOWER_KEYS = (
     "model.kernel_size",
     "model.dense_units",
     "model.dropout",
+    "model.units",
+    "model.layers",
+    "model.batch_norm",
+    "model.bottleneck",
+    "model.local_rounds",
+    "model.max_depth",
+    "model.learning_rate",
+    "model.class_weights",
     "train.local_epochs",
     "train.batch_size",
     "train.learning_rate",
@@ -283,6 +292,9 @@ FLOWER_KEYS = (
     "strategy.server_momentum",
     "strategy.beta",
     "strategy.num_malicious_nodes",
+    "strategy.num_nodes_to_select",
+    "strategy.q",
+    "strategy.client_learning_rate",
     "simulation.num_clients",
     "simulation.num_rounds",
     "simulation.fraction_train",
@@ -293,6 +305,7 @@ FLOWER_KEYS = (
     "simulation.round_timeout",
     "simulation.checkpoint_every",
     "simulation.scaling",
+    "simulation.local_sites",
 )
 
 Scalar = bool | int | float | str

@@ -52,6 +52,7 @@ def validate(cfg: DictConfig) -> None:
         checks.number(sim, "round_timeout", "simulation", low=0, low_open=True),
         checks.number(sim, "checkpoint_every", "simulation", whole=True, low=0),
         checks.choice(sim, "scaling", "simulation", SCALINGS),
+        checks.number(sim, "local_sites", "simulation", whole=True, low=0),
         checks.number(train, "local_epochs", "train", whole=True, low=1),
         checks.number(train, "batch_size", "train", whole=True, low=1),
         checks.number(train, "learning_rate", "train", low=0, low_open=True),
@@ -76,8 +77,21 @@ def validate(cfg: DictConfig) -> None:
     problems += check_baselines(values["baselines"])
     problems += check_detector(values["detector"])
     if values["federated"]:
-        problems += check_model(values["model"])
-        problems += check_strategy(values["strategy"], expected_replies(sim))
+        problems += check_model(values["model"], values["task"])
+        model = values["model"].get("name")
+        problems += check_strategy(values["strategy"], expected_replies(sim), model)
+        if values["strategy"].get("name") == "fedxgb_cyclic" and (
+            sim["fraction_train"] != 1.0 or sim["fraction_evaluate"] != 1.0
+        ):
+            problems.append(
+                "strategy=fedxgb_cyclic visits the sites one a round, in turn: it needs "
+                "simulation.fraction_train=1.0 and simulation.fraction_evaluate=1.0"
+            )
+        if model == "autoencoder" and not train["val_fraction"] > 0:
+            problems.append(
+                "model=autoencoder chooses its threshold on each site's validation rows: "
+                "train.val_fraction must be > 0"
+            )
     checks.raise_problems(problems, "Cannot start the run")
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from fedad import checks
@@ -21,6 +22,7 @@ from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.metrics import attack_score, compute_metrics, threshold_for_fpr
+from fedad.models.catalog import TWINS
 
 BASELINES = tuple(SUPERVISED_DEFAULTS) + tuple(UNSUPERVISED_DEFAULTS)
 
@@ -121,6 +123,11 @@ def run_baselines(
                 fit_on=fit_on,
                 contamination=contamination,
                 seed=seed,
+                keras_fit={
+                    "train_cfg": train_cfg,
+                    "epochs": keras_epochs,
+                    "model_cfgs": model_cfgs,
+                },
             )
 
         return fit
@@ -137,6 +144,34 @@ def run_baselines(
             result.info["validation"] = held
         results.append(result)
     return results
+
+
+def with_twin(cfg_baselines: Mapping, model: str) -> dict:
+    """``cfg_baselines`` with the federated model's centralized twin among its models.
+
+    Parameters
+    ----------
+    cfg_baselines : Mapping
+        A ``conf/baselines/*.yaml`` config.
+    model : str
+        The federated model's name (``cnn``, ``xgboost`` ...).
+
+    Returns
+    -------
+    dict
+        A plain copy; the twin (:data:`fedad.models.catalog.TWINS`) is added with
+        its default settings when the config does not select it.
+    """
+    plain = (
+        OmegaConf.to_container(cfg_baselines, resolve=True)
+        if isinstance(cfg_baselines, DictConfig)
+        else dict(cfg_baselines)
+    )
+    models = dict(plain.get("models") or {})
+    twin = TWINS[model]
+    if twin not in models:
+        models[twin] = {**SUPERVISED_DEFAULTS, **UNSUPERVISED_DEFAULTS}[twin]
+    return {**plain, "models": models}
 
 
 def check_config(cfg_baselines: Mapping) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,6 +11,14 @@ from sklearn.preprocessing import OneHotEncoder
 
 # A column is categorical when fewer than this share of its non-empty cells parse as numbers.
 NUMERIC_SHARE = 0.5
+# Every feature ends up float32; a larger magnitude cannot be stored.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Numbers written with a thousands separator ("32,743", "1.234.567,5", "12 000") or a decimal
+# comma ("3,5"): text to a reader that expects "32743" and "3.5".
+_THOUSANDS = re.compile(
+    r"[+-]?\d{1,3}(?P<mark>[,.' ])\d{3}(?:(?P=mark)\d{3})*(?:(?P<dec>[.,])\d+)?"
+)
+_DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+")
 
 
 def signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -23,23 +32,72 @@ def infer_categorical(frame: pd.DataFrame) -> list[str]:
     for col in frame.columns:
         if pd.api.types.is_numeric_dtype(frame[col]) or pd.api.types.is_bool_dtype(frame[col]):
             continue
-        cells = frame[col].dropna()
-        parsed = pd.to_numeric(cells, errors="coerce").notna().mean() if len(cells) else 1.0
-        if parsed < NUMERIC_SHARE:
+        if numeric_share(frame[col]) < NUMERIC_SHARE:
             found.append(col)
     return found
+
+
+def written_numbers(frame: pd.DataFrame) -> dict[str, tuple[int, str, str]]:
+    """Text columns holding numbers written with a thousands separator or a decimal comma.
+
+    Parameters
+    ----------
+    frame : pd.DataFrame
+        Raw feature columns.
+
+    Returns
+    -------
+    dict[str, tuple[int, str, str]]
+        Column name to ``(cells, example, setting)``: how many cells are written
+        so, the first of them, and the reader setting that reads them as numbers
+        (e.g. ``dataset.thousands=','``).
+    """
+    found = {}
+    for col in frame.columns:
+        if pd.api.types.is_numeric_dtype(frame[col]) or pd.api.types.is_bool_dtype(frame[col]):
+            continue
+        cells = frame[col].dropna().astype(str).str.strip()
+        # "1.234" is a plain number already; only what the reader left as text counts.
+        text = pd.to_numeric(cells, errors="coerce").isna()
+        shaped = cells.str.fullmatch(_THOUSANDS.pattern) | cells.str.fullmatch(
+            _DECIMAL_COMMA.pattern
+        )
+        written = cells[text & shaped]
+        if written.empty:
+            continue
+        example = written.iloc[0]
+        match = _THOUSANDS.fullmatch(example)
+        if match:
+            setting = f"dataset.thousands='{match['mark']}'"
+            if match["dec"] == ",":
+                setting += " dataset.decimal=','"
+        else:
+            setting = "dataset.decimal=','"
+        found[str(col)] = (len(written), example, setting)
+    return found
+
+
+def numeric_share(cells: pd.Series) -> float:
+    """Share of the non-empty ``cells`` that parse as numbers (1.0 for none)."""
+    cells = cells.dropna()
+    if not len(cells):
+        return 1.0
+    return float(pd.to_numeric(cells, errors="coerce").notna().mean())
 
 
 class Preprocessor:
     """Numeric cleaning and one-hot encoding, fitted on training rows only.
 
-    Policy for bad numeric cells: text that does not parse as a number, NaN and
-    ±inf all become missing and are filled with the training median of the
-    column (0 when the column has no finite training value). How many cells
-    each rule touched is kept in :attr:`cleaned`. Categories unseen in training
-    encode as all zeros (or as the column's "infrequent" slot when it has one);
-    :attr:`unseen` counts them per column. With ``log_transform`` numeric
-    columns go through :func:`signed_log1p` before the median is taken.
+    Policy for bad numeric cells: text that does not parse as a number, NaN,
+    ±inf and values too large for ``float32`` (beyond ±3.4e38 after the
+    optional log transform, such as 1e308 sentinels) all become missing and
+    are filled with the training median of the column (0 when the column has
+    no finite training value). How many cells each rule touched is kept in
+    :attr:`cleaned`; :attr:`out_of_range` counts the too-large ones per
+    column. Categories unseen in training encode as all zeros (or as the
+    column's "infrequent" slot when it has one); :attr:`unseen` counts them
+    per column. With ``log_transform`` numeric columns go through
+    :func:`signed_log1p` before the median is taken.
 
     Parameters
     ----------
@@ -66,11 +124,12 @@ class Preprocessor:
         self.medians: np.ndarray = np.empty(0)
         self.cleaned: dict[str, int] = {}
         self.unseen: dict[str, int] = {}
+        self.out_of_range: dict[str, int] = {}
 
     def fit(self, frame: pd.DataFrame) -> Preprocessor:
         """Learn numeric medians and the category vocabulary from training rows."""
         self.numeric = [c for c in frame.columns if c not in self.categorical]
-        values, _ = self._numeric(frame)
+        values, _, _ = self._numeric(frame)
         with np.errstate(all="ignore"):
             medians = np.nanmedian(values, axis=0) if len(values) else np.zeros(values.shape[1])
         self.medians = np.nan_to_num(medians, nan=0.0)
@@ -80,9 +139,12 @@ class Preprocessor:
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         """Encode ``frame`` with what :meth:`fit` learned, as a ``float32`` array."""
-        values, counts = self._numeric(frame)
+        values, counts, too_large = self._numeric(frame)
         for key, value in counts.items():
             self.cleaned[key] = self.cleaned.get(key, 0) + value
+        for col, n in zip(self.numeric, too_large, strict=True):
+            if n:
+                self.out_of_range[col] = self.out_of_range.get(col, 0) + int(n)
         missing = np.isnan(values)
         values[missing] = np.broadcast_to(self.medians, values.shape)[missing]
         parts = [values.astype(np.float32)]
@@ -119,7 +181,8 @@ class Preprocessor:
                 names.append(f"{col}=<infrequent>")
         return names
 
-    def _numeric(self, frame: pd.DataFrame) -> tuple[np.ndarray, dict[str, int]]:
+    def _numeric(self, frame: pd.DataFrame) -> tuple[np.ndarray, dict[str, int], np.ndarray]:
+        """Numeric columns as float64, bad cells NaN; counts per rule, too-large per column."""
         raw = frame[self.numeric]
         parsed = raw.apply(pd.to_numeric, errors="coerce")
         values = parsed.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
@@ -131,7 +194,10 @@ class Preprocessor:
         values[np.isinf(values)] = np.nan
         if self.log_transform:
             values = signed_log1p(values)
-        return values, counts
+        too_large = np.abs(values) > FLOAT32_MAX
+        counts["out_of_range"] = int(too_large.sum())
+        values[too_large] = np.nan
+        return values, counts, too_large.sum(axis=0)
 
     def _text(self, frame: pd.DataFrame) -> np.ndarray:
         return frame[self.categorical].astype(str).apply(lambda s: s.str.strip()).to_numpy()

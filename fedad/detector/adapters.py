@@ -15,8 +15,6 @@ import numpy as np
 from fedad import rundir
 from fedad.errors import FedadError
 
-# Rows per model call: large enough to amortise the call, small enough to bound memory.
-BATCH_ROWS = 4096
 # What a saved scikit-learn model may hold beyond the types skops trusts by itself; anything
 # else in a .skops file is refused rather than loaded.
 SKOPS_TRUSTED = ("sklearn.tree._tree.Tree",)
@@ -58,15 +56,15 @@ def _module(model: object) -> str:
 
 
 def _keras_accepts(model: object) -> bool:
-    # The federated model arrives as the path of its .keras file.
-    return (isinstance(model, Path) and model.suffix == ".keras") or _module(model).startswith(
-        "keras"
-    )
+    # The federated classifier arrives as its run's scorer (exactly that class: the
+    # autoencoder's scorer derives from it, but its outputs are no class probabilities).
+    kind = (_module(model), type(model).__name__)
+    return kind == ("fedad.federated.keras_family", "KerasScorer") or kind[0].startswith("keras")
 
 
 def _keras_save(model: object, path: Path) -> None:
-    if isinstance(model, Path):
-        shutil.copyfile(model, path)
+    if hasattr(model, "path"):
+        shutil.copyfile(model.path, path)
     else:
         model.save(path)
 
@@ -79,17 +77,11 @@ def load_keras(path: Path):
 
 
 def _keras_load(path: Path) -> Predict:
+    from fedad.federated.keras_family import SERVER_BATCH, predict
+
     model = load_keras(path)
-
-    def predict(X: np.ndarray) -> np.ndarray:
-        # predict_on_batch, not predict(): no per-call data pipeline, so one row costs little.
-        parts = [
-            np.asarray(model.predict_on_batch(X[i : i + BATCH_ROWS]))
-            for i in range(0, len(X), BATCH_ROWS)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, model.output_shape[-1]))
-
-    return predict
+    # Scored as the server scores the global model: a direct call per batch, no data pipeline.
+    return lambda X: predict(model, X, batch_size=SERVER_BATCH)
 
 
 def _sklearn_save(model: object, path: Path) -> None:
@@ -155,11 +147,16 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
+def find_adapter(model: object) -> Adapter | None:
+    """The adapter that saves ``model``, or None when no adapter does."""
+    return next((a for a in ADAPTERS.values() if a.accepts(model)), None)
+
+
 def adapter_for(model: object) -> Adapter:
     """The adapter that saves ``model``; FedadError naming the type when none does."""
-    for adapter in ADAPTERS.values():
-        if adapter.accepts(model):
-            return adapter
+    adapter = find_adapter(model)
+    if adapter is not None:
+        return adapter
     raise FedadError(
         f"fedad cannot save a {type(model).__module__}.{type(model).__name__} in a detector: "
         f"it saves these kinds of model: {', '.join(ADAPTERS)}. Add an Adapter for it in "

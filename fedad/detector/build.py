@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedad import checks, rundir
 from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
+from fedad.detector.adapters import find_adapter
 from fedad.detector.artifact import write
 from fedad.detector.scorer import DEFAULT_RULE, POOLED_SITES, TRAIN_ROWS
 from fedad.federated.checkpoint import data_fingerprint
@@ -41,11 +42,12 @@ def check_config(cfg: Mapping) -> list[str]:
 
 
 def choose(models: Sequence[ModelResult]) -> list[ModelResult]:
-    """The models that get a detector: every federated one, and the best supervised one.
+    """The models that get a detector: the federated one, and the best supervised one.
 
     The supervised model is the one with the highest validation macro-F1 (rows
     held out of the training data), never a test-set score; ties go to the
-    first in the configured order.
+    first in the configured order. A model no adapter can save (a family that
+    has none yet) is left out, and the log says so.
     """
     chosen = [m for m in models if m.kind == "federated"]
     candidates = [
@@ -55,7 +57,16 @@ def choose(models: Sequence[ModelResult]) -> list[ModelResult]:
     ]
     if candidates:
         chosen.append(max(candidates, key=lambda m: m.info["validation_macro_f1"]))
-    return chosen
+    savable = [m for m in chosen if find_adapter(_saved(m)) is not None]
+    for m in chosen:
+        if m not in savable:
+            log.info("no detector for %s: no adapter saves its kind of model yet", m.name)
+    return savable
+
+
+def _saved(model: ModelResult) -> object:
+    """What an adapter saves: the federated run's scorer, or a baseline's fitted estimator."""
+    return model.model if model.kind == "federated" else model.model.estimator
 
 
 def write_detectors(
@@ -117,12 +128,12 @@ def write_detector(
         with np.load(run_dir / rundir.SCALING_FILE) as stats:
             mean, std = stats["mean"], stats["std"]
         scaling = POOLED_SITES
-        saved, classes = model.model, list(range(data.n_classes))
+        classes = list(range(data.n_classes))
         why = "the federated model"
     else:
         mean, std = data.scaler.mean_, data.scaler.scale_
         scaling = TRAIN_ROWS
-        saved, classes = model.model.estimator, [int(c) for c in model.model.classes]
+        classes = [int(c) for c in model.model.classes]
         validation = model.info.get("validation_macro_f1")
         why = (
             "the centralized supervised model with the highest validation macro-F1 "
@@ -132,7 +143,7 @@ def write_detector(
         )
     folder = run_dir / rundir.DETECTOR_DIR / model.name
     manifest = _manifest(cfg, data, model, classes, scaling, why, fingerprint)
-    write(folder, manifest, saved, data.preprocessor, mean, std)
+    write(folder, manifest, _saved(model), data.preprocessor, mean, std)
     return {"folder": str(folder.relative_to(run_dir)), "chosen_as": why}
 
 
@@ -171,6 +182,7 @@ def _manifest(
             "task": cfg.task,
             "label_column": dataset["label_column"],
             "normal_value": dataset["normal_value"],
+            "label_case": dataset.get("label_case", "exact"),
             "class_column": dataset.get("class_column"),
             "class_map": dataset.get("class_map"),
         },

@@ -182,7 +182,7 @@ class Detector:
         if any(col not in frame.columns for col in needed):
             return None
         empty = frame[needed].isna().any(axis=1).to_numpy()
-        _, classes = classify(frame, labels, labels["task"])
+        _, classes, _ = classify(frame, labels, labels["task"])
         codes = pd.Index(self.class_names).get_indexer(classes)
         codes[empty] = -1
         return codes

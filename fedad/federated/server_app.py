@@ -6,10 +6,8 @@ import json
 import logging
 import threading
 import time
-import warnings
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -19,15 +17,18 @@ from fedad import rundir
 from fedad.config import section
 from fedad.errors import FedadError
 from fedad.federated import checkpoint, scaling, shards
-from fedad.federated.grid import POLL_SECONDS, SiteGrid
+from fedad.federated.families import family_for
+from fedad.federated.grid import PAYLOAD, POLL_SECONDS, SiteGrid
 from fedad.federated.rounds import Rounds, ServerEvaluator
 from fedad.federated.strategies import build_strategy
-from fedad.federated.task import Settings, global_model, run_settings
+from fedad.federated.task import Settings, run_settings
 
 log = logging.getLogger(__name__)
 
 # Flower's own default for how long a round waits for replies.
 DEFAULT_ROUND_TIMEOUT = 3600.0
+# Payload is reported in MB of 10^6 bytes.
+MB = 1e6
 
 
 def server_app(settings: Settings | None = None, stop: threading.Event | None = None) -> ServerApp:
@@ -130,7 +131,6 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     seed = int(settings["seed"])
     num_rounds = int(settings["simulation.num_rounds"])
     timeout = float(settings.get("simulation.round_timeout", DEFAULT_ROUND_TIMEOUT))
-    class_names = json.loads(str(settings["class-names"]))
     previous = checkpoint.load(run_dir) if settings.get("resume", False) else None
     done = previous.round if previous else 0
     sites = SiteGrid(grid, stop)
@@ -142,8 +142,8 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     if settings["simulation.scaling"] == "federated":
         config = ConfigRecord({"scale-mean": mean.tolist(), "scale-std": std.tolist()})
 
-    keras.utils.set_random_seed(seed)
-    model = global_model(settings)
+    family = family_for(settings)
+    family.seed_initial(seed)
     X_test, y_test = shards.read_shard(shards.test_path(run_dir), "server")
     strategy = build_strategy(
         section(settings, "strategy"),
@@ -153,8 +153,9 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     )
     if previous:
         checkpoint.restore_strategy_state(strategy, previous.strategy_state)
+        family.restore(previous.history[-1])
         log.info("resuming after round %d of %d from %s", done, num_rounds, run_dir)
-    rounds = Rounds(strategy, done, seed, int(settings["simulation.min_clients"]))
+    rounds = Rounds(strategy, done, seed, int(settings["simulation.min_clients"]), family)
     checkpointer = checkpoint.Checkpointer(
         run_dir,
         int(settings.get("simulation.checkpoint_every", 1)),
@@ -164,10 +165,9 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
         saved_round=done if previous else None,
     )
     evaluator = ServerEvaluator(
-        model,
+        family,
         scaling.standardize(X_test, mean, std),
         y_test,
-        class_names,
         num_rounds,
         sites,
         rounds,
@@ -177,7 +177,7 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     try:
         rounds.start(
             grid=sites,
-            initial_arrays=ArrayRecord(previous.arrays if previous else model.get_weights()),
+            initial_arrays=ArrayRecord(previous.arrays if previous else family.initial_arrays()),
             num_rounds=num_rounds - done,
             timeout=timeout,
             train_config=ConfigRecord(dict(config)),
@@ -195,20 +195,16 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
             ) from None
         raise
 
-    final_config = ConfigRecord({**config, "server-round": num_rounds, "final": True})
+    final_config = ConfigRecord(
+        {**config, **family.evaluate_config(), "server-round": num_rounds, "final": True}
+    )
     clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts, timeout)
     clients.to_csv(run_dir / rundir.CLIENTS_FILE, index=False)
+    # The final pass over every site is the last exchange: counted with the last round.
+    for key, value in sites.take_payload().items():
+        evaluator.rows[-1][key] += value
     _history(evaluator.rows).to_csv(run_dir / rundir.HISTORY_FILE, index=False)
-    model.set_weights(evaluator.arrays.to_numpy_ndarrays())
-    # A built optimizer is saved with all its slots, so loading the file with
-    # compile=True does not warn about missing optimizer variables.
-    model.optimizer.build(model.trainable_variables)
-    with warnings.catch_warnings():
-        # Keras 3.15 converts TF variables with a NumPy-2-deprecated call; harmless.
-        warnings.filterwarnings(
-            "ignore", message="__array__ implementation", category=DeprecationWarning
-        )
-        model.save(run_dir / rundir.MODEL_FILE)
+    family.save(evaluator.arrays.to_numpy_ndarrays(), run_dir)
 
 
 def _wait_for_nodes(sites: SiteGrid, expected: int, timeout: float = 300.0) -> list[int]:
@@ -291,7 +287,8 @@ def _final_site_metrics(
 
 
 def _history(rows: list[dict]) -> pd.DataFrame:
-    """The rows as a table, with the failure counts and timings last."""
+    """The rows as a table: metrics, payload (and the cumulative MB), failures and timings."""
     history = pd.DataFrame(rows)
-    tail = ["failures", "eval_failures", "seconds", "started_at"]
+    history["mb_cumulative"] = history[list(PAYLOAD)].sum(axis=1).cumsum() / MB
+    tail = [*PAYLOAD, "mb_cumulative", "failures", "eval_failures", "seconds", "started_at"]
     return history[[c for c in history.columns if c not in tail] + tail]

@@ -9,17 +9,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from fedad import rundir
+from fedad.comparison import ModelResult
 from fedad.config import Scalar, content, group_settings
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.federated import checkpoint, scaling, shards
 from fedad.federated.client_app import client_app
+from fedad.federated.families import load_scorer
+from fedad.federated.family import Scorer
+from fedad.federated.local_only import train_alone
 from fedad.federated.server_app import server_app
 from fedad.metrics import compute_metrics
 
@@ -34,7 +37,8 @@ class FederatedResult:
         :func:`fedad.metrics.compute_metrics` of the final global model on the
         global test set.
     scores : np.ndarray
-        The final global model's test probabilities ``(n_test, n_classes)``.
+        The final global model's test scores: probabilities ``(n_test,
+        n_classes)``, or the autoencoder's 1-D reconstruction errors.
     history : pd.DataFrame
         One row per round; round 0 is the initial model. Server-side metrics
         on the global test set (``loss``, ``accuracy``, ``macro_f1``, ...),
@@ -45,19 +49,25 @@ class FederatedResult:
         began, epoch seconds).
     clients : pd.DataFrame
         One row per site: the final model on the site's local test slice.
-    model_path : Path
-        The saved global model (``.keras``); its inputs are standardized with
-        ``mean``/``std`` from ``scaling.npz`` in the same folder.
+    model : Scorer
+        The saved global model (``model.path``: ``.keras``, or the booster's
+        ``.json``), loaded; its inputs are standardized with ``mean``/``std``
+        from ``scaling.npz`` in the same folder.
     train_seconds : float
         Wall time of the whole simulation, Ray and actor start-up included.
+    alone : list[ModelResult]
+        Each site alone (:func:`fedad.federated.local_only.train_alone`): the
+        mean over the sites and the worst site; empty with
+        ``simulation.local_sites=0``.
     """
 
     metrics: dict
     scores: np.ndarray
     history: pd.DataFrame
     clients: pd.DataFrame
-    model_path: Path
+    model: Scorer
     train_seconds: float
+    alone: list[ModelResult]
 
 
 def run_federated(
@@ -121,17 +131,21 @@ def run_federated(
     )
     train_seconds = time.perf_counter() - start
 
-    model = keras.models.load_model(run_dir / rundir.MODEL_FILE, compile=False)
+    scorer = load_scorer(str(cfg.model.name), run_dir, data.n_classes)
     with np.load(run_dir / rundir.SCALING_FILE) as stats:
         X_test = scaling.standardize(data.X_test, stats["mean"], stats["std"])
-    scores = model.predict(X_test, batch_size=4096, verbose=0)
+    scores = scorer.predict_scores(X_test)
+    y_true = data.y_test if scores.ndim == 2 else (data.y_test != 0).astype(np.int64)
     return FederatedResult(
-        metrics=compute_metrics(data.y_test, scores, data.class_names),
+        metrics=compute_metrics(y_true, scores, data.class_names, y_pred=scorer.decide(scores)),
         scores=scores,
         history=pd.read_csv(run_dir / rundir.HISTORY_FILE),
         clients=pd.read_csv(run_dir / rundir.CLIENTS_FILE),
-        model_path=run_dir / rundir.MODEL_FILE,
+        model=scorer,
         train_seconds=train_seconds,
+        alone=train_alone(settings, data, len(partitions), int(sim.local_sites))
+        if int(sim.local_sites)
+        else [],
     )
 
 
