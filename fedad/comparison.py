@@ -60,6 +60,8 @@ class ModelResult:
     info: dict = field(default_factory=dict)
 
 
+# Shown after COLUMNS when a model has it.
+EXTRA = ("attack_success",)
 # The price of federation, on each federated row: the gap to its centralized twin (federated
 # minus twin; for FPR a positive gap means more false alarms) and the gain over going alone.
 GAPS = ("gap_macro_f1", "gap_roc_auc", "gap_fpr", "gain_vs_alone", "gain_vs_worst_site")
@@ -76,10 +78,10 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
     ----------
     results : Sequence[ModelResult]
         Every model of the run. A federated result names its centralized twin
-        in ``info["twin"]``, its payload in ``info["mb_exchanged"]`` and its
-        per-round test macro-F1, cumulative seconds and MB in ``info["curve"]``;
-        the sites alone are ``local_<model>`` (their mean) and
-        ``local_<model>_worst``.
+        in ``info["twin"]``, its payload in ``info["mb_exchanged"]``, its
+        per-round test macro-F1, cumulative seconds and MB in ``info["curve"]``
+        and, under DP, its budget in ``info["note"]``; the sites alone are
+        ``local_<model>`` (their mean) and ``local_<model>_worst``.
     pooling_mb : float, optional
         What pooling the training rows would move (the centralized rows' payload).
 
@@ -87,33 +89,40 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
     -------
     pd.DataFrame
         Columns ``model``, ``kind``, ``federated``, the metrics in
-        :data:`COLUMNS`, ``train_seconds``, ``mb_exchanged``, ``twin``,
-        :data:`GAPS` and :data:`COSTS` (these last on federated rows only).
+        :data:`COLUMNS` (and ``attack_success`` when a model has it, under a
+        targeted attack), ``train_seconds``, ``mb_exchanged``, ``twin``,
+        :data:`GAPS` and :data:`COSTS` (federated rows only) and, when a model
+        has one, ``note`` (``ε = 3.2, δ = 1e-05`` under DP).
     """
     by_name = {r.name: r for r in results}
+    # Attack success is defined only for a run under a targeted attack.
+    metrics = [*COLUMNS, *(EXTRA if any(EXTRA[0] in r.metrics for r in results) else ())]
     rows = []
     for r in results:
         row = {
             "model": r.name,
             "kind": r.kind,
             "federated": r.kind == "federated",
-            **{c: r.metrics.get(c) for c in COLUMNS},
+            **{c: r.metrics.get(c) for c in metrics},
             "train_seconds": round(float(r.train_seconds), 2),
             "mb_exchanged": _payload(r, pooling_mb),
+            "note": r.info.get("note"),
         }
         if r.kind == "federated":
             row.update(_gaps(r, by_name))
         rows.append(row)
+    notes = ["note"] if any(r.info.get("note") for r in results) else []
     columns = [
         "model",
         "kind",
         "federated",
-        *COLUMNS,
+        *metrics,
         "train_seconds",
         "mb_exchanged",
         "twin",
         *GAPS,
         *COSTS,
+        *notes,
     ]
     frame = pd.DataFrame(rows, columns=columns)
     order = frame["kind"].map({"federated": 0, "local": 1}).fillna(2)
@@ -171,7 +180,8 @@ def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = N
     Parameters
     ----------
     frame : pd.DataFrame
-        From :func:`table`.
+        From :func:`table`. A row's ``note`` (its privacy budget) follows its
+        name: ``★ federated_cnn (ε = 3.2, δ = 1e-05)``.
     small_classes : Mapping[str, int], optional
         Test classes with few rows (see :func:`fedad.metrics.small_classes`),
         flagged under the table.
@@ -180,9 +190,12 @@ def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = N
     -------
     str
     """
-    shown = frame.drop(columns=["federated", "twin", *GAPS, *COSTS]).copy()
+    notes = frame["note"] if "note" in frame else pd.Series([None] * len(frame))
+    shown = frame.drop(columns=["federated", "twin", *GAPS, *COSTS, "note"], errors="ignore")
+    shown = shown.copy()
     shown["model"] = [
-        f"★ {m}" if f else m for m, f in zip(frame["model"], frame["federated"], strict=True)
+        ("★ " if f else "") + m + (f" ({n})" if isinstance(n, str) and n else "")
+        for m, f, n in zip(frame["model"], frame["federated"], notes, strict=True)
     ]
     text = _markdown(shown) + "\n★ federated model\n"
     if small_classes:

@@ -16,6 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedad import resolvers  # noqa: F401  (registers ${attackers:}, which conf/ uses)
 from fedad.errors import FedadError
 
 
@@ -58,6 +59,7 @@ class SimulationConfig:
     checkpoint_every: int = 1
     scaling: str = "federated"
     local_sites: int = 10
+    final_eval_fraction: float | None = None
     client_resources: dict[str, float] = field(
         default_factory=lambda: {"num_cpus": 1.0, "num_gpus": 0.0}
     )
@@ -96,6 +98,8 @@ class RootConfig:
     model: Any = MISSING
     strategy: Any = MISSING
     baselines: Any = MISSING
+    attack: Any = MISSING
+    privacy: Any = MISSING
     seed: int = 0
     data_dir: str = "./data"
     task: str = "binary"
@@ -243,7 +247,7 @@ def load_option(group: str, name: str) -> DictConfig:
 # --- flat run settings -----------------------------------------------------------------------
 
 # Groups of the composed config that reach the Flower apps, flattened to dotted keys.
-SETTINGS_GROUPS = ("model", "train", "strategy", "simulation")
+SETTINGS_GROUPS = ("model", "train", "strategy", "simulation", "attack", "privacy")
 # Settings the apps read beyond those groups: what the driver computes for the run.
 RUN_KEYS = (
     "run-dir",
@@ -306,6 +310,16 @@ FLOWER_KEYS = (
     "simulation.checkpoint_every",
     "simulation.scaling",
     "simulation.local_sites",
+    "simulation.final_eval_fraction",
+    *(f"attack.{k}" for k in ("name", "fraction", "start_round", "k", "sigma", "target_class")),
+    *(
+        f"privacy.{k}"
+        for k in (
+            *("name", "noise_multiplier", "clipping_norm", "delta", "epsilon"),
+            *("initial_clipping_norm", "target_clipped_quantile", "clip_norm_lr"),
+            "clipped_count_stddev",
+        )
+    ),
 )
 
 Scalar = bool | int | float | str
@@ -359,9 +373,15 @@ def section(settings: Mapping[str, Any], group: str) -> dict[str, Any]:
 
 
 def group_settings(cfg: DictConfig) -> dict[str, Scalar]:
-    """The scalar settings of :data:`SETTINGS_GROUPS`, flattened to dotted keys."""
+    """The scalar settings of :data:`SETTINGS_GROUPS`, flattened to dotted keys.
+
+    A group the config lacks is left out: the apps read a missing ``attack`` or
+    ``privacy`` group as ``none``, as they do under ``flwr run`` when it is not set.
+    """
     settings: dict[str, Scalar] = {}
     for group in SETTINGS_GROUPS:
+        if group not in cfg:
+            continue
         values = OmegaConf.to_container(cfg[group], resolve=True)
         settings.update({f"{group}.{k}": v for k, v in values.items() if isinstance(v, Scalar)})
     return settings
@@ -411,8 +431,13 @@ RUNTIME_KEYS = (
 )
 # May grow when a run continues (train longer); never shrink below the rounds done.
 ROUNDS_KEY = "simulation.num_rounds"
+# Groups whose option `none` changes nothing a run computes, whatever its other keys say:
+# left out of the content then, so runs from before these groups existed stay comparable.
+NONE_GROUPS = ("attack", "privacy")
 
 
 def content(cfg: DictConfig | Mapping) -> dict:
     """The settings that decide what a run contains, as dotted keys (rounds apart)."""
-    return fingerprint(cfg, ignore=(*RUNTIME_KEYS, ROUNDS_KEY))
+    flat = fingerprint(cfg, ignore=(*RUNTIME_KEYS, ROUNDS_KEY))
+    idle = [f"{g}." for g in NONE_GROUPS if flat.get(f"{g}.name", "none") == "none"]
+    return {k: v for k, v in flat.items() if not any(k.startswith(g) for g in idle)}

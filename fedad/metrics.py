@@ -205,6 +205,28 @@ def _ratio(num: int, den: int) -> float | None:
     return float(num) / den if den else None
 
 
+def attack_success_rate(confusion: Sequence[Sequence[int]], targets: Sequence[int]) -> float | None:
+    """Share of the rows of the ``targets`` classes predicted normal (class 0).
+
+    The success of a targeted poisoning attack that relabels those attacks as
+    normal: 1 - their detection rate. None when the test set holds none of them.
+
+    Parameters
+    ----------
+    confusion : Sequence[Sequence[int]]
+        Rows = true class, columns = predicted class (``compute_metrics``'s ``confusion``).
+    targets : Sequence[int]
+        The targeted class codes (never 0, the normal class).
+
+    Returns
+    -------
+    float or None
+    """
+    cm = np.asarray(confusion)
+    rows = cm[list(targets)]
+    return _ratio(int(rows[:, 0].sum()), int(rows.sum()))
+
+
 def compute_metrics(
     y_true: np.ndarray,
     scores: np.ndarray,

@@ -44,6 +44,8 @@ DETECTOR_XGBOOST = "model.xgb.json"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
+# A sweep's job whose settings the chosen method cannot serve (fedad.errors.JobSkipped).
+SKIPPED = "skipped"
 
 
 def confusion_png(model: str) -> str:
@@ -186,6 +188,20 @@ def mark_failed(run_dir: str | Path, error: str) -> None:
         return
     if isinstance(results, dict):
         save_results(run_dir, {**results, "status": FAILED, "error": error})
+
+
+def mark_skipped(run_dir: str | Path, reason: str, settings: dict | None = None) -> None:
+    """Record that a sweep skipped the job in ``run_dir``: ``results.json`` says why.
+
+    A job is skipped, not failed, when its settings are valid but outside what
+    the chosen method serves (:class:`fedad.errors.JobSkipped`); ``settings``
+    name the job for the report. A finished run is left as it is.
+    """
+    run_dir = Path(run_dir)
+    if status(run_dir) == DONE:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_results(run_dir, {"status": SKIPPED, "error": reason, "settings": settings or {}})
 
 
 def _jsonable(value: object) -> object:

@@ -19,7 +19,7 @@ from fedad.baselines.runner import run_baselines, with_twin
 from fedad.comparison import ModelResult
 from fedad.config import CONF_DIR, CONFIG_NAME, available_options, load_option
 from fedad.detector.build import write_detectors
-from fedad.errors import FedadError, exit_with
+from fedad.errors import FedadError, JobSkipped, exit_with
 from fedad.explain import explain
 from fedad.models.catalog import TWINS
 from fedad.pipeline import RunData, prepare_run
@@ -122,6 +122,8 @@ def _federated(
                 "seconds": fed.history["seconds"].cumsum().round(2).tolist(),
                 "mb": fed.history["mb_cumulative"].round(4).tolist(),
             },
+            # The attack, the malicious sites, the privacy budget spent (results.json).
+            **fed.info,
         },
     )
     return [federated, *fed.alone]
@@ -206,6 +208,8 @@ def _settings(cfg: DictConfig) -> dict:
         "model": cfg.model.name,
         "strategy": cfg.strategy.name,
         "seed": cfg.seed,
+        "attack": cfg.get("attack", {}).get("name", "none"),
+        "privacy": cfg.get("privacy", {}).get("name", "none"),
     }
 
 
@@ -241,6 +245,12 @@ def job(cfg: DictConfig) -> float | None:
             log.info("%s holds this run, finished: skipping it", run_dir)
             return rundir.read_json(run_dir / rundir.RESULTS_FILE)["validation_macro_f1"]
         return run(cfg, run_dir, resume=decision is Decision.RESUME)["validation_macro_f1"]
+    except JobSkipped as err:
+        if not sweeping:
+            exit_with(err)
+        # Valid settings the chosen method cannot serve: the sweep goes on without this job.
+        rundir.mark_skipped(run_dir, " ".join(str(err).split()), _settings(cfg))
+        log.warning("job skipped: %s", err)
     except FedadError as err:
         rundir.mark_failed(run_dir, " ".join(str(err).split()))
         log.error("job failed: %s", err)

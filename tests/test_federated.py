@@ -19,6 +19,7 @@ from fedad.errors import FedadError
 from fedad.federated.faults import injected_failure
 from fedad.federated.keras_family import local_model, train_local
 from fedad.federated.scaling import pooled_moments, site_sums, standardize
+from fedad.federated.server_app import final_evaluation_sites
 from fedad.federated.shards import read_access_log, write_shards
 from fedad.federated.simulation import make_settings, run_federated, validate
 from fedad.federated.strategies import STRATEGIES, build_strategy, weighted_mean
@@ -191,6 +192,7 @@ def test_local_scaling_fedprox_and_partial_sampling_run(data, partitions, tmp_pa
             "simulation.scaling": "local",
             "simulation.fraction_train": 0.67,
             "simulation.min_clients": 2,
+            "simulation.final_eval_fraction": 0.67,
             "train.learning_rate": 0.02,
         }
     )
@@ -200,7 +202,13 @@ def test_local_scaling_fedprox_and_partial_sampling_run(data, partitions, tmp_pa
     history = result.history
     assert list(history["failures"]) == [0, 0, 0]
     assert history["loss"].iloc[-1] < history["loss"].iloc[0]
-    assert len(result.clients) == NUM_CLIENTS
+    # The final model is evaluated at exactly the sites the seed picks: 2 of the 3.
+    chosen = final_evaluation_sites(NUM_CLIENTS, 0.67, seed=7)
+    clients = result.clients
+    assert len(chosen) == 2 and len(clients) == NUM_CLIENTS
+    assert clients.loc[clients["evaluated"], "client"].tolist() == chosen
+    assert clients.loc[clients["evaluated"], "macro_f1"].notna().all()
+    assert clients.loc[~clients["evaluated"], "macro_f1"].isna().all()
 
 
 def test_fedprox_term_keeps_the_client_update_near_the_global_model(data, partitions, tmp_path):

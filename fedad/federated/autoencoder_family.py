@@ -19,7 +19,7 @@ from fedad.federated.keras_family import (
     predict,
     train_local,
 )
-from fedad.federated.task import CLIENT_METRICS, Site
+from fedad.federated.task import Site, client_metrics
 from fedad.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,9 @@ class AutoencoderFamily(KerasFamily):
         """Metrics with the threshold in ``config`` (none yet: nothing flagged)."""
         errors = self.scores(arrays, X)
         threshold = float(config.get("threshold", math.inf))
-        return anomaly_metrics(y, errors, threshold, self.class_names)
+        # Anomaly scores are binary: every targeted attack class is the attack class.
+        targets = [1] if config.get("attack-targets") is not None else None
+        return anomaly_metrics(y, errors, threshold, self.class_names, targets)
 
     def site_metrics(self, arrays: list[np.ndarray], site: Site, config: Mapping) -> dict[str, Any]:
         """Test-slice metrics plus the validation errors' counts per bin, normal and attack."""
@@ -162,15 +164,20 @@ def reconstruction_error(X: np.ndarray, rebuilt: np.ndarray) -> np.ndarray:
 
 
 def anomaly_metrics(
-    y: np.ndarray, errors: np.ndarray, threshold: float, class_names: list[str]
+    y: np.ndarray,
+    errors: np.ndarray,
+    threshold: float,
+    class_names: list[str],
+    targets: list[int] | None = None,
 ) -> dict[str, float]:
-    """``loss`` (the mean error) and the client metrics, rows flagged at ``threshold``."""
+    """``loss`` (the mean error) and the client metrics, rows flagged at ``threshold``.
+
+    ``targets`` adds ``attack_success`` (see :func:`fedad.federated.task.client_metrics`).
+    """
     y_binary = (np.asarray(y) != 0).astype(np.int64)
     full = compute_metrics(y_binary, errors, class_names, y_pred=(errors >= threshold))
     out = {"loss": float(np.mean(errors)) if len(errors) else math.nan}
-    for key in CLIENT_METRICS:
-        out[key] = math.nan if full[key] is None else float(full[key])
-    return out
+    return {**out, **client_metrics(full, targets)}
 
 
 def threshold_from_counts(edges: np.ndarray, normal: np.ndarray, attack: np.ndarray) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedad.federated import faults, scaling, shards
+from fedad.federated import attacks, faults, privacy, scaling, shards
 from fedad.federated.families import family_for
 from fedad.federated.task import Settings, load_site, run_settings
 
@@ -19,14 +19,17 @@ def client_app(settings: Settings | None = None) -> ClientApp:
         Flat run settings (``run-dir``, ``seed``, ``class-names``,
         ``num-features``, ``model.*``, ``train.*``,
         ``simulation.client_failure_rate``, ``simulation.failure_mode``,
-        ``simulation.round_timeout``, ``client-threads``). The Simulation
-        Engine has no run config, so it passes them here; under ``flwr run``
-        the same keys come from ``context.run_config`` and take precedence.
+        ``simulation.round_timeout``, ``client-threads``, ``attack.*``,
+        ``privacy.*``). The Simulation Engine has no run config, so it passes
+        them here; under ``flwr run`` the same keys come from
+        ``context.run_config`` and take precedence.
 
     Returns
     -------
     ClientApp
-        Handles ``query`` (feature sums for scaling), ``train`` and ``evaluate``.
+        Handles ``query`` (feature sums for scaling), ``train`` and ``evaluate``;
+        the privacy mods (:mod:`fedad.federated.privacy`) sit on ``train`` and
+        ``evaluate`` only, since Flower's DP mods reject other messages.
     """
     defaults = dict(settings or {})
     app = ClientApp()
@@ -35,11 +38,11 @@ def client_app(settings: Settings | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, run_settings(defaults, context.run_config))
 
-    @app.train()
+    @app.train(mods=[privacy.train_mod(defaults)])
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, run_settings(defaults, context.run_config))
 
-    @app.evaluate()
+    @app.evaluate(mods=[privacy.evaluate_mod(defaults)])
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, run_settings(defaults, context.run_config))
 
@@ -62,7 +65,10 @@ def handle_query(msg: Message, context: Context, settings: Settings) -> Message:
 
 
 def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
-    """Train the received global model on the local shard; reply with the new model."""
+    """Train the received global model on the local shard; reply with the new model.
+
+    A malicious site (``attack.*``) poisons its reply (:func:`fedad.federated.attacks.train_site`).
+    """
     family = family_for(settings)
     family.init_runtime()
     pid = int(context.node_config["partition-id"])
@@ -72,10 +78,14 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
         detail = faults.act_out_failure(settings, pid, server_round)
         return faults.failure_reply(msg, pid, server_round, detail)
     site = load_site(settings, pid, config, family.val_fraction())
-    arrays, metrics = family.fit(
+    arrays, metrics = attacks.train_site(
+        family,
         msg.content["arrays"].to_numpy_ndarrays(),
         site,
         config,
+        settings,
+        pid,
+        int(context.node_config["num-partitions"]),
         seed=int(settings["seed"]) + 1000 * server_round + pid,
     )
     reply = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})

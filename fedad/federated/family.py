@@ -87,8 +87,13 @@ class Family(ABC):
     def metrics(
         self, arrays: list[np.ndarray], X: np.ndarray, y: np.ndarray, config: Mapping
     ) -> dict[str, float]:
-        """``loss`` and the client metrics of the model ``arrays`` on ``X, y``."""
-        return evaluation_metrics(y, self.scores(arrays, X), self.class_names)
+        """``loss`` and the client metrics of the model ``arrays`` on ``X, y``.
+
+        ``config["attack-targets"]`` (the server's, under a targeted attack) adds
+        ``attack_success``.
+        """
+        targets = config.get("attack-targets")
+        return evaluation_metrics(y, self.scores(arrays, X), self.class_names, targets)
 
     def site_metrics(self, arrays: list[np.ndarray], site: Site, config: Mapping) -> dict[str, Any]:
         """What a site's evaluate reply holds: metrics on its local test slice."""

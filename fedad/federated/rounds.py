@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -121,6 +121,9 @@ class ServerEvaluator:
     per round, keeps the latest global arrays, logs one line per round and
     hands the round's state to the :class:`~fedad.federated.checkpoint.Checkpointer`.
     ``history`` holds the rows of the rounds a resumed run already has.
+    ``targets`` (the classes a targeted attack relabels as normal) adds each
+    round's ``attack_success``; ``fields`` adds what it returns to each row
+    (the privacy budget spent so far), and an ``epsilon`` there is logged.
     """
 
     def __init__(
@@ -133,8 +136,12 @@ class ServerEvaluator:
         rounds: Rounds,
         checkpointer: checkpoint.Checkpointer,
         history: list[dict],
+        targets: list[int] | None = None,
+        fields: Callable[[], dict] | None = None,
     ) -> None:
         self.family = family
+        self.targets = targets
+        self.fields = fields
         self.X_test, self.y_test = X_test, y_test
         self.num_rounds = num_rounds
         self.grid = grid
@@ -153,9 +160,11 @@ class ServerEvaluator:
             # Flower first evaluates the initial arrays: resumed, they are the
             # checkpoint's model, evaluated in its own round already.
             return None
-        metrics = self.family.metrics(
-            arrays.to_numpy_ndarrays(), self.X_test, self.y_test, self.family.evaluate_config()
-        )
+        config = self.family.evaluate_config()
+        if self.targets is not None:
+            config = {**config, "attack-targets": self.targets}
+        metrics = self.family.metrics(arrays.to_numpy_ndarrays(), self.X_test, self.y_test, config)
+        extra = self.fields() if self.fields else {}
         train_failures, eval_failures = self.grid.take_failures()
         payload = self.grid.take_payload()
         now = time.perf_counter()
@@ -170,6 +179,7 @@ class ServerEvaluator:
                 **{f"client_{k}": v for k, v in client.items()},
                 **self.family.history_fields(),
                 **payload,
+                **extra,
                 "failures": train_failures,
                 "eval_failures": eval_failures,
                 "seconds": seconds,
@@ -177,7 +187,7 @@ class ServerEvaluator:
             }
         )
         log.info(
-            "round %d/%d  loss %.3f  macro-F1 %.3f  ROC-AUC %.3f  failures %d  %.1f s",
+            "round %d/%d  loss %.3f  macro-F1 %.3f  ROC-AUC %.3f  failures %d  %.1f s%s",
             server_round,
             self.num_rounds,
             metrics["loss"],
@@ -185,6 +195,11 @@ class ServerEvaluator:
             metrics["roc_auc"],
             train_failures,
             seconds,
+            "".join(
+                f"  {name} {self.rows[-1][key]:.3g}"
+                for key, name in (("attack_success", "attack success"), ("epsilon", "ε"))
+                if key in self.rows[-1]
+            ),
         )
         self.checkpointer.round_done(server_round, arrays.to_numpy_ndarrays(), self.rows)
         return MetricRecord(metrics)

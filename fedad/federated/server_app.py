@@ -16,12 +16,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedad import rundir
 from fedad.config import section
 from fedad.errors import FedadError
-from fedad.federated import checkpoint, scaling, shards
+from fedad.federated import attacks, checkpoint, privacy, scaling, shards
 from fedad.federated.families import family_for
 from fedad.federated.grid import PAYLOAD, POLL_SECONDS, SiteGrid
 from fedad.federated.rounds import Rounds, ServerEvaluator
 from fedad.federated.strategies import build_strategy
 from fedad.federated.task import Settings, run_settings
+from fedad.resolvers import sampled_sites
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ROUND_TIMEOUT = 3600.0
 # Payload is reported in MB of 10^6 bytes.
 MB = 1e6
+# The final model is evaluated at every site up to this many, else at a sample of this many.
+FINAL_EVAL_SITES = 100
 
 
 def server_app(settings: Settings | None = None, stop: threading.Event | None = None) -> ServerApp:
@@ -98,6 +101,11 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     the pooled statistics are the best estimate of the population the global
     model serves.
 
+    Attacks and privacy: under a targeted attack (``attack.*``) each round's
+    row holds the attack success on the global test set; under differential
+    privacy (``privacy.*``) the strategy runs inside Flower's DP wrapper and
+    each row holds the epsilon spent so far (:mod:`fedad.federated.privacy`).
+
     Checkpoints and faults: after every ``simulation.checkpoint_every`` rounds
     (round 0 and the last included) the global model, the strategy's state and
     the history go to ``run-dir/checkpoint`` (see :mod:`fedad.federated.checkpoint`);
@@ -145,17 +153,26 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     family = family_for(settings)
     family.seed_initial(seed)
     X_test, y_test = shards.read_shard(shards.test_path(run_dir), "server")
+    dp = privacy.settings_of(settings)
     strategy = build_strategy(
         section(settings, "strategy"),
         float(settings["simulation.fraction_train"]),
         float(settings["simulation.fraction_evaluate"]),
         int(settings["simulation.min_clients"]),
+        weight_key=privacy.WEIGHT_KEY if dp["name"] in privacy.CENTRAL else None,
     )
+    # The strategy Flower drives: under DP, Flower's wrapper and fedad's accounting around it.
+    runner = strategy
+    if dp["name"] != "none":
+        sim = {**section(settings, "simulation"), "num_clients": len(node_ids)}
+        runner = privacy.Private(strategy, dp, len(node_ids), sampled_sites(sim))
     if previous:
         checkpoint.restore_strategy_state(strategy, previous.strategy_state)
         family.restore(previous.history[-1])
+        if isinstance(runner, privacy.Private):
+            runner.restore(previous.history[-1])
         log.info("resuming after round %d of %d from %s", done, num_rounds, run_dir)
-    rounds = Rounds(strategy, done, seed, int(settings["simulation.min_clients"]), family)
+    rounds = Rounds(runner, done, seed, int(settings["simulation.min_clients"]), family)
     checkpointer = checkpoint.Checkpointer(
         run_dir,
         int(settings.get("simulation.checkpoint_every", 1)),
@@ -173,6 +190,8 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
         rounds,
         checkpointer,
         previous.history if previous else [],
+        targets=attacks.targets(settings, family.class_names),
+        fields=runner.history_fields if isinstance(runner, privacy.Private) else None,
     )
     try:
         rounds.start(
@@ -198,7 +217,11 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     final_config = ConfigRecord(
         {**config, **family.evaluate_config(), "server-round": num_rounds, "final": True}
     )
-    clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts, timeout)
+    fraction = settings.get("simulation.final_eval_fraction")
+    chosen = final_evaluation_sites(
+        len(counts), None if fraction in (None, "") else float(fraction), seed
+    )
+    clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts, timeout, chosen)
     clients.to_csv(run_dir / rundir.CLIENTS_FILE, index=False)
     # The final pass over every site is the last exchange: counted with the last round.
     for key, value in sites.take_payload().items():
@@ -256,34 +279,66 @@ def _pooled_statistics(
     return counts, mean, std
 
 
+def final_evaluation_sites(n_sites: int, fraction: float | None, seed: int) -> list[int]:
+    """The partition ids the final model is evaluated at (``simulation.final_eval_fraction``).
+
+    Parameters
+    ----------
+    n_sites : int
+        Sites of the run.
+    fraction : float or None
+        The share of sites; None: every site up to :data:`FINAL_EVAL_SITES`,
+        then a sample of that many.
+    seed : int
+        The run's seed: the sample is the same in every run.
+
+    Returns
+    -------
+    list[int]
+        Sorted partition ids; at least one.
+    """
+    count = min(n_sites, FINAL_EVAL_SITES) if fraction is None else round(fraction * n_sites)
+    count = max(1, min(n_sites, count))
+    if count == n_sites:
+        return list(range(n_sites))
+    chosen = np.random.default_rng((seed, n_sites)).permutation(n_sites)[:count]
+    return sorted(int(i) for i in chosen)
+
+
 def _final_site_metrics(
     sites: SiteGrid,
     arrays: ArrayRecord,
     config: ConfigRecord,
     counts: dict[int, int],
     timeout: float,
+    chosen: list[int],
 ) -> pd.DataFrame:
-    """Evaluate the final global model at every site; one row per site that replied."""
+    """Evaluate the final global model at the ``chosen`` sites; one row per site of the run.
+
+    Sites not chosen have ``evaluated`` False and no metrics; a chosen site
+    that failed has its ``error``.
+    """
+    node_of = {pid: node for node, pid in sites.partition_of.items()}
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": config}),
-            dst_node_id=n,
+            dst_node_id=node_of[pid],
             message_type=MessageType.EVALUATE,
         )
-        for n in sites.get_node_ids()
+        for pid in chosen
     ]
-    rows = []
+    rows = {pid: {"client": pid, "n_examples": n, "evaluated": False} for pid, n in counts.items()}
+    for pid in chosen:
+        rows[pid]["evaluated"] = True
     for reply in sites.send_and_receive(messages, timeout=timeout):
-        pid = sites.partition_of[reply.metadata.src_node_id]
-        row = {"client": pid, "n_examples": counts[pid]}
+        row = rows[sites.partition_of[reply.metadata.src_node_id]]
         if reply.has_error():
             row["error"] = reply.error.reason
         else:
             metrics = dict(reply.content["metrics"])
             row["n_test"] = metrics.pop("num-examples")
             row.update(metrics)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([rows[pid] for pid in sorted(rows)])
 
 
 def _history(rows: list[dict]) -> pd.DataFrame:

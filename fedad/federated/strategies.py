@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -146,7 +146,7 @@ def check_config(strategy_cfg: Mapping, replies: int, model: str | None = None) 
         elif isinstance(default, int | float) or key in RANGES:
             rules = RANGES.get(key, {"whole": isinstance(default, int)})
             problems.append(checks.number(strategy_cfg, key, "strategy", **rules))
-    problems.append(_byzantine_bound(name, strategy_cfg, replies))
+    problems.append(byzantine_bound(name, strategy_cfg, replies))
     if model is not None and (family(model) == "booster") != (name in TREE_STRATEGIES):
         if family(model) == "booster":
             why, fits = "boosted trees are merged, not averaged", " or ".join(TREE_STRATEGIES)
@@ -156,8 +156,11 @@ def check_config(strategy_cfg: Mapping, replies: int, model: str | None = None) 
     return [p for p in problems if p]
 
 
-def _byzantine_bound(name: str, strategy_cfg: Mapping, replies: int) -> str | None:
-    """The robust aggregators' bound on the attackers they assume, against the replies."""
+def byzantine_bound(name: str, strategy_cfg: Mapping, replies: int) -> str | None:
+    """The robust aggregators' bound on the attackers they assume, against the replies.
+
+    Returns what is wrong, or None when the bound holds (or the strategy has none).
+    """
     attackers = strategy_cfg.get("num_malicious_nodes")
     if not isinstance(attackers, int) or isinstance(attackers, bool):
         return None
@@ -169,8 +172,9 @@ def _byzantine_bound(name: str, strategy_cfg: Mapping, replies: int) -> str | No
         return None
     return (
         f"{name} tolerates f attackers among n replies only when n >= {factor}f + {extra}, but "
-        f"strategy.num_malicious_nodes={attackers} with {replies} expected replies per round; "
-        "lower it or sample more sites"
+        f"strategy.num_malicious_nodes={attackers} with {replies} expected replies per round "
+        "(by default it is the true number of malicious sites, floor(attack.fraction x sites)); "
+        "lower the share or the assumed count, or sample more sites"
     )
 
 
@@ -179,6 +183,7 @@ def build_strategy(
     fraction_train: float,
     fraction_evaluate: float,
     min_clients: int,
+    weight_key: str | None = None,
 ) -> Strategy:
     """Instantiate the Flower strategy named in ``strategy_cfg``.
 
@@ -192,6 +197,10 @@ def build_strategy(
         Share of clients sampled for training and for evaluation each round.
     min_clients : int
         Least number of clients sampled, and connected before a round starts.
+    weight_key : str, optional
+        Weigh each site's model by this reply metric instead of its examples
+        (central DP: a weight of 1 per site); the clients' metrics are still
+        averaged by their examples.
 
     Returns
     -------
@@ -220,6 +229,13 @@ def build_strategy(
         "min_available_nodes": min_clients,
         "evaluate_metrics_aggr_fn": weighted_mean,
     }
+    if weight_key is not None:
+        by_examples = by_examples_ignoring(weight_key)
+        arguments.update(
+            weighted_by_key=weight_key,
+            train_metrics_aggr_fn=by_examples,
+            evaluate_metrics_aggr_fn=by_examples,
+        )
     try:
         return cls(**{k: v for k, v in arguments.items() if k in accepted}, **params)
     except (TypeError, ValueError) as error:
@@ -229,7 +245,21 @@ def build_strategy(
         ) from error
 
 
-def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+def by_examples_ignoring(weight_key: str) -> Callable[[list[RecordDict], str], MetricRecord]:
+    """A metrics aggregation that weighs by ``num-examples`` whatever key the strategy weighs by.
+
+    ``weight_key`` (the models' weight) is left out of the result.
+    """
+
+    def aggregate(records: list[RecordDict], _: str) -> MetricRecord:
+        return weighted_mean(records, "num-examples", ignore=(weight_key,))
+
+    return aggregate
+
+
+def weighted_mean(
+    records: list[RecordDict], weight_key: str, ignore: Sequence[str] = ()
+) -> MetricRecord:
     """Average each metric over the replies that define it, weighted by ``weight_key``.
 
     A metric undefined at a site (ROC-AUC on a test slice with one class) is
@@ -243,6 +273,8 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
         Reply contents, each with one MetricRecord.
     weight_key : str
         The metric holding the number of examples behind each reply.
+    ignore : Sequence[str]
+        Metrics left out of the result, as ``weight_key`` is.
 
     Returns
     -------
@@ -252,7 +284,7 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
     metrics = [next(iter(r.metric_records.values())) for r in records]
     out = MetricRecord()
     for key in metrics[0] if metrics else []:
-        if key == weight_key:
+        if key == weight_key or key in ignore:
             continue
         if isinstance(metrics[0][key], list):
             # Counts (the autoencoder's error histograms) add up over the sites.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ from flwr.app import ConfigRecord, UserConfigValue
 
 from fedad.config import Settings
 from fedad.federated import scaling, shards
-from fedad.metrics import compute_metrics
+from fedad.metrics import attack_success_rate, compute_metrics
 
 # Metrics every evaluate reply carries (NaN where undefined), so that all replies
 # have the same keys, as Flower's aggregation requires.
@@ -68,7 +69,12 @@ def run_settings(defaults: Settings, run_config: Settings) -> dict[str, UserConf
     return {**defaults, **{k: v for k, v in run_config.items() if v != ""}}
 
 
-def evaluation_metrics(y: np.ndarray, scores: np.ndarray, class_names: list[str]) -> dict:
+def evaluation_metrics(
+    y: np.ndarray,
+    scores: np.ndarray,
+    class_names: list[str],
+    targets: Sequence[int] | None = None,
+) -> dict:
     """Return cross-entropy ``loss`` plus :data:`CLIENT_METRICS`, NaN where undefined.
 
     Parameters
@@ -79,6 +85,9 @@ def evaluation_metrics(y: np.ndarray, scores: np.ndarray, class_names: list[str]
         Predicted probabilities ``(n, n_classes)``.
     class_names : list[str]
         Class code to name.
+    targets : Sequence[int], optional
+        Classes a targeted attack relabels as normal: adds ``attack_success``
+        (:func:`fedad.metrics.attack_success_rate`).
 
     Returns
     -------
@@ -86,9 +95,19 @@ def evaluation_metrics(y: np.ndarray, scores: np.ndarray, class_names: list[str]
         Plain floats, ready for a MetricRecord.
     """
     full = compute_metrics(y, scores, class_names)
-    out = {"loss": cross_entropy(y, scores)}
-    for key in CLIENT_METRICS:
-        out[key] = math.nan if full[key] is None else float(full[key])
+    return {"loss": cross_entropy(y, scores), **client_metrics(full, targets)}
+
+
+def client_metrics(full: dict, targets: Sequence[int] | None = None) -> dict[str, float]:
+    """:data:`CLIENT_METRICS` of a :func:`~fedad.metrics.compute_metrics` result as floats.
+
+    NaN where undefined; with ``targets``, also ``attack_success`` (NaN when the
+    rows hold none of the targeted classes).
+    """
+    out = {key: math.nan if full[key] is None else float(full[key]) for key in CLIENT_METRICS}
+    if targets is not None:
+        rate = attack_success_rate(full["confusion"], targets)
+        out["attack_success"] = math.nan if rate is None else rate
     return out
 
 

@@ -43,7 +43,7 @@ def read_job(root: Path, job_dir: Path) -> dict:
     Returns
     -------
     dict
-        ``job``, ``status`` (``done``, ``failed`` or ``incomplete``),
+        ``job``, ``status`` (``done``, ``failed``, ``skipped`` or ``incomplete``),
         ``overrides`` and ``settings`` (mappings of scalar values), ``models``
         (one mapping per model), ``label_skew``, ``wall_seconds`` and ``error``.
     """
@@ -68,6 +68,9 @@ def read_job(root: Path, job_dir: Path) -> dict:
         status = rundir.FAILED
         error = "; ".join(filter(None, [error, *problems]))
         error = error or "results.json says failed, but the job left no failed.json."
+    elif results.get("status") == rundir.SKIPPED:
+        # A sweep skipped it: valid settings outside the chosen method's bound.
+        status = rundir.SKIPPED
     else:
         status = rundir.DONE if results.get("status") == rundir.DONE else "incomplete"
     return {

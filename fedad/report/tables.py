@@ -60,8 +60,8 @@ def collect(path: str | os.PathLike) -> pd.DataFrame:
     pd.DataFrame
         One row per job and model; a job without any model result keeps one row with an
         empty ``model``. Columns, in order: ``job`` (path relative to ``path``),
-        ``status`` (``done``, ``failed`` or ``incomplete``), the settings (swept override
-        keys first, then the :data:`SETTINGS` fields), ``model``, ``kind``,
+        ``status`` (``done``, ``failed``, ``skipped`` or ``incomplete``), the settings
+        (swept override keys first, then the :data:`SETTINGS` fields), ``model``, ``kind``,
         ``federated``, the metrics, then ``label_skew``, ``wall_seconds`` and ``error``.
         :func:`summarize` relies on the settings lying between ``status`` and ``model``.
 
