@@ -82,6 +82,14 @@ class TrainConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """``detector``: the ready-to-use detectors a run saves (see docs/detector.md)."""
+
+    write: bool = True
+    target_fpr: float | None = 0.01
+
+
+@dataclass
 class RootConfig:
     """The root of ``conf/config.yaml``; the option groups keep their own per-option checks."""
 
@@ -102,6 +110,7 @@ class RootConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
 ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)
@@ -409,6 +418,8 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 RUNTIME_KEYS = (
     "resume",
     "data_dir",
+    # Detectors are written from the finished models: they never change the training.
+    "detector",
     "baselines_cache",
     "simulation.client_resources",
     "simulation.ray_init_args",

@@ -94,6 +94,40 @@ def tune_threshold(y_true_binary: np.ndarray, attack_scores: np.ndarray) -> floa
     return float(value)
 
 
+def threshold_for_fpr(y_true_binary: np.ndarray, attack_scores: np.ndarray, target: float) -> float:
+    """The lowest attack-score threshold that flags at most ``target`` of the normal rows.
+
+    Use it on validation rows, never on the test set. A row is flagged as an
+    attack when its score is ``>= threshold``.
+
+    Parameters
+    ----------
+    y_true_binary : np.ndarray
+        0 = normal, anything else = attack.
+    attack_scores : np.ndarray
+        Shape ``(n,)``, higher = more attack-like.
+    target : float
+        The largest share of normal rows to flag, in [0, 1].
+
+    Returns
+    -------
+    float
+        The threshold; ties at it are flagged together, so the share reached
+        may be below ``target``.
+    """
+    normal = np.sort(np.asarray(attack_scores, dtype=np.float64)[np.asarray(y_true_binary) == 0])
+    if normal.size == 0:
+        raise FedadError(
+            "Cannot choose a threshold for a target false-positive rate: the validation rows "
+            "hold no normal row."
+        )
+    allowed = int(np.floor(target * normal.size))
+    if allowed >= normal.size:
+        return float(normal[0])
+    # Just above the highest normal score that must stay unflagged.
+    return float(np.nextafter(normal[normal.size - 1 - allowed], np.inf))
+
+
 def scored_classes(y_true: np.ndarray, n_classes: int) -> list[int]:
     """The classes the macro averages run over: those of the task that ``y_true`` holds.
 

@@ -18,6 +18,7 @@ from fedad import __version__, cache, commandline, comparison, rundir
 from fedad.baselines.runner import run_baselines, with_twin
 from fedad.comparison import ModelResult
 from fedad.config import CONF_DIR, CONFIG_NAME, available_options, load_option
+from fedad.detector.build import write_detectors
 from fedad.errors import FedadError, JobSkipped, exit_with
 from fedad.explain import explain
 from fedad.models.catalog import TWINS
@@ -78,6 +79,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         _figures(models, prepared, run_dir)
         if cfg.explain:
             results["importance"] = explain(models, prepared.data, run_dir, int(cfg.seed))
+    if cfg.detector.write and models:
+        results["detectors"] = write_detectors(cfg, prepared.data, prepared.parts, models, run_dir)
 
     federated = [m for m in models if m.kind == "federated"]
     results["validation_macro_f1"] = federated[0].info["validation_macro_f1"] if federated else None
@@ -142,6 +145,8 @@ def _baselines(cfg: DictConfig, prepared: RunData) -> list[ModelResult]:
         "train": cfg.train,
         "epochs": epochs,
         "models": model_cfgs,
+        # The validation refit and its threshold exist to choose and tune a detector.
+        "detector": cfg.detector,
     }
     return cache.cached(
         _cache_dir(cfg),
@@ -153,6 +158,8 @@ def _baselines(cfg: DictConfig, prepared: RunData) -> list[ModelResult]:
             keras_epochs=epochs,
             seed=int(cfg.seed),
             model_cfgs=model_cfgs,
+            validate=bool(cfg.detector.write),
+            target_fpr=cfg.detector.target_fpr,
         ),
     )
 

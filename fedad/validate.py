@@ -12,6 +12,7 @@ from fedad.baselines.runner import check_config as check_baselines
 from fedad.data.partition import check_config as check_partition
 from fedad.data.prepare import TASKS
 from fedad.data.sources import check_config as check_dataset
+from fedad.detector.build import check_config as check_detector
 from fedad.errors import JobSkipped
 from fedad.federated.attacks import check_config as check_attack
 from fedad.federated.faults import FAILURE_MODES
@@ -88,6 +89,7 @@ def validate(cfg: DictConfig) -> None:
     problems += check_dataset(values["dataset"])
     problems += check_partition(values["partition"])
     problems += check_baselines(values["baselines"])
+    problems += check_detector(values["detector"])
     bound = None
     if values["federated"]:
         problems += check_model(values["model"], values["task"])

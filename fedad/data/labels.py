@@ -83,6 +83,46 @@ def _attach(
             hint = " These names look like data: does the file lack a header (dataset.header)?"
         raise missing_column(label, "label_column", frame.columns, hint)
     frame, unlabelled = _drop_unlabelled(frame, label)
+    class_column = dataset.get("class_column") or label
+    if task != "binary" and class_column not in frame.columns:
+        columns = [c for c in frame.columns if c not in INTERNAL]
+        raise FedadError(
+            f"task=multiclass needs an attack-type column, but dataset.class_column="
+            f"'{class_column}' is not in the data (columns: {', '.join(map(str, columns))})."
+            f"{did_you_mean(class_column, columns)} Set dataset.class_column to the column "
+            "naming each row's attack type, or use task=binary."
+        )
+    attack, classes, near = classify(frame, dataset, task)
+    frame["_attack"], frame["_class"] = attack, classes
+    return frame, unlabelled, near
+
+
+def classify(
+    frame: pd.DataFrame, dataset: Mapping, task: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's binary label, class name, and whether its label is a near miss of normal.
+
+    Used for the training and test files, and by a saved detector on rows it scores.
+
+    Parameters
+    ----------
+    frame : pd.DataFrame
+        Rows holding ``dataset.label_column`` (and, for the multiclass task,
+        ``dataset.class_column``: the caller checks it is there), every label
+        cell filled.
+    dataset : Mapping
+        ``label_column``, ``normal_value``, ``label_case``, and for the
+        multiclass task ``class_column`` and ``class_map``.
+    task : str
+        ``binary`` (classes ``normal``/``attack``) or ``multiclass``.
+
+    Returns
+    -------
+    attack, classes, near : np.ndarray
+        ``int`` 0/1; class names (normal rows are ``normal``); ``bool``, a label
+        spelt like the normal value but for case or spaces (not taken as normal).
+    """
+    label = dataset["label_column"]
     insensitive = dataset.get("label_case", "exact") == "insensitive"
     values = frame[label].astype(str).str.strip()
     normal = str(dataset["normal_value"]).strip()
@@ -91,21 +131,11 @@ def _attach(
     normal_number = pd.to_numeric(pd.Series([normal]), errors="coerce")[0]
     if not np.isnan(normal_number):
         is_normal |= numeric == normal_number
-    frame["_attack"] = (~is_normal).astype(int)
+    attack = (~is_normal).astype(int).to_numpy()
     near = (~is_normal & (_loose(values) == _loose(pd.Series([normal]))[0])).to_numpy()
-
     if task == "binary":
-        frame["_class"] = np.where(is_normal, "normal", "attack")
-        return frame, unlabelled, near
+        return attack, np.where(is_normal, "normal", "attack"), near
     class_column = dataset.get("class_column") or label
-    if class_column not in frame.columns:
-        columns = [c for c in frame.columns if c not in INTERNAL]
-        raise FedadError(
-            f"task=multiclass needs an attack-type column, but dataset.class_column="
-            f"'{class_column}' is not in the data (columns: {', '.join(map(str, columns))})."
-            f"{did_you_mean(class_column, columns)} Set dataset.class_column to the column "
-            "naming each row's attack type, or use task=binary."
-        )
     classes = _fold(frame[class_column].astype(str).str.strip(), insensitive)
     class_map = {
         str(k).casefold() if insensitive else str(k): str(v)
@@ -113,8 +143,7 @@ def _attach(
     }
     if class_map:
         classes = _fold(classes.map(lambda c: class_map.get(c, c)), insensitive)
-    frame["_class"] = np.where(is_normal, "normal", classes)
-    return frame, unlabelled, near
+    return attack, np.where(is_normal, "normal", classes), near
 
 
 def near_misses(facts: dict, dataset: Mapping) -> list[str]:

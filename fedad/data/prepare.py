@@ -151,6 +151,7 @@ def prepare(
         groups_train=train[natural].astype(str).to_numpy() if natural else None,
         scaler=StandardScaler().fit(X_train),
         notes=notes,
+        preprocessor=encoder,
     )
 
 

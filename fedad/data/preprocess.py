@@ -201,3 +201,115 @@ class Preprocessor:
 
     def _text(self, frame: pd.DataFrame) -> np.ndarray:
         return frame[self.categorical].astype(str).apply(lambda s: s.str.strip()).to_numpy()
+
+
+# --- serialisation ---------------------------------------------------------------------------
+# A fitted Preprocessor as plain values (JSON-safe), so a saved detector loads without
+# unpickling anything. The loaded copy encodes categories with :class:`Vocabulary`, which
+# maps values to one-hot slots exactly as the fitted OneHotEncoder does.
+
+
+def preprocessor_to_dict(pre: Preprocessor) -> dict:
+    """The fitted values of ``pre`` as plain lists, numbers and texts.
+
+    Parameters
+    ----------
+    pre : Preprocessor
+        Fitted on training rows.
+
+    Returns
+    -------
+    dict
+        ``numeric``, ``categorical``, ``log_transform``, ``medians`` (one per
+        numeric column), ``categories`` (column -> training vocabulary) and
+        ``infrequent`` (column -> the categories sharing one slot, or None).
+    """
+    return {
+        "numeric": list(pre.numeric),
+        "categorical": list(pre.categorical),
+        "log_transform": bool(pre.log_transform),
+        "medians": [float(m) for m in pre.medians],
+        "categories": {
+            col: [str(c) for c in cats]
+            for col, cats in zip(pre.categorical, pre.encoder.categories_, strict=True)
+        }
+        if pre.categorical
+        else {},
+        "infrequent": {
+            col: None if rare is None else [str(c) for c in rare]
+            for col, rare in zip(pre.categorical, pre.encoder.infrequent_categories_, strict=True)
+        }
+        if pre.categorical
+        else {},
+    }
+
+
+def preprocessor_from_dict(values: dict) -> Preprocessor:
+    """Rebuild a fitted :class:`Preprocessor` from :func:`preprocessor_to_dict` output.
+
+    Parameters
+    ----------
+    values : dict
+        As :func:`preprocessor_to_dict` wrote it.
+
+    Returns
+    -------
+    Preprocessor
+        Transforms like the one that was saved; its categories go through
+        :class:`Vocabulary`.
+    """
+    pre = Preprocessor(values["categorical"], bool(values["log_transform"]))
+    pre.numeric = list(values["numeric"])
+    pre.medians = np.asarray(values["medians"], dtype=np.float64)
+    pre.encoder = Vocabulary(
+        [values["categories"][col] for col in pre.categorical],
+        [values["infrequent"][col] for col in pre.categorical],
+    )
+    return pre
+
+
+class Vocabulary:
+    """One-hot encoding from saved vocabularies, as a fitted ``OneHotEncoder`` encodes.
+
+    Each column gets one slot per frequent category (in vocabulary order) and,
+    when it has infrequent categories, one shared slot after them; a value
+    never seen in training goes to that shared slot, or to no slot at all.
+
+    Parameters
+    ----------
+    categories : list[list[str]]
+        Each column's training vocabulary, sorted.
+    infrequent : list[list[str] or None]
+        Each column's infrequent categories (None: the column has none).
+    """
+
+    def __init__(self, categories: list[list[str]], infrequent: list[list[str] | None]) -> None:
+        self.categories_ = [np.asarray(c, dtype=object) for c in categories]
+        self.infrequent_categories_ = [
+            None if rare is None else np.asarray(rare, dtype=object) for rare in infrequent
+        ]
+        self._indexes = []
+        self._slots = []
+        self._widths = []
+        for cats, rare in zip(categories, infrequent, strict=True):
+            rare_set = set(rare or ())
+            frequent = [c for c in cats if c not in rare_set]
+            shared = len(frequent) if rare_set else -1
+            slot = {c: i for i, c in enumerate(frequent)}
+            self._indexes.append(pd.Index(cats))
+            # Position len(cats) stands for a value the vocabulary lacks.
+            self._slots.append(np.array([slot.get(c, shared) for c in cats] + [shared]))
+            self._widths.append(len(frequent) + (1 if rare_set else 0))
+
+    def transform(self, text: np.ndarray) -> np.ndarray:
+        """One-hot ``float32`` columns of ``text`` (rows x categorical columns)."""
+        out = np.zeros((text.shape[0], sum(self._widths)), dtype=np.float32)
+        rows = np.arange(text.shape[0])
+        offset = 0
+        for i, (index, slots) in enumerate(zip(self._indexes, self._slots, strict=True)):
+            found = index.get_indexer(text[:, i])
+            slot = slots[np.where(found < 0, len(index), found)]
+            hit = slot >= 0
+            out[rows[hit], offset + slot[hit]] = 1.0
+            offset += self._widths[i]
+        return out
