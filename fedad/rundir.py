@@ -40,6 +40,7 @@ DETECTOR_SCALING = "scaling.npz"
 DETECTOR_KERAS = "model.keras"
 DETECTOR_SKOPS = "model.skops"
 DETECTOR_XGBOOST = "model.xgb.json"
+DETECTOR_BOOSTER = "model.booster.json"
 # Hydra's record of the command line of a job (in a multirun: what the sweep set).
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 

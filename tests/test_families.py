@@ -15,6 +15,7 @@ import xgboost as xgb
 from fedad import rundir
 from fedad.config import compose
 from fedad.data.prepared import PreparedData
+from fedad.detector.adapters import ADAPTERS
 from fedad.federated import scaling
 from fedad.federated.autoencoder_family import (
     ERROR_EDGES,
@@ -107,6 +108,10 @@ def test_federated_xgboost_learns_is_saved_whole_and_resumes_exactly(kdd_dir, tm
 
     metrics = compute_metrics(test["y"], scorer.predict_scores(X_test), ["normal", "attack"])
     assert metrics["roc_auc"] == pytest.approx(history["roc_auc"].iloc[-1], abs=1e-12)
+    # The run's detector holds the same booster and scores the same.
+    shipped = whole / rundir.DETECTOR_DIR / "federated_xgboost" / rundir.DETECTOR_BOOSTER
+    predict = ADAPTERS["booster"].load(shipped)
+    np.testing.assert_array_equal(predict(X_test), scorer.predict_scores(X_test))
     # Cut after round 2, then resumed to 3: the same trees, the same history.
     cut = tmp_path / "cut"
     _run(kdd_dir, cut, "model=xgboost", "model.local_rounds=2", "simulation.num_rounds=2")

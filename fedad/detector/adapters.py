@@ -116,6 +116,29 @@ def _xgboost_load(path: Path) -> Predict:
     return model.predict_proba
 
 
+def _booster_accepts(model: object) -> bool:
+    # The federated booster arrives as its run's scorer.
+    return (_module(model), type(model).__name__) == (
+        "fedad.federated.booster_family",
+        "BoosterScorer",
+    )
+
+
+def _booster_save(model: object, path: Path) -> None:
+    shutil.copyfile(model.path, path)
+
+
+def _booster_load(path: Path) -> Predict:
+    import json
+
+    from fedad.models import booster
+
+    raw = path.read_bytes()
+    classes = int(json.loads(raw)["learner"]["learner_model_param"]["num_class"]) or 2
+    model = booster.load(raw)
+    return lambda X: booster.probabilities(model, X, classes)
+
+
 ADAPTERS: dict[str, Adapter] = {
     a.kind: a
     for a in (
@@ -142,6 +165,14 @@ ADAPTERS: dict[str, Adapter] = {
             lambda model: _module(model).startswith("xgboost"),
             _xgboost_save,
             _xgboost_load,
+        ),
+        Adapter(
+            "booster",
+            rundir.DETECTOR_BOOSTER,
+            ("xgboost",),
+            _booster_accepts,
+            _booster_save,
+            _booster_load,
         ),
     )
 }
