@@ -176,8 +176,15 @@ def _cache_dir(cfg: DictConfig) -> Path | None:
 def _record(results: dict, models: list[ModelResult], run_dir: Path) -> None:
     table = comparison.table(models, results["data"]["pooling_mb"])
     comparison.write(table, run_dir, results["data"]["small_test_classes"])
+    moved = dict(zip(table["model"], table["mb_exchanged"], strict=True))
     results["models"] = {
-        m.name: {"kind": m.kind, **m.metrics, "train_seconds": m.train_seconds, "info": m.info}
+        m.name: {
+            "kind": m.kind,
+            **m.metrics,
+            "train_seconds": m.train_seconds,
+            "mb_exchanged": moved[m.name],
+            "info": m.info,
+        }
         for m in models
     }
     rundir.save_results(run_dir, results)

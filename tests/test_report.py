@@ -179,7 +179,7 @@ def test_report_lists_gap_spread_and_failed_job(sweep, tmp_path):
     assert "`random_forest`: macro-F1 0.980 ± 0.014 (n=2)" in text
     assert "-0.130 macro-F1" in text
     # Gaps are against the twin central_cnn, worst first: fedprox -0.12, then fedavg -0.11.
-    gap = text.split("## Federated minus centralized")[1].split("##")[0]
+    gap = text.split("## The price of federation per setting and family")[1].split("##")[0]
     fedprox = "| fedprox | `federated_cnn` | central_cnn | 2 | 0.840 ± 0.028 | 0.960 ± 0.014 |"
     fedavg = "| fedavg | `federated_cnn` | central_cnn | 2 | 0.850 ± 0.071 | 0.960 ± 0.014 |"
     assert gap.index(fedprox) < gap.index(fedavg)
@@ -352,3 +352,35 @@ def test_a_sweep_without_federated_training_reports(tmp_path):
     assert "No finished federated model to compare with" in text
     assert "federated_run=False" in text
     assert "| random_forest | supervised | 2 | 0.905 ± 0.007 |" in text
+
+
+def test_the_price_per_family_and_macro_f1_against_megabytes(tmp_path):
+    """A sweep over model families: each federated model against its own twin, and its MB."""
+    sweep = tmp_path / "families"
+    for job, (model, twin) in enumerate((("cnn", "central_cnn"), ("xgboost", "xgboost"))):
+        for seed in (0, 1):
+            run = make_run(
+                sweep / f"{job}{seed}",
+                [f"model={model}", f"seed={seed}"],
+                {"model": model, "seed": seed},
+                {
+                    f"federated_{model}": (0.80 + 0.02 * seed, "federated"),
+                    f"local_{model}": (0.70, "local"),
+                    twin: (0.90, "supervised"),
+                    "random_forest": (0.95, "supervised"),
+                },
+            )
+            results = json.loads((run / "results.json").read_text())
+            for name, entry in results["models"].items():
+                entry["mb_exchanged"] = 40.0 if name.startswith("federated") else 5.0
+            (run / "results.json").write_text(json.dumps(results))
+    text = write_report(sweep, tmp_path / "out").read_text()
+    price = text.split("## The price of federation per setting and family")[1].split("##")[0]
+    # Each family against its own twin (xgboost's is `xgboost`, not the best forest), with
+    # the ROC-AUC and FPR gaps and the gain over the sites alone.
+    assert (
+        "| xgboost | `federated_xgboost` | xgboost | 2 | 0.810 ± 0.014 | 0.900 ± 0.000 |" in price
+    )
+    assert "-0.090 ± 0.014 | -0.090 ± 0.014 | +0.090 ± 0.014 | +0.110 ± 0.014 |" in price
+    assert (tmp_path / "out" / "f1_vs_mb.png").stat().st_size > 0
+    assert "(f1_vs_mb.png)" in text

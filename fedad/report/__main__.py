@@ -140,7 +140,23 @@ def _figures(
         agg = aggregate(sites, keys, ["worst", "median", "best"])
         agg["label"] = [setting_label(r, keys) for _, r in agg.iterrows()]
         made["site_spread"] = figures.site_spread(agg, out_dir / "site_spread.png")
+    if not gaps.empty and "mb_exchanged" in done and done["mb_exchanged"].notna().any():
+        made["f1_vs_mb"] = figures.f1_versus_mb(
+            _payload_points(done, gaps, keys), out_dir / "f1_vs_mb.png"
+        )
     return made
+
+
+def _payload_points(done: pd.DataFrame, gaps: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Each federated model and its twin: mean macro-F1 and MB per setting, labelled."""
+    pairs = set(zip(gaps["job"], gaps["model"], strict=True)) | set(
+        zip(gaps["job"], gaps["reference"], strict=True)
+    )
+    rows = done[[(j, m) in pairs for j, m in zip(done["job"], done["model"], strict=True)]]
+    by = [*keys, "model", "federated"]
+    points = rows.groupby(by, dropna=False, sort=False)[["mb_exchanged", "macro_f1"]].mean()
+    points = points.reset_index()
+    return points.assign(label=row_labels(points, keys))
 
 
 def _copy_heatmaps(

@@ -122,6 +122,41 @@ def gap_bars(gaps: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def f1_versus_mb(points: pd.DataFrame, path: Path) -> Path:
+    """Draw macro-F1 against the megabytes each model moved, one marker per setting and model.
+
+    Parameters
+    ----------
+    points : pd.DataFrame
+        Columns ``label``, ``federated`` (bool), ``mb_exchanged`` and ``macro_f1``.
+    path : Path
+        Image file to write.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for federated, marker, name in ((True, "o", "federated payload"), (False, "s", "pooled rows")):
+        part = points[points["federated"] == federated]
+        ax.scatter(part["mb_exchanged"], part["macro_f1"], marker=marker, label=name)
+        for _, row in part.iterrows():
+            ax.annotate(
+                row["label"],
+                (row["mb_exchanged"], row["macro_f1"]),
+                fontsize=7,
+                xytext=(4, 2),
+                textcoords="offset points",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("MB moved (10^6 bytes, log scale)")
+    ax.set_ylabel("test macro-F1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def site_spread(sites: pd.DataFrame, path: Path) -> Path:
     """Draw the worst, median and best client macro-F1 per setting.
 

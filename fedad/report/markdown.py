@@ -15,7 +15,10 @@ _CAPTIONS = {
     "seeds; dashed lines: centralized references.",
     "convergence": "Global-model macro-F1 and loss per round (round 0: initial model), "
     "mean over seeds.",
-    "gap": "Federated minus centralized macro-F1 per setting, mean ± std over seeds.",
+    "gap": "Federated minus its centralized twin's macro-F1 per setting and family, mean ± std "
+    "over seeds.",
+    "f1_vs_mb": "Macro-F1 against the megabytes each model moved (log scale): federated "
+    "payload, or the training rows a central model pools; mean over seeds.",
     "site_spread": "Worst, median and best client macro-F1 per setting, mean over seeds.",
 }
 
@@ -102,17 +105,22 @@ def render(
             "the end; they are left out of every aggregate."
         ]
 
-    lines += ["## Federated minus centralized, per setting (largest loss first)", ""]
+    lines += ["## The price of federation per setting and family (largest loss first)", ""]
     if gaps.empty:
         lines += ["No job holds both a federated and a centralized model.", ""]
     else:
         lines += [
-            "gap = federated macro-F1 − macro-F1 of the centralized reference trained in the same "
-            "job (`central_<model>` for `federated_<model>` when present, else the job's best "
-            "centralized model), averaged over seeds.",
+            "gap = federated − the centralized twin trained in the same job (its family "
+            "trained on the pooled rows: `central_<model>`, `xgboost` for `federated_xgboost`; "
+            "else the job's best centralized model), in macro-F1, ROC-AUC and FPR; alone = "
+            "federated macro-F1 − the mean of the sites each trained alone; averaged over seeds.",
             "",
         ]
-        header = [*keys, "federated model", "reference", "n", "federated", "reference", "gap"]
+        header = [
+            *keys,
+            *("federated model", "reference", "n", "federated", "reference", "gap"),
+            *("gap ROC-AUC", "gap FPR", "gain vs alone"),
+        ]
         rows = [
             [
                 *(format_value(r[k]) for k in keys),
@@ -122,6 +130,10 @@ def render(
                 _pm(r["federated_f1_mean"], r["federated_f1_std"]),
                 _pm(r["reference_f1_mean"], r["reference_f1_std"]),
                 _pm(r["gap_mean"], r["gap_std"], signed=True),
+                *(
+                    _pm(r.get(f"{v}_mean"), r.get(f"{v}_std"), signed=True)
+                    for v in ("gap_roc_auc", "gap_fpr", "gain_vs_alone")
+                ),
             ]
             for _, r in gaps.iterrows()
         ]

@@ -7,10 +7,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fedad import rundir
 from fedad.errors import FedadError
+from fedad.models.catalog import TWINS
 from fedad.report.jobs import read_job, read_table
 from fedad.report.markdown import format_value
 
@@ -184,15 +186,25 @@ def sort(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def job_gaps(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Per job: the federated model's macro-F1 minus its centralized reference's."""
+    """Per job and federated model: its gaps to its centralized twin, and its gain over alone.
+
+    The twin is :data:`fedad.models.catalog.TWINS`' (``xgboost`` for
+    ``federated_xgboost``, ``central_<model>`` otherwise); a job without it is
+    compared with its best centralized model. The gain over going alone is
+    the federated macro-F1 minus the mean of the sites trained alone
+    (``local_<model>``), where the job has them.
+    """
     rows = []
     for job, models in done.groupby("job", sort=False):
-        central = models[~models["federated"] & models["macro_f1"].notna()]
+        central = models[models["kind"].isin(("supervised", "unsupervised"))]
+        central = central[central["macro_f1"].notna()]
         if central.empty:
             continue
         for _, fed in models[models["federated"]].iterrows():
-            twin = central[central["model"] == "central_" + fed["model"].removeprefix("federated_")]
+            family = fed["model"].removeprefix("federated_")
+            twin = central[central["model"] == TWINS.get(family, f"central_{family}")]
             ref = twin.iloc[0] if len(twin) else central.loc[central["macro_f1"].idxmax()]
+            alone = models[models["model"] == f"local_{family}"]
             rows.append(
                 {
                     **{k: fed[k] for k in keys},
@@ -202,6 +214,11 @@ def job_gaps(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
                     "federated_f1": fed["macro_f1"],
                     "reference_f1": ref["macro_f1"],
                     "gap": fed["macro_f1"] - ref["macro_f1"],
+                    "gap_roc_auc": fed["roc_auc"] - ref["roc_auc"],
+                    "gap_fpr": fed["fpr"] - ref["fpr"],
+                    "gain_vs_alone": fed["macro_f1"] - alone["macro_f1"].iloc[0]
+                    if len(alone)
+                    else np.nan,
                 }
             )
     return pd.DataFrame(rows)
@@ -250,7 +267,7 @@ def gap_table(gaps: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Same-job gaps per setting and federated model, mean ± std over seeds, largest loss first."""
     if gaps.empty:
         return pd.DataFrame(columns=["gap_mean"])
-    values = ["federated_f1", "reference_f1", "gap"]
+    values = ["federated_f1", "reference_f1", "gap", "gap_roc_auc", "gap_fpr", "gain_vs_alone"]
     table = aggregate(gaps, [*keys, "model"], values, text=["reference"])
     return table.sort_values("gap_mean", kind="stable", ignore_index=True)
 
