@@ -14,6 +14,7 @@ from fedad import rundir
 from fedad.data.partition import label_skew, partition, summarize
 from fedad.data.prepare import prepare
 from fedad.data.prepared import PreparedData
+from fedad.errors import FedadError
 from fedad.plots import plot_partition
 
 log = logging.getLogger("fedad")
@@ -58,7 +59,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> RunData:
     )
     parts = partition(
         cfg.partition,
-        data.y_train,
+        skew_labels(cfg, data),
         int(cfg.simulation.num_clients),
         int(cfg.seed),
         groups=data.groups_train,
@@ -84,6 +85,23 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> RunData:
     log.info("class counts per client:\n%s", summary.head(20).to_string(index=False))
     facts = {"data": describe(data), "partition": {"clients": len(parts), "label_skew": skew}}
     return RunData(data, parts, facts)
+
+
+def skew_labels(cfg: DictConfig, data: PreparedData) -> np.ndarray:
+    """What the partition skews: the task's labels, or each row's attack type (``partition.by``).
+
+    A binary detector's sites differ in which attacks they see, not only in how
+    many: ``partition.by=type`` draws the label skew over the attack types.
+    """
+    if cfg.partition.get("by", "label") != "type" or data.task != "binary":
+        return data.y_train
+    if data.types_train is None:
+        raise FedadError(
+            f"partition.by=type skews the sites over attack types, but dataset "
+            f"'{cfg.dataset.name}' names none (one attack class). Use partition.by=label, or "
+            "set dataset.class_column to the column that names each row's attack type."
+        )
+    return np.unique(data.types_train, return_inverse=True)[1].astype(np.int64)
 
 
 def describe(data: PreparedData) -> dict:

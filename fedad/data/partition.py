@@ -40,7 +40,10 @@ def check_config(cfg: Mapping) -> list[str]:
     name = cfg.get("name")
     if name not in PARTITIONS:
         return [f"partition must be one of {', '.join(PARTITIONS)}, got {name!r}"]
-    problems = [checks.number(cfg, "min_size", "partition", whole=True, low=0)]
+    problems = [
+        checks.number(cfg, "min_size", "partition", whole=True, low=0),
+        checks.choice(cfg, "by", "partition", ("label", "type")),
+    ]
     if name == "dirichlet":
         problems.append(checks.number(cfg, "alpha", "partition", low=0, low_open=True))
         problems.append(checks.flag(cfg, "self_balancing", "partition"))

@@ -149,10 +149,20 @@ def prepare(
         class_names=class_names,
         task=task,
         groups_train=train[natural].astype(str).to_numpy() if natural else None,
+        types_train=_attack_types(train, dataset, task),
         scaler=StandardScaler().fit(X_train),
         notes=notes,
         preprocessor=encoder,
     )
+
+
+def _attack_types(train: pd.DataFrame, dataset: Mapping, task: str) -> np.ndarray | None:
+    """Each training row's attack type, for a binary task whose data name the types."""
+    column = dataset.get("class_column") or dataset["label_column"]
+    if task != "binary" or column not in train.columns:
+        return None
+    _, classes, _ = labels.classify(train, dataset, "multiclass")
+    return np.asarray(classes, dtype=object) if len(set(classes)) > 2 else None
 
 
 def _feature_columns(frame: pd.DataFrame, dataset: Mapping) -> list[str]:

@@ -33,6 +33,10 @@ class PreparedData:
         ``"binary"`` or ``"multiclass"``.
     groups_train : np.ndarray or None
         Per-row value of the natural-partition column (e.g. ``site``), if any.
+    types_train : np.ndarray or None
+        Per-row attack type of the training rows (the class the multiclass task
+        gives it; ``normal`` for normal rows), as names, for the binary task
+        when the data name attack types; None otherwise (the labels are the types).
     scaler : StandardScaler
         Fitted on ``X_train`` only.
     notes : dict
@@ -51,6 +55,7 @@ class PreparedData:
     class_names: list[str]
     task: str
     groups_train: np.ndarray | None = None
+    types_train: np.ndarray | None = None
     scaler: StandardScaler = field(default_factory=StandardScaler)
     notes: dict = field(default_factory=dict)
     preprocessor: Preprocessor | None = None

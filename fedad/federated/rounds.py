@@ -6,6 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -124,6 +125,12 @@ class ServerEvaluator:
     ``targets`` (the classes a targeted attack relabels as normal) adds each
     round's ``attack_success``; ``fields`` adds what it returns to each row
     (the privacy budget spent so far), and an ``epsilon`` there is logged.
+
+    The test-set scoring of a round runs in a thread of its own while the
+    next round's sites train: everything else the row holds is taken when
+    Flower calls, the rows are appended in round order, and a round's
+    checkpoint is written once its evaluation is done. :meth:`finish` waits
+    for the last one.
     """
 
     def __init__(
@@ -151,55 +158,75 @@ class ServerEvaluator:
         self.arrays: ArrayRecord | None = None
         self._last = time.perf_counter()
         self._started_at = time.time()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedad-evaluate")
+        self._pending: list[Future] = []
+        self._queued: int | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Evaluate ``arrays``; return the metrics Flower stores for ``server_round``."""
+        """Take the round's row, then score ``arrays`` on the test set in the background."""
         self.arrays = arrays
         server_round = self.rounds.absolute(server_round)
-        if self.rows and self.rows[-1]["round"] == server_round:
+        done = self.rows[-1]["round"] if self.rows else None
+        if server_round == done or (self._pending and server_round == self._queued):
             # Flower first evaluates the initial arrays: resumed, they are the
             # checkpoint's model, evaluated in its own round already.
             return None
         config = self.family.evaluate_config()
         if self.targets is not None:
             config = {**config, "attack-targets": self.targets}
-        metrics = self.family.metrics(arrays.to_numpy_ndarrays(), self.X_test, self.y_test, config)
-        extra = self.fields() if self.fields else {}
         train_failures, eval_failures = self.grid.take_failures()
-        payload = self.grid.take_payload()
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
         started_at, self._started_at = self._started_at, time.time()
         client = self.rounds.evaluate_metrics.get(server_round, {})
-        self.rows.append(
-            {
-                "round": server_round,
-                **metrics,
-                **self.rounds.train_metrics.get(server_round, {}),
-                **{f"client_{k}": v for k, v in client.items()},
-                **self.family.history_fields(),
-                **payload,
-                **extra,
-                "failures": train_failures,
-                "eval_failures": eval_failures,
-                "seconds": seconds,
-                "started_at": started_at,
-            }
-        )
+        row = {
+            "round": server_round,
+            **self.rounds.train_metrics.get(server_round, {}),
+            **{f"client_{k}": v for k, v in client.items()},
+            **self.family.history_fields(),
+            **self.grid.take_payload(),
+            **(self.fields() if self.fields else {}),
+            "failures": train_failures,
+            "eval_failures": eval_failures,
+            "seconds": seconds,
+            "started_at": started_at,
+        }
+        self._queued = server_round
+        weights = arrays.to_numpy_ndarrays()
+        self._pending.append(self._worker.submit(self._evaluate, row, weights, config))
+        return None
+
+    def finish(self) -> None:
+        """Wait for every round's evaluation; raise what one of them raised."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        """Wait for the evaluations, then end the evaluation thread."""
+        try:
+            self.finish()
+        finally:
+            self._worker.shutdown(wait=True)
+
+    def _evaluate(self, row: dict, weights: list[np.ndarray], config: dict) -> None:
+        metrics = self.family.metrics(weights, self.X_test, self.y_test, config)
+        # The metrics come first in the row, as they always have.
+        row = {"round": row["round"], **metrics, **row}
+        self.rows.append(row)
         log.info(
             "round %d/%d  loss %.3f  macro-F1 %.3f  ROC-AUC %.3f  failures %d  %.1f s%s",
-            server_round,
+            row["round"],
             self.num_rounds,
             metrics["loss"],
             metrics["macro_f1"],
             metrics["roc_auc"],
-            train_failures,
-            seconds,
+            row["failures"],
+            row["seconds"],
             "".join(
-                f"  {name} {self.rows[-1][key]:.3g}"
+                f"  {name} {row[key]:.3g}"
                 for key, name in (("attack_success", "attack success"), ("epsilon", "ε"))
-                if key in self.rows[-1]
+                if key in row
             ),
         )
-        self.checkpointer.round_done(server_round, arrays.to_numpy_ndarrays(), self.rows)
-        return MetricRecord(metrics)
+        self.checkpointer.round_done(row["round"], weights, self.rows)

@@ -203,16 +203,23 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
             evaluate_config=ConfigRecord(dict(config)),
             evaluate_fn=evaluator,
         )
+        evaluator.close()
     except Exception as error:
-        # Whatever stopped the run, the last complete round is still worth keeping.
+        # Whatever stopped the run, the last complete round is still worth keeping: its
+        # evaluation is waited for (an error there is the one to report, if any).
+        failure = error
+        try:
+            evaluator.close()
+        except Exception as evaluation:
+            failure = evaluation
         saved = checkpointer.flush()
-        if isinstance(error, FedadError) and saved is not None:
+        if isinstance(failure, FedadError) and saved is not None:
             raise FedadError(
-                f"{error} The run stopped; its state after round {saved} is checkpointed in "
+                f"{failure} The run stopped; its state after round {saved} is checkpointed in "
                 f"{run_dir}: continue it with the same settings plus resume={run_dir} once the "
                 "sites are back (or with a lower simulation.min_clients)."
             ) from None
-        raise
+        raise failure from None
 
     final_config = ConfigRecord(
         {**config, **family.evaluate_config(), "server-round": num_rounds, "final": True}
