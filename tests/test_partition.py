@@ -86,3 +86,32 @@ def test_strong_skew_over_two_classes_redraws_until_min_size_holds():
     assert sum(len(p) for p in parts) == len(y)
     again = partition(_cfg("dirichlet", alpha=0.1, min_size=10), y, num_clients=10, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_a_binary_run_can_skew_its_sites_over_attack_types(make_cfg, tmp_path):
+    from fedad.pipeline import prepare_run, skew_labels
+
+    by_type = prepare_run(make_cfg("dataset.n_rows=3000", "partition.by=type"), tmp_path)
+    data = by_type.data
+    types = skew_labels(make_cfg("partition.by=type"), data)
+    # The synthetic data name five attack families besides normal traffic.
+    assert len(np.unique(types)) == 6 and len(types) == len(data.y_train)
+    assert np.array_equal(
+        types == np.unique(data.types_train).tolist().index("normal"), data.y_train == 0
+    )
+    assert skew_labels(make_cfg(), data) is data.y_train
+    by_label = prepare_run(make_cfg("dataset.n_rows=3000"), tmp_path)
+    assert [len(p) for p in by_type.parts] != [len(p) for p in by_label.parts]
+
+
+def test_skewing_over_attack_types_needs_data_that_name_them(make_cfg):
+    from fedad.data.prepared import PreparedData
+    from fedad.errors import FedadError
+    from fedad.pipeline import skew_labels
+
+    y = np.array([0, 1, 0, 1])
+    data = PreparedData(
+        np.zeros((4, 2)), y, np.zeros((2, 2)), y[:2], ["a", "b"], ["normal", "attack"], "binary"
+    )
+    with pytest.raises(FedadError, match="partition.by=type skews the sites over attack types"):
+        skew_labels(make_cfg("partition.by=type"), data)
