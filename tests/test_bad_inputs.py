@@ -506,7 +506,21 @@ def test_federated_setting_out_of_range(tmp_path, earlier, override, words):
         (["train.batch_size=0"], ["train.batch_size must be a whole number >= 1, got 0"]),
         (["simulation.num_clients=2.5"], ["simulation.num_clients must be a whole number"]),
         (["simulation.client_resources.num_cpus=64"], ["num_cpus=64 is more than the"]),
-        (["strategy=krum", "strategy.num_malicious_nodes=4"], ["Krum tolerates f attackers"]),
+        (["strategy=krum", "strategy.num_malicious_nodes=4"], ["krum tolerates f attackers"]),
+        (
+            ["model=autoencoder", "task=multiclass"],
+            ["model=autoencoder detects anomalies", "needs task=binary"],
+        ),
+        (
+            ["model=xgboost", "strategy=fedprox"],
+            ["strategy=fedprox does not fit model=xgboost", "fedxgb_bagging or fedxgb_cyclic"],
+        ),
+        (
+            ["model=xgboost", "model.local_rounds=0"],
+            ["model.local_rounds must be a whole number >= 1"],
+        ),
+        (["model=xgboost", "model.max_depth=-2"], ["model.max_depth must be a whole number >= 1"]),
+        (["model=cnn", "strategy=fedxgb_bagging"], ["FedXgb strategies merge boosters"]),
         (
             ["dataset=csv", "dataset.label_case=loose"],
             ["dataset.label_case must be one of exact, insensitive, got 'loose'"],
