@@ -31,9 +31,12 @@ if TYPE_CHECKING:
 
 
 def add_run_arguments(
-    parser: argparse.ArgumentParser, rounds: int, rows: int, repeats_help: str
+    parser: argparse.ArgumentParser, rounds: int, rows: int | None, repeats_help: str
 ) -> None:
-    """Add the arguments both simulation benchmarks take (defaults differ per script)."""
+    """Add the arguments both simulation benchmarks take (defaults differ per script).
+
+    ``rows`` None leaves the default to the script, once it knows the sizes it runs.
+    """
     parser.add_argument(
         "--rounds", type=int, default=rounds, help="round 1 warms up; 2.. are steady"
     )
