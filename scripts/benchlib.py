@@ -20,6 +20,11 @@ from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
+# --quick runs of the scripts that fit the baselines: 20 trees per ensemble, not hundreds.
+FEWER_TREES = [
+    f"baselines.models.{name}.n_estimators=20"
+    for name in ("random_forest", "xgboost", "isolation_forest")
+]
 # The scripts measure the fedad of the checkout they are in, whichever one is installed;
 # Ray's workers get this path too (see fedad.federated.engine).
 sys.path.insert(0, str(REPO))
