@@ -1,4 +1,4 @@
-"""Cost of fedad's simulation as the number of sites grows while the sampled number stays fixed."""
+"""Cost of fedad's simulation as the sites in existence grow, and as more of them are sampled."""
 
 from __future__ import annotations
 
