@@ -181,7 +181,8 @@ def report(sizes: dict[int, dict]) -> None:
     labels = sorted(dict.fromkeys(label for n in rows for label in sizes[n]["steps"]), key=place)
     head = "".join(f"{n:>10}" for n in rows)
     print("\nseconds, then peak memory MB (the whole process tree, Ray included), per rows")
-    print(f"{'step':32}{head}  |{head}  | time {big}/{small}")
+    growth = f"  | time {big}/{small}" if big > small else ""
+    print(f"{'step':32}{head}  |{head}{growth}")
     over = []
     for label in labels:
         cells = [sizes[n].get(label, {"seconds": 0.0, "peak_mb": 0.0}) for n in rows]
@@ -190,7 +191,7 @@ def report(sizes: dict[int, dict]) -> None:
         ratio = cells[-1]["seconds"] / cells[0]["seconds"] if cells[0]["seconds"] else float("nan")
         if ratio > limit:
             over.append(label)
-        print(f"{label:32}{seconds}  |{peaks}  | {ratio:8.2f}")
+        print(f"{label:32}{seconds}  |{peaks}" + (f"  | {ratio:8.2f}" if growth else ""))
     if big > small:
         print(
             f"steps growing more than {limit:.2f} x from {small} to {big} rows (11 x from "
