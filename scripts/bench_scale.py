@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {size: median_figures(runs[size]) for size in args.sizes}
 
     print(
-        f"\nsites sampled per round (train and evaluate) as listed, {args.rounds} rounds, "
-        f"model {args.model}; medians over {args.repeats} repeat(s)"
+        f"\n{args.rounds} rounds, model {args.model}, the sampled sites train and evaluate each "
+        f"round; medians over {args.repeats} repeat(s)"
     )
     print(f"{'sites':30}" + "".join(f"{n:>10}" for n, _ in args.sizes))
     print(f"{'sampled per round':30}" + "".join(f"{k:>10}" for _, k in args.sizes))
