@@ -8,17 +8,13 @@ import subprocess
 import sys
 import time
 
-from benchlib import ProcessTree, load, machine, prepare
+from benchlib import FEWER_TREES, ProcessTree, load, machine, prepare
 from omegaconf import OmegaConf
 
 from fedad.baselines.runner import run_baselines
 from fedad.baselines.supervised import SUPERVISED_DEFAULTS
 from fedad.config import available_options, compose, load_option
 
-QUICK = [
-    f"baselines.models.{name}.n_estimators=20"
-    for name in ("random_forest", "xgboost", "isolation_forest")
-]
 # (figure, column label, decimals): a one-class SVM on a few thousand rows fits in 0.05 s.
 COLUMNS = (
     ("prepare_s", "prepare s", 2),
@@ -84,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.epochs = [2000], 1
-        args.overrides = [*QUICK, *args.overrides]
+        args.overrides = [*FEWER_TREES, *args.overrides]
     return args
 
 

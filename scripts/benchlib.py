@@ -20,6 +20,11 @@ from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
+# --quick runs of the scripts that fit the baselines: 20 trees per ensemble, not hundreds.
+FEWER_TREES = [
+    f"baselines.models.{name}.n_estimators=20"
+    for name in ("random_forest", "xgboost", "isolation_forest")
+]
 # The scripts measure the fedad of the checkout they are in, whichever one is installed;
 # Ray's workers get this path too (see fedad.federated.engine).
 sys.path.insert(0, str(REPO))
@@ -31,9 +36,12 @@ if TYPE_CHECKING:
 
 
 def add_run_arguments(
-    parser: argparse.ArgumentParser, rounds: int, rows: int, repeats_help: str
+    parser: argparse.ArgumentParser, rounds: int, rows: int | None, repeats_help: str
 ) -> None:
-    """Add the arguments both simulation benchmarks take (defaults differ per script)."""
+    """Add the arguments both simulation benchmarks take (defaults differ per script).
+
+    ``rows`` None leaves the default to the script, once it knows the sizes it runs.
+    """
     parser.add_argument(
         "--rounds", type=int, default=rounds, help="round 1 warms up; 2.. are steady"
     )

@@ -54,15 +54,19 @@ def test_overhead_benchmark_prints_both_runs_and_the_targets():
 @pytest.mark.slow
 def test_scale_benchmark_prints_every_size_and_the_targets():
     out = run_quick("bench_scale.py")
-    sizes = next(line for line in out.splitlines() if line.startswith("sites "))
-    assert sizes.split()[1:] == ["3", "6"]
+    lines = out.splitlines()
+    sizes = next(line for line in lines if line.startswith("sites "))
+    sampled = next(line for line in lines if line.startswith("sampled per round "))
+    assert sizes.split()[1:] == ["3", "6", "6"]
+    assert sampled.split()[3:] == ["2", "2", "3"]
     for label in (
         "write shards s",
         "steady-state round s",
         "all-site evaluation + stop s",
         "peak memory MB",
-        "per-round time: 6 sites / 3 sites",
-        "peak memory: 6 sites / 3 sites",
+        "per-round time: 6 sites / 3 sites, 2 sampled",
+        "peak memory: 6 sites / 3 sites, 2 sampled",
+        "start-up: 6 sites / 3 sites, 2 sampled",
     ):
         assert label in out
 
@@ -89,3 +93,32 @@ def test_serve_benchmark_prints_every_figure(data_dir):
     scored = r"fedad.score on KDDTest\+.txt.gz: 22544 rows, rows/s \d+, peak memory MB \d+"
     assert re.search(scored, out), out
     assert "targets: p99_ms 20" in out
+
+
+def test_rows_benchmark_prints_every_step_per_size_and_the_growth():
+    out = run_quick("bench_rows.py")
+    assert "dataset=synthetic_ciciot" in out and "task=multiclass" in out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("step "))
+    assert header.split()[1:3] == ["3000", "6000"]
+    rows = {line[:32].strip(): line[32:].split() for line in lines[lines.index(header) + 1 :]}
+    steps = [
+        "read/generate",
+        "prepare",
+        "audit",
+        "partition and shards",
+        "federated training",
+        *(f"baseline {name}" for name in BASELINES),
+        "explanations",
+        "figures and outputs",
+        "whole run",
+    ]
+    for step in steps:
+        # Two sizes of seconds, a bar, two sizes of peak MB, a bar, the growth.
+        cells = rows[step]
+        assert len(cells) == 7 and cells[2] == cells[5] == "|", (step, cells)
+        figures = [float(c) for c in (*cells[:2], *cells[3:5])]
+        assert all(value >= 0 for value in figures)
+    assert re.search(r"steps growing more than [\d.]+ x from 3000 to 6000 rows", out)
+    assert re.search(r"whole run at 6000 rows: \d+ s \(target at 1,048,575 rows <= 900 s", out)
+    assert re.search(r"peak memory at 6000 rows: \d+ MB", out)

@@ -16,7 +16,7 @@ from fedad import rundir
 from fedad.config import compose
 from fedad.data.prepared import PreparedData
 from fedad.detector.adapters import ADAPTERS
-from fedad.federated import scaling
+from fedad.federated import scaling, shards
 from fedad.federated.autoencoder_family import (
     ERROR_EDGES,
     AutoencoderFamily,
@@ -101,12 +101,12 @@ def test_federated_xgboost_learns_is_saved_whole_and_resumes_exactly(kdd_dir, tm
     assert saved.num_boosted_rounds() == 18
     # The saved model, reloaded, scores what the server's last round measured.
     scorer = BoosterScorer(whole, 2)
-    test = np.load(whole / rundir.SHARD_DIR / "test.npz")
+    X_raw, y_test = shards.read_shard(shards.test_path(whole), "test")
     with np.load(whole / rundir.SCALING_FILE) as stats:
-        X_test = scaling.standardize(test["X"], stats["mean"], stats["std"])
+        X_test = scaling.standardize(X_raw, stats["mean"], stats["std"])
     from fedad.metrics import compute_metrics
 
-    metrics = compute_metrics(test["y"], scorer.predict_scores(X_test), ["normal", "attack"])
+    metrics = compute_metrics(y_test, scorer.predict_scores(X_test), ["normal", "attack"])
     assert metrics["roc_auc"] == pytest.approx(history["roc_auc"].iloc[-1], abs=1e-12)
     # The run's detector holds the same booster and scores the same.
     shipped = whole / rundir.DETECTOR_DIR / "federated_xgboost" / rundir.DETECTOR_BOOSTER
@@ -168,7 +168,7 @@ def test_federated_autoencoder_detects_with_a_threshold_from_validation_rows(kdd
         normal += np.histogram(errors[site.y_val == 0], ERROR_EDGES)[0]
         attack += np.histogram(errors[site.y_val != 0], ERROR_EDGES)[0]
         # The validation rows are a slice of the site's training shard, apart from its test slice.
-        n = len(np.load(tmp_path / rundir.SHARD_DIR / f"client_{pid:04d}.npz")["y"])
+        n = len(shards.read_shard(shards.shard_path(tmp_path, pid), "test")[1])
         train, val, test = local_split(
             n, float(cfg.train.test_fraction), float(cfg.train.val_fraction), (3, pid)
         )

@@ -63,7 +63,11 @@ def check_config(cfg: Mapping) -> list[str]:
     """
     if cfg.get("name") == "synthetic":
         return synthetic.check_arguments(
-            cfg.get("n_rows"), cfg.get("n_sites"), cfg.get("attack_share"), cfg.get("overlap")
+            cfg.get("n_rows"),
+            cfg.get("n_sites"),
+            cfg.get("attack_share"),
+            cfg.get("overlap"),
+            profile=cfg.get("profile", "iot"),
         )
     problems = [
         checks.flag(cfg, "header", "dataset"),
@@ -136,6 +140,7 @@ def load(cfg: Mapping, data_dir: str | Path, seed: int) -> RawData:
             attack_share=float(cfg["attack_share"]),
             overlap=float(cfg["overlap"]),
             seed=seed,
+            profile=cfg.get("profile", "iot"),
         )
         return RawData(frame, None, f"synthetic generator (seed {seed})")
 

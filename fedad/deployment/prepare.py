@@ -45,7 +45,7 @@ class PreparedRun:
     Attributes
     ----------
     run_dir : Path
-        Holds ``shards/`` (one file per site and the global test set),
+        Holds ``shards/`` (one folder per site and the global test set),
         ``config.yaml``, ``partition.csv``/``.png`` and ``run_config.toml``; the
         ServerApp writes the outputs here.
     num_sites, num_rounds : int
@@ -248,7 +248,7 @@ def deployment_commands(run: PreparedRun, superlink: str = DEFAULT_SUPERLINK) ->
     _, port = split_address(superlink)
     n = run.num_sites
     env = " ".join(f"{k}={v}" for k, v in FLOWER_ENV.items())
-    shard = run.run_dir / "shards" / "client_<i>.npz"
+    shard = run.run_dir / "shards" / "client_<i>"
 
     def supernode(i: int | str) -> str:
         node_config = q(f"partition-id={i} num-partitions={n}")
@@ -263,12 +263,12 @@ def deployment_commands(run: PreparedRun, superlink: str = DEFAULT_SUPERLINK) ->
             "# then this environment (FLWR_HOME keeps Flower's files out of ~/.flwr):",
             f"export {env} FLWR_HOME={q(str(run.flwr_home))}",
             "",
-            f"# 1. SuperLink host. Needs {run.run_dir}/shards/test.npz; the ServerApp writes",
+            f"# 1. SuperLink host. Needs {run.run_dir}/shards/test/; the ServerApp writes",
             f"#    the outputs to {run.run_dir}.",
             f"flower-superlink --insecure --host 0.0.0.0 --port {port}",
             "",
             f"# 2. Each site i = 0 .. {n - 1}, holding only its own shard {shard}",
-            "#    (partition ids as 4 digits: client_0000.npz ...). SuperNodes sharing a",
+            "#    (partition ids as 4 digits: client_0000/ ...). SuperNodes sharing a",
             "#    machine need --port values of their own (default 9094).",
             *sites,
             "",

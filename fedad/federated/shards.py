@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -11,6 +14,16 @@ from fedad.data.prepared import PreparedData
 from fedad.rundir import SHARD_DIR
 
 ACCESS_LOG = "access.log"
+# The two arrays of a shard folder, each a .npy file that readers memory-map.
+ARRAYS = ("X", "y")
+
+
+class Access(NamedTuple):
+    """One line of the access log: who read which shard, on which Ray node ("" outside Ray)."""
+
+    reader: str
+    shard: str
+    node: str
 
 
 def site_reader(partition_id: int) -> str:
@@ -19,13 +32,13 @@ def site_reader(partition_id: int) -> str:
 
 
 def shard_path(run_dir: str | Path, partition_id: int) -> Path:
-    """Return the shard file of client ``partition_id`` under ``run_dir``."""
-    return Path(run_dir) / SHARD_DIR / f"{site_reader(partition_id)}.npz"
+    """Return the shard folder of client ``partition_id`` under ``run_dir``."""
+    return Path(run_dir) / SHARD_DIR / site_reader(partition_id)
 
 
 def test_path(run_dir: str | Path) -> Path:
-    """Return the file holding the global test set under ``run_dir``."""
-    return Path(run_dir) / SHARD_DIR / "test.npz"
+    """Return the folder holding the global test set under ``run_dir``."""
+    return Path(run_dir) / SHARD_DIR / "test"
 
 
 def write_shards(data: PreparedData, partitions: Sequence[np.ndarray], run_dir: Path) -> Path:
@@ -38,7 +51,8 @@ def write_shards(data: PreparedData, partitions: Sequence[np.ndarray], run_dir: 
     partitions : Sequence[np.ndarray]
         Row indices into ``data.X_train`` for each client.
     run_dir : Path
-        Run folder; files go to ``run_dir/shards``.
+        Run folder; each shard is a folder under ``run_dir/shards`` holding
+        ``X.npy`` and ``y.npy``.
 
     Returns
     -------
@@ -50,38 +64,61 @@ def write_shards(data: PreparedData, partitions: Sequence[np.ndarray], run_dir: 
     (folder / ACCESS_LOG).unlink(missing_ok=True)
     for pid, rows in enumerate(partitions):
         rows = np.asarray(rows, dtype=np.int64)
-        np.savez(shard_path(run_dir, pid), X=data.X_train[rows], y=data.y_train[rows])
-    np.savez(test_path(run_dir), X=data.X_test, y=data.y_test)
+        _save(shard_path(run_dir, pid), data.X_train[rows], data.y_train[rows])
+    _save(test_path(run_dir), data.X_test, data.y_test)
     return folder
 
 
+def _save(folder: Path, X: np.ndarray, y: np.ndarray) -> None:
+    folder.mkdir(exist_ok=True)
+    for name, values in zip(ARRAYS, (X, y), strict=True):
+        # Renamed into place, never rewritten: a reader still mapping an earlier run's file
+        # keeps its own copy instead of a truncated one. Not fsynced: a run rewrites its shards.
+        temporary = folder / f"{name}.npy.tmp"
+        with open(temporary, "wb") as file:
+            np.save(file, values)
+        os.replace(temporary, folder / f"{name}.npy")
+
+
 def read_shard(path: Path, reader: str) -> tuple[np.ndarray, np.ndarray]:
-    """Load ``X`` and ``y`` from ``path`` and note who read it in the access log.
+    """Map ``X`` and ``y`` of the shard at ``path`` and note who read it in the access log.
 
     Parameters
     ----------
     path : Path
-        A file from :func:`shard_path` or :func:`test_path`.
+        A folder from :func:`shard_path` or :func:`test_path`.
     reader : str
         Who reads it (``client_0003``, ``server``); the log line makes data
-        locality auditable.
+        locality auditable, and names the Ray node when read inside Ray.
 
     Returns
     -------
     X, y : np.ndarray
+        Read-only views of the memory-mapped files: pages are read from disk
+        when used, so a process holds only the rows it touches.
     """
     path = Path(path)
-    with np.load(path) as npz:
-        X, y = npz["X"], npz["y"]
+    X, y = (np.asarray(np.load(path / f"{name}.npy", mmap_mode="r")) for name in ARRAYS)
     # One short O_APPEND write per line, so concurrent actors do not interleave.
     with open(path.parent / ACCESS_LOG, "a") as log:
-        log.write(f"{reader}\t{path.name}\n")
+        log.write(f"{reader}\t{path.name}\t{_ray_node()}\n")
     return X, y
 
 
-def read_access_log(run_dir: str | Path) -> list[tuple[str, str]]:
-    """Return ``(reader, file name)`` for every shard read in the run, in order."""
+def _ray_node() -> str:
+    """The id of the Ray node this process runs on, or "" outside Ray.
+
+    Read only when the simulation has imported Ray: fedad needs Ray for nothing else.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return ""
+    return ray.get_runtime_context().get_node_id()
+
+
+def read_access_log(run_dir: str | Path) -> list[Access]:
+    """Return every shard read in the run, in order."""
     path = Path(run_dir) / SHARD_DIR / ACCESS_LOG
     if not path.exists():
         return []
-    return [tuple(line.split("\t")) for line in path.read_text().splitlines()]
+    return [Access(*line.split("\t")) for line in path.read_text().splitlines()]

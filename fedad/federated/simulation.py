@@ -94,7 +94,7 @@ def run_federated(
     partitions : Sequence[np.ndarray]
         Row indices into ``data.X_train`` for each client.
     run_dir : Path
-        Output folder: ``shards/`` (one file per site, read only by that
+        Output folder: ``shards/`` (one folder per site, read only by that
         site, plus ``access.log``), ``history.csv``, ``clients.csv``,
         ``global_model.keras``, ``scaling.npz`` and ``checkpoint/`` (see
         :mod:`fedad.federated.checkpoint`).
