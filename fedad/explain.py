@@ -13,7 +13,7 @@ import pandas as pd
 from sklearn.inspection import permutation_importance
 from sklearn.metrics import f1_score
 
-from fedad import rundir
+from fedad import progress, rundir
 from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
 
@@ -165,13 +165,17 @@ def explain(
     if supervised:
         chosen.append(max(supervised, key=lambda m: m.metrics.get("macro_f1") or 0.0))
     tables = {}
-    for m in chosen:
-        predict = _keras_predict(m.model) if m.kind == "federated" else m.model.predict_scores
-        table = permutation_importance_table(
-            predict, X_test, data.y_test, data.feature_names, seed=seed
-        )
-        table.to_csv(run_dir / rundir.importance_csv(m.name), index=False)
-        tables[m.name] = table
+    with progress.steps("permutation importance", len(chosen)) as bar:
+        for m in chosen:
+            with bar.step(m.name):
+                predict = (
+                    _keras_predict(m.model) if m.kind == "federated" else m.model.predict_scores
+                )
+                table = permutation_importance_table(
+                    predict, X_test, data.y_test, data.feature_names, seed=seed
+                )
+            table.to_csv(run_dir / rundir.importance_csv(m.name), index=False)
+            tables[m.name] = table
     if tables:
         plot_importance_side_by_side(tables, run_dir / rundir.IMPORTANCE_PNG)
     return {name: t["feature"].head(10).tolist() for name, t in tables.items()}

@@ -23,11 +23,14 @@ COMPARISON_CSV = "comparison.csv"
 COMPARISON_MD = "comparison.md"
 ROC_PNG = "roc.png"
 IMPORTANCE_PNG = "importance.png"
+EDA_PNG = "eda.png"
 MODEL_FILE = "global_model.keras"
 SCALING_FILE = "scaling.npz"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_META = "meta.json"
 SHARD_DIR = "shards"
+# The deployable detector (the artifact issue); tracking logs it where a run has one.
+DETECTOR_DIR = "detector"
 # Hydra's record of the command line of a job (in a multirun: what the sweep set).
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
@@ -42,6 +45,16 @@ def confusion_png(model: str) -> str:
 def importance_csv(model: str) -> str:
     """File name of a model's permutation-importance table."""
     return f"importance_{model}.csv"
+
+
+def shap_csv(model: str) -> str:
+    """File name of a model's SHAP table (mean absolute SHAP value per feature)."""
+    return f"shap_{model}.csv"
+
+
+def shap_png(model: str) -> str:
+    """File name of a model's SHAP beeswarm figure."""
+    return f"shap_{model}.png"
 
 
 @contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -14,16 +13,18 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from fedad import __version__, cache, commandline, comparison, rundir
+from fedad import cache, commandline, comparison, rundir
 from fedad.baselines.runner import run_baselines
 from fedad.comparison import ModelResult
 from fedad.config import CONF_DIR, CONFIG_NAME, available_options, load_option
 from fedad.errors import FedadError, exit_with
 from fedad.explain import explain
 from fedad.pipeline import RunData, prepare_run
-from fedad.plots import plot_confusion, plot_roc
+from fedad.plots import plot_confusion, plot_eda, plot_roc
 from fedad.resume import Decision, decide
+from fedad.shapley import explain_shap
 from fedad.validate import validate
+from fedad.versions import versions
 
 log = logging.getLogger("fedad")
 # Flower's import sets up alembic, whose INFO lines would bury the run's own.
@@ -60,11 +61,20 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     # An earlier attempt's failure no longer describes this folder.
     (run_dir / rundir.FAILED_FILE).unlink(missing_ok=True)
     rundir.write_text(run_dir / rundir.CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-    results: dict = {"status": rundir.RUNNING, "settings": _settings(cfg), "versions": _versions()}
+    results: dict = {"status": rundir.RUNNING, "settings": _settings(cfg), "versions": versions()}
     rundir.save_results(run_dir, results)
 
     prepared = prepare_run(cfg, run_dir)
     results.update(prepared.facts)
+    if cfg.eda:
+        data = prepared.data  # training rows only: the test set stays unseen
+        results["eda_features"] = plot_eda(
+            data.X_train,
+            data.y_train != 0,
+            data.feature_names,
+            run_dir / rundir.EDA_PNG,
+            int(cfg.seed),
+        )
     rundir.save_results(run_dir, results)
 
     models: list[ModelResult] = []
@@ -77,6 +87,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         _figures(models, prepared, run_dir)
         if cfg.explain:
             results["importance"] = explain(models, prepared.data, run_dir, int(cfg.seed))
+            results["shap"] = explain_shap(models, prepared.data, run_dir, int(cfg.seed))
 
     federated = [m for m in models if m.kind == "federated"]
     results["validation_macro_f1"] = federated[0].info["validation_macro_f1"] if federated else None
@@ -181,18 +192,6 @@ def _settings(cfg: DictConfig) -> dict:
         "model": cfg.model.name,
         "strategy": cfg.strategy.name,
         "seed": cfg.seed,
-    }
-
-
-def _versions() -> dict:
-    import flwr
-    import sklearn
-
-    return {
-        "fedad": __version__,
-        "python": platform.python_version(),
-        "flwr": flwr.__version__,
-        "scikit-learn": sklearn.__version__,
     }
 
 

@@ -17,6 +17,7 @@ from fedad.federated.scaling import SCALINGS
 from fedad.federated.strategies import check_config as check_strategy
 from fedad.models import OPTIMIZERS
 from fedad.models import check_config as check_model
+from fedad.tracking import check_config as check_tracking
 
 
 def validate(cfg: DictConfig) -> None:
@@ -24,7 +25,7 @@ def validate(cfg: DictConfig) -> None:
 
     The schema (:mod:`fedad.config`) has already checked types at compose
     time; this checks ranges, each option's own parameters (dataset,
-    partition, model, strategy, baselines) and the relations between values
+    partition, model, strategy, baselines, tracking) and the relations between values
     (the robust strategies' bounds on attackers against the sites a round
     samples, ``min_clients`` against the sites, local CPUs against the
     resources each site asks for).
@@ -73,6 +74,7 @@ def validate(cfg: DictConfig) -> None:
     problems += check_dataset(values["dataset"])
     problems += check_partition(values["partition"])
     problems += check_baselines(values["baselines"])
+    problems += check_tracking(values["tracking"])
     if values["federated"]:
         problems += check_model(values["model"])
         problems += check_strategy(values["strategy"], expected_replies(sim))

@@ -17,6 +17,7 @@ from fedad.errors import FedadError
 from fedad.federated import checkpoint
 from fedad.federated.grid import SiteGrid
 from fedad.federated.task import evaluation_metrics
+from fedad.progress import clock
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class ServerEvaluator:
         self.arrays: ArrayRecord | None = None
         self._last = time.perf_counter()
         self._started_at = time.time()
+        self._round_seconds: list[float] = []
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Evaluate ``arrays``; return the metrics Flower stores for ``server_round``."""
@@ -159,8 +161,12 @@ class ServerEvaluator:
                 "started_at": started_at,
             }
         )
+        if server_round > 0:  # round 0 scores the initial model: no training to time
+            self._round_seconds.append(seconds)
+        left = self.num_rounds - server_round
+        eta = np.mean(self._round_seconds) * left if self._round_seconds else None
         log.info(
-            "round %d/%d  loss %.3f  macro-F1 %.3f  ROC-AUC %.3f  failures %d  %.1f s",
+            "round %d/%d  loss %.3f  macro-F1 %.3f  ROC-AUC %.3f  failures %d  %.1f s  ETA %s",
             server_round,
             self.num_rounds,
             metrics["loss"],
@@ -168,6 +174,7 @@ class ServerEvaluator:
             metrics["roc_auc"],
             train_failures,
             seconds,
+            "?" if eta is None else clock(eta),
         )
         self.checkpointer.round_done(server_round, arrays.to_numpy_ndarrays(), self.rows)
         return MetricRecord(metrics)
