@@ -92,18 +92,63 @@ def test_without_mlflow_the_extra_is_named_before_any_data_is_read(tmp_path):
     assert not run_dir.exists()
 
 
+def _job(tmp_path: Path, folder: Path, *overrides: str):
+    """A job's config as Hydra hands it to the callback: run folder and launch folder set."""
+    config = compose(["tracking=mlflow", *overrides], hydra=True)
+    with open_dict(config):
+        config.hydra.runtime.output_dir = str(folder)
+        config.hydra.runtime.cwd = str(tmp_path)
+    return config
+
+
+def _folder(tmp_path: Path, name: str, file: str, content: dict) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / file).write_text(json.dumps(content))
+    return folder
+
+
+def test_statuses_follow_the_run_folder_and_a_finished_job_is_logged_once(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    model = {"kind": "supervised", "macro_f1": 0.9, "confusion": [[3, 1], [0, 4]]}
+    done = _folder(
+        tmp_path, "done", "results.json", {"status": "done", "models": {"xgboost": model}}
+    )
+    pd.DataFrame(
+        {"round": [0, 1], "macro_f1": [0.5, 0.8], "started_at": [1.7e9, 1.7e9 + 5]}
+    ).to_csv(done / "history.csv", index=False)
+    stopped = _folder(
+        tmp_path, "stopped", "results.json", {"status": "failed", "error": "interrupted (Ctrl-C)"}
+    )
+    broken = _folder(tmp_path, "broken", "failed.json", {"status": "failed", "error": "bad rows"})
+    callback = MlflowTracking()
+    # The finished job twice, as a relaunched sweep that skips it ends it again.
+    for folder in (done, stopped, broken, done):
+        config = _job(tmp_path, folder, f"tracking.uri={uri}")
+        callback.on_job_start(config)
+        callback.on_job_end(config, job_return=_completed())
+
+    runs = _search(uri, "fedad").set_index("tags.fedad.run_dir")
+    assert len(runs) == 3
+    assert runs.loc[str(done), "status"] == "FINISHED"
+    assert runs.loc[str(stopped), "status"] == "KILLED"
+    assert runs.loc[str(broken), "status"] == "FAILED"
+    assert runs.loc[str(broken), "tags.fedad.error"] == "bad rows"
+    assert runs.loc[str(done), "metrics.xgboost.macro_f1"] == 0.9
+    assert "metrics.xgboost.confusion" not in runs.columns  # not a number
+    history = MlflowClient(uri).get_metric_history(runs.loc[str(done), "run_id"], "round.macro_f1")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.8)]
+    # A SQLite store's artifacts lie beside its database file.
+    assert (tmp_path / "artifacts").is_dir()
+
+
 def test_a_broken_store_is_a_warning_and_the_run_stays_finished(tmp_path, caplog):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
     results = {"status": "done", "models": {"xgboost": {"macro_f1": 0.9}}}
-    (run_dir / "results.json").write_text(json.dumps(results))
+    run_dir = _folder(tmp_path, "run", "results.json", results)
     # A store MLflow cannot open: its folder would have to be made inside a file.
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    config = compose(["tracking=mlflow", f"tracking.uri=sqlite:///{blocker}/mlflow.db"], hydra=True)
-    with open_dict(config):
-        config.hydra.runtime.output_dir = str(run_dir)
-        config.hydra.runtime.cwd = str(tmp_path)
+    config = _job(tmp_path, run_dir, f"tracking.uri=sqlite:///{blocker}/mlflow.db")
     callback = MlflowTracking()
     callback.on_job_start(config)
     with caplog.at_level(logging.WARNING, logger="fedad"):
