@@ -166,6 +166,25 @@ def _completed():
     return done
 
 
+def test_a_single_run_that_stops_on_an_error_is_logged_failed_and_still_exits_2(tmp_path):
+    data = tmp_path / "flows.csv"
+    data.write_text("a,b,label\n1,2,normal\n3,4,attack\n5,6,normal\n")
+    done = _simulate(
+        "tracking=mlflow",
+        "dataset=csv",
+        f"dataset.path={data}",
+        "dataset.label_column=lable",
+        "federated=false",
+        "baselines=none",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    runs = _search(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "fedad")
+    assert runs["status"].tolist() == ["FAILED"]
+    assert "dataset.label_column" in runs["tags.fedad.error"].iloc[0]
+
+
 @pytest.mark.slow
 def test_single_run_is_logged_with_params_rounds_metrics_and_artifacts(tmp_path):
     run_dir = tmp_path / "outputs" / "one"
