@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedad.config import compose, composition_error
-from fedad.errors import FedadError
+from fedad.errors import FedadError, JobSkipped
 from fedad.validate import validate
 
 # The one sweeper whose jobs can be listed in advance; others (Optuna) choose as they go.
@@ -27,7 +27,9 @@ def check(argv: Sequence[str]) -> int:
     command line's sweeps and the config's ``hydra.sweeper.params``), so a bad
     value in any job stops the sweep before its first job starts. Under
     another sweeper (Optuna), only the settings it does not search are known
-    in advance, and those are checked.
+    in advance, and those are checked. A multirun's job that only lies outside
+    a robust strategy's bound (:class:`~fedad.errors.JobSkipped`) does not stop
+    the sweep: it is skipped when its turn comes.
 
     Parameters
     ----------
@@ -66,7 +68,10 @@ def check(argv: Sequence[str]) -> int:
         validate(_job(base))
         return 1
     params = base.hydra.sweeper.get("params") or {}
-    from_config = [f"{key}={value}" for key, value in params.items() if key not in swept]
+    # A command-line value of a key the config sweeps replaces the config's values, as in
+    # Hydra's basic sweeper.
+    given = {*swept, *(o.get_key_element() for o in parsed if not o.is_sweep_override())}
+    from_config = [f"{key}={value}" for key, value in params.items() if key not in given]
     swept.update(
         {o.get_key_element(): o for o in OverridesParser.create().parse_overrides(from_config)}
     )
@@ -80,6 +85,9 @@ def check(argv: Sequence[str]) -> int:
     for number, job in enumerate(jobs):
         try:
             validate(_job(compose([*plain, *job], hydra=True, config_name=args.config_name)))
+        except JobSkipped:
+            # The job will record itself as skipped, with the reason, and the sweep goes on.
+            continue
         except FedadError as error:
             raise FedadError(
                 f"Job {number} of the {len(jobs)} in this multirun ({' '.join(job)}): {error} "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from fedad import rundir
+from fedad.metrics import MIN_CLASS_ROWS
 
 COLUMNS = (
     "accuracy",
@@ -59,58 +60,186 @@ class ModelResult:
     info: dict = field(default_factory=dict)
 
 
-def table(results: Sequence[ModelResult]) -> pd.DataFrame:
-    """One row per model result, federated rows first and marked.
+# Shown after COLUMNS when a model has it.
+EXTRA = ("attack_success",)
+# The price of federation, on each federated row: the gap to its centralized twin (federated
+# minus twin; for FPR a positive gap means more false alarms) and the gain over going alone.
+GAPS = ("gap_macro_f1", "gap_roc_auc", "gap_fpr", "gain_vs_alone", "gain_vs_worst_site")
+# The cost to reach the twin: the first round whose test macro-F1 comes within REACH of the
+# twin's, the seconds and payload MB until then (None: not reached in the run).
+REACH = 0.01
+COSTS = ("reach_round", "reach_seconds", "reach_mb")
+
+
+def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd.DataFrame:
+    """One row per model result, federated rows first, then the sites alone, then the rest.
 
     Parameters
     ----------
     results : Sequence[ModelResult]
-        Every model of the run.
+        Every model of the run. A federated result names its centralized twin
+        in ``info["twin"]``, its payload in ``info["mb_exchanged"]``, its
+        per-round test macro-F1, cumulative seconds and MB in ``info["curve"]``
+        and, under DP, its budget in ``info["note"]``; the sites alone are
+        ``local_<model>`` (their mean) and ``local_<model>_worst``.
+    pooling_mb : float, optional
+        What pooling the training rows would move (the centralized rows' payload).
 
     Returns
     -------
     pd.DataFrame
         Columns ``model``, ``kind``, ``federated``, the metrics in
-        :data:`COLUMNS` and ``train_seconds``.
+        :data:`COLUMNS` (and ``attack_success`` when a model has it, under a
+        targeted attack), ``train_seconds``, ``mb_exchanged``, ``twin``,
+        :data:`GAPS` and :data:`COSTS` (federated rows only) and, when a model
+        has one, ``note`` (``ε = 3.2, δ = 1e-05`` under DP).
     """
-    rows = [
-        {
+    by_name = {r.name: r for r in results}
+    # Attack success is defined only for a run under a targeted attack.
+    metrics = [*COLUMNS, *(EXTRA if any(EXTRA[0] in r.metrics for r in results) else ())]
+    rows = []
+    for r in results:
+        row = {
             "model": r.name,
             "kind": r.kind,
             "federated": r.kind == "federated",
-            **{c: r.metrics.get(c) for c in COLUMNS},
+            **{c: r.metrics.get(c) for c in metrics},
             "train_seconds": round(float(r.train_seconds), 2),
+            "mb_exchanged": _payload(r, pooling_mb),
+            "note": r.info.get("note"),
         }
-        for r in results
+        if r.kind == "federated":
+            row.update(_gaps(r, by_name))
+        rows.append(row)
+    notes = ["note"] if any(r.info.get("note") for r in results) else []
+    columns = [
+        "model",
+        "kind",
+        "federated",
+        *metrics,
+        "train_seconds",
+        "mb_exchanged",
+        "twin",
+        *GAPS,
+        *COSTS,
+        *notes,
     ]
-    frame = pd.DataFrame(rows, columns=["model", "kind", "federated", *COLUMNS, "train_seconds"])
-    return frame.sort_values("federated", ascending=False, kind="stable", ignore_index=True)
+    frame = pd.DataFrame(rows, columns=columns)
+    order = frame["kind"].map({"federated": 0, "local": 1}).fillna(2)
+    return frame.iloc[order.argsort(kind="stable")].reset_index(drop=True)
 
 
-def to_markdown(frame: pd.DataFrame) -> str:
-    """Render the table as GitHub markdown; federated rows carry a ★."""
-    shown = frame.drop(columns=["federated"]).copy()
+def _gaps(fed: ModelResult, by_name: dict[str, ModelResult]) -> dict:
+    """The federated row's twin and gaps (None where the other model did not run)."""
+    twin = by_name.get(fed.info.get("twin", ""))
+    alone = by_name.get(f"local_{fed.name.removeprefix('federated_')}")
+    worst = by_name.get(f"local_{fed.name.removeprefix('federated_')}_worst")
+
+    def minus(other: ModelResult | None, metric: str) -> float | None:
+        if other is None or fed.metrics.get(metric) is None or other.metrics.get(metric) is None:
+            return None
+        return float(fed.metrics[metric]) - float(other.metrics[metric])
+
+    return {
+        "twin": twin.name if twin else fed.info.get("twin"),
+        **_reach(fed, twin),
+        "gap_macro_f1": minus(twin, "macro_f1"),
+        "gap_roc_auc": minus(twin, "roc_auc"),
+        "gap_fpr": minus(twin, "fpr"),
+        "gain_vs_alone": minus(alone, "macro_f1"),
+        "gain_vs_worst_site": minus(worst, "macro_f1"),
+    }
+
+
+def _payload(result: ModelResult, pooling_mb: float | None) -> float | None:
+    """MB a model moved: the federated payload, nothing alone, the pooled rows centrally."""
+    if result.kind == "federated":
+        return result.info.get("mb_exchanged")
+    return 0.0 if result.kind == "local" else pooling_mb
+
+
+def _reach(fed: ModelResult, twin: ModelResult | None) -> dict[str, float | None]:
+    """The first round within :data:`REACH` macro-F1 of the twin, and its seconds and MB."""
+    curve = fed.info.get("curve")
+    target = None if twin is None else twin.metrics.get("macro_f1")
+    if not curve or target is None:
+        return dict.fromkeys(COSTS)
+    for i, value in enumerate(curve["macro_f1"]):
+        if value is not None and value >= target - REACH:
+            return {
+                "reach_round": curve["round"][i],
+                "reach_seconds": curve["seconds"][i],
+                "reach_mb": curve["mb"][i],
+            }
+    return dict.fromkeys(COSTS)
+
+
+def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = None) -> str:
+    """Render the table as GitHub markdown: federated rows carry a ★, then their price.
+
+    Parameters
+    ----------
+    frame : pd.DataFrame
+        From :func:`table`. A row's ``note`` (its privacy budget) follows its
+        name: ``★ federated_cnn (ε = 3.2, δ = 1e-05)``.
+    small_classes : Mapping[str, int], optional
+        Test classes with few rows (see :func:`fedad.metrics.small_classes`),
+        flagged under the table.
+
+    Returns
+    -------
+    str
+    """
+    notes = frame["note"] if "note" in frame else pd.Series([None] * len(frame))
+    shown = frame.drop(columns=["federated", "twin", *GAPS, *COSTS, "note"], errors="ignore")
+    shown = shown.copy()
     shown["model"] = [
-        f"★ {m}" if f else m for m, f in zip(frame["model"], frame["federated"], strict=True)
+        ("★ " if f else "") + m + (f" ({n})" if isinstance(n, str) and n else "")
+        for m, f, n in zip(frame["model"], frame["federated"], notes, strict=True)
     ]
-    header = "| " + " | ".join(shown.columns) + " |"
-    rule = "|" + "|".join("---" if c in ("model", "kind") else "---:" for c in shown.columns) + "|"
+    text = _markdown(shown) + "\n★ federated model\n"
+    if small_classes:
+        counts = ", ".join(f"{name} ({n})" for name, n in small_classes.items())
+        text += (
+            f"\n⚠ few test rows: {counts}, below {MIN_CLASS_ROWS}. Those classes' scores, and "
+            "the macro averages over them, rest on few rows.\n"
+        )
+    price = frame.loc[frame["federated"], ["model", "twin", *GAPS, *COSTS]]
+    if len(price):
+        text += (
+            "\nThe price of federation: federated minus its centralized twin; gains over each "
+            "site training alone, on average and for the worst site; the round, seconds and "
+            f"payload MB until the test macro-F1 first came within {REACH} of the twin's "
+            "(– : not reached). MB exchanged: the federated model's payload (model arrays, "
+            "metrics and configs, both ways); centrally, the training rows pooling would "
+            "move (float32 features plus int32 labels).\n\n" + _markdown(price)
+        )
+    return text
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(frame.columns) + " |"
+    kinds = ("model", "kind", "twin")
+    rule = "|" + "|".join("---" if c in kinds else "---:" for c in frame.columns) + "|"
     lines = [header, rule]
-    for row in shown.itertuples(index=False):
-        cells = [_cell(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n★ federated model\n"
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
 
 
-def write(frame: pd.DataFrame, run_dir: Path) -> None:
-    """Write ``comparison.csv`` and ``comparison.md`` into ``run_dir``."""
+def write(
+    frame: pd.DataFrame, run_dir: Path, small_classes: Mapping[str, int] | None = None
+) -> None:
+    """Write ``comparison.csv`` and ``comparison.md`` (see :func:`to_markdown`) into ``run_dir``."""
     rundir.write_text(run_dir / rundir.COMPARISON_CSV, frame.to_csv(index=False))
-    rundir.write_text(run_dir / rundir.COMPARISON_MD, to_markdown(frame))
+    rundir.write_text(run_dir / rundir.COMPARISON_MD, to_markdown(frame, small_classes))
 
 
 def _cell(value: object) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "–"
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)

@@ -16,6 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedad import resolvers  # noqa: F401  (registers ${attackers:}, which conf/ uses)
 from fedad.errors import FedadError
 
 
@@ -57,6 +58,8 @@ class SimulationConfig:
     round_timeout: float = 600.0
     checkpoint_every: int = 1
     scaling: str = "federated"
+    local_sites: int = 10
+    final_eval_fraction: float | None = None
     client_resources: dict[str, float] = field(
         default_factory=lambda: {"num_cpus": 1.0, "num_gpus": 0.0}
     )
@@ -79,6 +82,14 @@ class TrainConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """``detector``: the ready-to-use detectors a run saves (see docs/detector.md)."""
+
+    write: bool = True
+    target_fpr: float | None = 0.01
+
+
+@dataclass
 class RootConfig:
     """The root of ``conf/config.yaml``; the option groups keep their own per-option checks."""
 
@@ -87,6 +98,8 @@ class RootConfig:
     model: Any = MISSING
     strategy: Any = MISSING
     baselines: Any = MISSING
+    attack: Any = MISSING
+    privacy: Any = MISSING
     tracking: Any = MISSING
     seed: int = 0
     data_dir: str = "./data"
@@ -99,6 +112,7 @@ class RootConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
 ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)
@@ -235,7 +249,7 @@ def load_option(group: str, name: str) -> DictConfig:
 # --- flat run settings -----------------------------------------------------------------------
 
 # Groups of the composed config that reach the Flower apps, flattened to dotted keys.
-SETTINGS_GROUPS = ("model", "train", "strategy", "simulation")
+SETTINGS_GROUPS = ("model", "train", "strategy", "simulation", "attack", "privacy")
 # Settings the apps read beyond those groups: what the driver computes for the run.
 RUN_KEYS = (
     "run-dir",
@@ -257,6 +271,14 @@ FLOWER_KEYS = (
     "model.kernel_size",
     "model.dense_units",
     "model.dropout",
+    "model.units",
+    "model.layers",
+    "model.batch_norm",
+    "model.bottleneck",
+    "model.local_rounds",
+    "model.max_depth",
+    "model.learning_rate",
+    "model.class_weights",
     "train.local_epochs",
     "train.batch_size",
     "train.learning_rate",
@@ -276,6 +298,9 @@ FLOWER_KEYS = (
     "strategy.server_momentum",
     "strategy.beta",
     "strategy.num_malicious_nodes",
+    "strategy.num_nodes_to_select",
+    "strategy.q",
+    "strategy.client_learning_rate",
     "simulation.num_clients",
     "simulation.num_rounds",
     "simulation.fraction_train",
@@ -286,6 +311,17 @@ FLOWER_KEYS = (
     "simulation.round_timeout",
     "simulation.checkpoint_every",
     "simulation.scaling",
+    "simulation.local_sites",
+    "simulation.final_eval_fraction",
+    *(f"attack.{k}" for k in ("name", "fraction", "start_round", "k", "sigma", "target_class")),
+    *(
+        f"privacy.{k}"
+        for k in (
+            *("name", "noise_multiplier", "clipping_norm", "delta", "epsilon"),
+            *("initial_clipping_norm", "target_clipped_quantile", "clip_norm_lr"),
+            "clipped_count_stddev",
+        )
+    ),
 )
 
 Scalar = bool | int | float | str
@@ -339,9 +375,15 @@ def section(settings: Mapping[str, Any], group: str) -> dict[str, Any]:
 
 
 def group_settings(cfg: DictConfig) -> dict[str, Scalar]:
-    """The scalar settings of :data:`SETTINGS_GROUPS`, flattened to dotted keys."""
+    """The scalar settings of :data:`SETTINGS_GROUPS`, flattened to dotted keys.
+
+    A group the config lacks is left out: the apps read a missing ``attack`` or
+    ``privacy`` group as ``none``, as they do under ``flwr run`` when it is not set.
+    """
     settings: dict[str, Scalar] = {}
     for group in SETTINGS_GROUPS:
+        if group not in cfg:
+            continue
         values = OmegaConf.to_container(cfg[group], resolve=True)
         settings.update({f"{group}.{k}": v for k, v in values.items() if isinstance(v, Scalar)})
     return settings
@@ -379,6 +421,8 @@ RUNTIME_KEYS = (
     "resume",
     "tracking",
     "data_dir",
+    # Detectors are written from the finished models: they never change the training.
+    "detector",
     "baselines_cache",
     "simulation.client_resources",
     "simulation.ray_init_args",
@@ -390,8 +434,13 @@ RUNTIME_KEYS = (
 )
 # May grow when a run continues (train longer); never shrink below the rounds done.
 ROUNDS_KEY = "simulation.num_rounds"
+# Groups whose option `none` changes nothing a run computes, whatever its other keys say:
+# left out of the content then, so runs from before these groups existed stay comparable.
+NONE_GROUPS = ("attack", "privacy")
 
 
 def content(cfg: DictConfig | Mapping) -> dict:
     """The settings that decide what a run contains, as dotted keys (rounds apart)."""
-    return fingerprint(cfg, ignore=(*RUNTIME_KEYS, ROUNDS_KEY))
+    flat = fingerprint(cfg, ignore=(*RUNTIME_KEYS, ROUNDS_KEY))
+    idle = [f"{g}." for g in NONE_GROUPS if flat.get(f"{g}.name", "none") == "none"]
+    return {k: v for k, v in flat.items() if not any(k.startswith(g) for g in idle)}

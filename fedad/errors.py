@@ -14,6 +14,15 @@ class FedadError(Exception):
     """
 
 
+class JobSkipped(FedadError):
+    """A setting valid in itself that the chosen method cannot serve: a sweep skips the job.
+
+    A robust strategy asked to tolerate more attackers than its bound allows is
+    one. A single run still ends with the message (status 2); in a multirun the
+    job is recorded as skipped, with the reason, and the sweep goes on.
+    """
+
+
 def exit_with(error: FedadError, code: int = 2) -> None:
     """Print ``error`` as one wrapped paragraph on stderr and exit with ``code``."""
     text = " ".join(str(error).split())

@@ -11,11 +11,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from sklearn.inspection import permutation_importance
-from sklearn.metrics import f1_score
 
 from fedad import progress, rundir
 from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
+from fedad.metrics import macro_f1
 
 # Figures are written to files; no display is needed (or present on servers).
 matplotlib.use("Agg")
@@ -40,7 +40,8 @@ class _ScoreFunction:
             raise ValueError("1-D attack scores need a threshold to become predictions")
         else:
             pred = (scores >= self.threshold).astype(np.int64)
-        return float(f1_score(y, pred, average="macro", zero_division=0))
+        # 1-D scores are the binary view: two classes.
+        return macro_f1(y, pred, scores.shape[1] if scores.ndim == 2 else 2) or 0.0
 
 
 def permutation_importance_table(
@@ -167,23 +168,20 @@ def explain(
     tables = {}
     with progress.steps("permutation importance", len(chosen)) as bar:
         for m in chosen:
+            # An anomaly score is one column, flagged at the model's threshold (binary view).
+            threshold = getattr(m.model, "threshold", None)
+            y_test = data.y_test if threshold is None else (data.y_test != 0).astype(np.int64)
             with bar.step(m.name):
-                predict = (
-                    _keras_predict(m.model) if m.kind == "federated" else m.model.predict_scores
-                )
                 table = permutation_importance_table(
-                    predict, X_test, data.y_test, data.feature_names, seed=seed
+                    m.model.predict_scores,
+                    X_test,
+                    y_test,
+                    data.feature_names,
+                    seed=seed,
+                    threshold=threshold,
                 )
             table.to_csv(run_dir / rundir.importance_csv(m.name), index=False)
             tables[m.name] = table
     if tables:
         plot_importance_side_by_side(tables, run_dir / rundir.IMPORTANCE_PNG)
     return {name: t["feature"].head(10).tolist() for name, t in tables.items()}
-
-
-def _keras_predict(model_path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    import keras
-
-    model = keras.models.load_model(model_path)
-    # A direct call, not predict(): permutation importance calls this hundreds of times.
-    return lambda X: keras.ops.convert_to_numpy(model(X, training=False))

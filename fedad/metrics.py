@@ -17,6 +17,10 @@ from sklearn.metrics import (
 
 from fedad.errors import FedadError
 
+# A test class with fewer rows than this is flagged: one row then moves its recall by more
+# than ten points, so its per-class scores, and the macro averages, rest on noise.
+MIN_CLASS_ROWS = 10
+
 
 def attack_score(scores: np.ndarray) -> np.ndarray:
     """Reduce model output to one attack score per row (higher = more attack-like).
@@ -90,6 +94,105 @@ def tune_threshold(y_true_binary: np.ndarray, attack_scores: np.ndarray) -> floa
     return float(value)
 
 
+def threshold_for_fpr(y_true_binary: np.ndarray, attack_scores: np.ndarray, target: float) -> float:
+    """The lowest attack-score threshold that flags at most ``target`` of the normal rows.
+
+    Use it on validation rows, never on the test set. A row is flagged as an
+    attack when its score is ``>= threshold``.
+
+    Parameters
+    ----------
+    y_true_binary : np.ndarray
+        0 = normal, anything else = attack.
+    attack_scores : np.ndarray
+        Shape ``(n,)``, higher = more attack-like.
+    target : float
+        The largest share of normal rows to flag, in [0, 1].
+
+    Returns
+    -------
+    float
+        The threshold; ties at it are flagged together, so the share reached
+        may be below ``target``.
+    """
+    normal = np.sort(np.asarray(attack_scores, dtype=np.float64)[np.asarray(y_true_binary) == 0])
+    if normal.size == 0:
+        raise FedadError(
+            "Cannot choose a threshold for a target false-positive rate: the validation rows "
+            "hold no normal row."
+        )
+    allowed = int(np.floor(target * normal.size))
+    if allowed >= normal.size:
+        return float(normal[0])
+    # Just above the highest normal score that must stay unflagged.
+    return float(np.nextafter(normal[normal.size - 1 - allowed], np.inf))
+
+
+def scored_classes(y_true: np.ndarray, n_classes: int) -> list[int]:
+    """The classes the macro averages run over: those of the task that ``y_true`` holds.
+
+    A class the test rows do not hold cannot be measured, whatever a model
+    predicts: averaging over the labels a model happens to predict instead
+    would score two models on different sets of classes. Predictions of an
+    absent class still cost: they are missed rows of the true classes.
+
+    Parameters
+    ----------
+    y_true : np.ndarray
+        True class codes.
+    n_classes : int
+        Classes the task defines (codes ``0 .. n_classes - 1``).
+
+    Returns
+    -------
+    list[int]
+        Sorted class codes.
+    """
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=n_classes)
+    return [c for c in range(n_classes) if counts[c] > 0]
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float | None:
+    """Macro-F1 over :func:`scored_classes`; None without rows.
+
+    Parameters
+    ----------
+    y_true, y_pred : np.ndarray
+        True and predicted class codes.
+    n_classes : int
+        Classes the task defines.
+
+    Returns
+    -------
+    float or None
+        The unweighted mean of the per-class F1 of the classes ``y_true`` holds
+        (a class present but never predicted scores 0).
+    """
+    labels = scored_classes(y_true, n_classes)
+    if not labels:
+        return None
+    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+
+
+def small_classes(y_true: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
+    """Classes with fewer than :data:`MIN_CLASS_ROWS` rows in ``y_true``, with their counts.
+
+    Parameters
+    ----------
+    y_true : np.ndarray
+        True class codes of a test set.
+    class_names : Sequence[str]
+        One name per class code.
+
+    Returns
+    -------
+    dict[str, int]
+        Class name to row count (0 for a class of the task the rows do not hold).
+    """
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=len(class_names))
+    return {str(n): int(c) for n, c in zip(class_names, counts, strict=True) if c < MIN_CLASS_ROWS}
+
+
 def _clean(value: float | None) -> float | None:
     """Return a plain float, or None where the metric is undefined (NaN)."""
     if value is None:
@@ -100,6 +203,28 @@ def _clean(value: float | None) -> float | None:
 
 def _ratio(num: int, den: int) -> float | None:
     return float(num) / den if den else None
+
+
+def attack_success_rate(confusion: Sequence[Sequence[int]], targets: Sequence[int]) -> float | None:
+    """Share of the rows of the ``targets`` classes predicted normal (class 0).
+
+    The success of a targeted poisoning attack that relabels those attacks as
+    normal: 1 - their detection rate. None when the test set holds none of them.
+
+    Parameters
+    ----------
+    confusion : Sequence[Sequence[int]]
+        Rows = true class, columns = predicted class (``compute_metrics``'s ``confusion``).
+    targets : Sequence[int]
+        The targeted class codes (never 0, the normal class).
+
+    Returns
+    -------
+    float or None
+    """
+    cm = np.asarray(confusion)
+    rows = cm[list(targets)]
+    return _ratio(int(rows[:, 0].sum()), int(rows.sum()))
 
 
 def compute_metrics(
@@ -132,11 +257,14 @@ def compute_metrics(
         score; multiclass: one-vs-rest macro over the classes present in
         ``y_true``); ``fpr`` (share of true normal rows predicted as anything
         but normal); ``per_class_recall`` (name -> value); ``confusion`` (rows =
-        true, columns = predicted, all classes); ``n``. A metric that is
-        undefined on this data (AUC with one class in ``y_true``, precision with
-        no predicted attacks, ...) is ``None``. Macro and weighted F1 follow
-        scikit-learn (as do multiclass precision and recall): over the classes
-        seen in ``y_true`` or ``y_pred``, an undefined per-class value counted as 0.
+        true, columns = predicted, all classes); ``n``; ``classes_scored``
+        (how many classes the averages run over). A metric that is undefined on
+        this data (AUC with one class in ``y_true``, precision with no predicted
+        attacks, ...) is ``None``. Macro and weighted F1, and multiclass
+        precision and recall, average over :func:`scored_classes` (the classes of
+        the task that ``y_true`` holds), whatever a model predicts, so every
+        model is scored on the same classes; an undefined per-class value (a
+        class never predicted has no precision) counts as 0.
     """
     y_true = np.asarray(y_true).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64)
@@ -156,13 +284,11 @@ def compute_metrics(
     per_class_recall = {
         str(name): _ratio(int(cm[i, i]), int(support[i])) for i, name in enumerate(class_names)
     }
-    present = [c for c in labels if support[c] > 0]
+    present = scored_classes(y_true, n_classes)
+    averaged = {"labels": present, "zero_division": 0}
 
-    if n:
-        macro_f1 = f1_score(y_true, y_pred, average="macro", zero_division=0)
-        weighted_f1 = f1_score(y_true, y_pred, average="weighted", zero_division=0)
-    else:
-        macro_f1 = weighted_f1 = None
+    macro = macro_f1(y_true, y_pred, n_classes)
+    weighted_f1 = f1_score(y_true, y_pred, average="weighted", **averaged) if n else None
 
     if n_classes == 2:
         tp, fp, fn = int(cm[1, 1]), int(cm[0, 1]), int(cm[1, 0])
@@ -178,9 +304,9 @@ def compute_metrics(
     else:
         precision = recall = None
         if n:
-            precision = precision_score(y_true, y_pred, average="macro", zero_division=0)
-            recall = recall_score(y_true, y_pred, average="macro", zero_division=0)
-        f1 = macro_f1
+            precision = precision_score(y_true, y_pred, average="macro", **averaged)
+            recall = recall_score(y_true, y_pred, average="macro", **averaged)
+        f1 = macro
         roc_auc = pr_auc = None
         if len(present) >= 2:
             aucs = [roc_auc_score(y_true == c, scores[:, c]) for c in present]
@@ -193,7 +319,7 @@ def compute_metrics(
         "precision": _clean(precision),
         "recall": _clean(recall),
         "f1": _clean(f1),
-        "macro_f1": _clean(macro_f1),
+        "macro_f1": _clean(macro),
         "weighted_f1": _clean(weighted_f1),
         "roc_auc": _clean(roc_auc),
         "pr_auc": _clean(pr_auc),
@@ -201,4 +327,5 @@ def compute_metrics(
         "per_class_recall": per_class_recall,
         "confusion": [[int(v) for v in row] for row in cm],
         "n": n,
+        "classes_scored": len(present),
     }

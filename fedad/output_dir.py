@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,23 @@ class CheckOutputDir(Callback):
 
 
 def check_writable(path: Path, key: str) -> None:
-    """Exit with a clear message unless ``path`` exists as a writable folder or can be made."""
+    """Exit with a clear message unless a folder can be made in ``path``'s deepest existing part.
+
+    Permission bits are not enough: root passes every ``os.access`` check, and
+    read-only or virtual file systems (``/proc``, ``/sys``, a read-only mount)
+    refuse what the bits allow. So a probe folder is made there and removed.
+    """
     existing = path.absolute()
     while not existing.exists():
         existing = existing.parent
-    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
-        return
-    reason = "is a file, not a folder" if not existing.is_dir() else "is not writable"
+    if not existing.is_dir():
+        reason = "is a file, not a folder"
+    else:
+        try:
+            Path(tempfile.mkdtemp(prefix=".fedad-probe-", dir=existing)).rmdir()
+            return
+        except OSError as err:
+            reason = f"does not accept new folders ({err.strerror})"
     exit_with(
         FedadError(
             f"Cannot write the run's outputs to {path} ({key}): {existing} {reason}. Point {key} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,15 +27,26 @@ IMPORTANCE_PNG = "importance.png"
 EDA_PNG = "eda.png"
 MODEL_FILE = "global_model.keras"
 SCALING_FILE = "scaling.npz"
+# The federated autoencoder's threshold; the federated booster's model.
+THRESHOLD_FILE = "threshold.json"
+BOOSTER_FILE = "global_model.json"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_META = "meta.json"
 SHARD_DIR = "shards"
-# The deployable detector (the artifact issue); tracking logs it where a run has one.
+# One folder per saved detector (the federated model, the best centralized one), each with:
 DETECTOR_DIR = "detector"
+DETECTOR_MANIFEST = "detector.json"
+DETECTOR_PREPROCESSING = "preprocessing.json"
+DETECTOR_SCALING = "scaling.npz"
+DETECTOR_KERAS = "model.keras"
+DETECTOR_SKOPS = "model.skops"
+DETECTOR_XGBOOST = "model.xgb.json"
 # Hydra's record of the command line of a job (in a multirun: what the sweep set).
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
+# A sweep's job whose settings the chosen method cannot serve (fedad.errors.JobSkipped).
+SKIPPED = "skipped"
 
 
 def confusion_png(model: str) -> str:
@@ -86,6 +98,47 @@ def atomic(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Fill a folder that appears at ``path`` complete, or not at all.
+
+    The caller writes into the yielded temporary folder beside ``path``; when
+    the block ends without an error every file is flushed to disk and the
+    folder is renamed to ``path``, replacing an earlier one. On an error the
+    temporary folder is removed and ``path`` is left as it was.
+
+    Parameters
+    ----------
+    path : str or Path
+        The folder to (re)create.
+
+    Yields
+    ------
+    Path
+        The temporary folder to write into.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+        sync_folder(tmp)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        sync_folder(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -146,6 +199,20 @@ def mark_failed(run_dir: str | Path, error: str) -> None:
         return
     if isinstance(results, dict):
         save_results(run_dir, {**results, "status": FAILED, "error": error})
+
+
+def mark_skipped(run_dir: str | Path, reason: str, settings: dict | None = None) -> None:
+    """Record that a sweep skipped the job in ``run_dir``: ``results.json`` says why.
+
+    A job is skipped, not failed, when its settings are valid but outside what
+    the chosen method serves (:class:`fedad.errors.JobSkipped`); ``settings``
+    name the job for the report. A finished run is left as it is.
+    """
+    run_dir = Path(run_dir)
+    if status(run_dir) == DONE:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_results(run_dir, {"status": SKIPPED, "error": reason, "settings": settings or {}})
 
 
 def _jsonable(value: object) -> object:

@@ -42,8 +42,10 @@ def explain_shap(
     Parameters
     ----------
     models : Sequence[ModelResult]
-        Every model of the run; the federated one and those named in
-        :data:`TREE_MODELS` are explained.
+        Every model of the run. Explained: those named in :data:`TREE_MODELS`
+        and the federated model, by expected gradients for a Keras classifier
+        and exactly for a booster; the federated autoencoder's anomaly score
+        is left out.
     data : PreparedData
         The run's split: the explained rows come from its test part, the
         federated model's background from its training part.
@@ -73,15 +75,12 @@ def explain_shap(
     }
     with progress.steps("SHAP", len(chosen)) as bar:
         for m in chosen:
-            with bar.step(m.name):
-                if m.kind == "federated":
-                    values = gradient_shap(Path(m.model), X, background, seed)
-                    method = f"GradientExplainer (expected gradients, {GRADIENT_SAMPLES} samples)"
-                    output = "attack probability"
-                else:
-                    values = tree_shap(m.model.estimator, m.model.classes, X)
-                    method = "TreeExplainer (exact, tree path dependent)"
-                    output = "attack log-odds" if m.name == "xgboost" else "attack probability"
+            with bar.step(m.name) as step:
+                explained = _explain(m, X, background, data.n_classes, seed)
+                if explained is None:
+                    step.note = "not explained: an anomaly score, not class probabilities"
+                    continue
+                values, method, output = explained
                 table = shap_table(values, data.feature_names)
                 table.to_csv(run_dir / rundir.shap_csv(m.name), index=False)
                 plot_shap(
@@ -97,6 +96,25 @@ def explain_shap(
                     "top": table["feature"].head(10).tolist(),
                 }
     return facts
+
+
+def _explain(
+    m: ModelResult, X: np.ndarray, background: np.ndarray, n_classes: int, seed: int
+) -> tuple[np.ndarray, str, str] | None:
+    """SHAP values of one model, its method and the output explained; None for an anomaly score."""
+    tree = "TreeExplainer (exact, tree path dependent)"
+    if m.kind != "federated":
+        output = "attack log-odds" if m.name == "xgboost" else "attack probability"
+        return tree_shap(m.model.estimator, m.model.classes, X), tree, output
+    if hasattr(m.model, "threshold"):  # the federated autoencoder: reconstruction error
+        return None
+    import xgboost
+
+    if isinstance(m.model.model, xgboost.Booster):
+        values = tree_shap(m.model.model, np.arange(n_classes), X)
+        return values, tree, "attack log-odds"
+    method = f"GradientExplainer (expected gradients, {GRADIENT_SAMPLES} samples)"
+    return gradient_shap(m.model.model, X, background, seed), method, "attack probability"
 
 
 def tree_shap(estimator, classes: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -124,13 +142,13 @@ def tree_shap(estimator, classes: np.ndarray, X: np.ndarray) -> np.ndarray:
     return -values[:, :, int(np.flatnonzero(classes == 0)[0])]
 
 
-def gradient_shap(model_path: Path, X: np.ndarray, background: np.ndarray, seed: int) -> np.ndarray:
-    """SHAP values of a saved Keras model by expected gradients, towards attack.
+def gradient_shap(model, X: np.ndarray, background: np.ndarray, seed: int) -> np.ndarray:
+    """SHAP values of a Keras classifier by expected gradients, towards attack.
 
     Parameters
     ----------
-    model_path : Path
-        A ``.keras`` file whose output is class probabilities, class 0 normal.
+    model : keras.Model
+        Its output is class probabilities, class 0 normal.
     X : np.ndarray
         Rows to explain (scaled as the model expects).
     background : np.ndarray
@@ -143,10 +161,8 @@ def gradient_shap(model_path: Path, X: np.ndarray, background: np.ndarray, seed:
     np.ndarray
         Shape ``(len(X), n_features)``.
     """
-    import keras
     import shap
 
-    model = keras.models.load_model(model_path)
     with warnings.catch_warnings():
         # Keras notes that SHAP passes a bare tensor where the model was built on a list.
         warnings.filterwarnings("ignore", message=".*structure of `inputs`.*")

@@ -14,11 +14,13 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from fedad import cache, commandline, comparison, rundir
-from fedad.baselines.runner import run_baselines
+from fedad.baselines.runner import run_baselines, with_twin
 from fedad.comparison import ModelResult
 from fedad.config import CONF_DIR, CONFIG_NAME, available_options, load_option
-from fedad.errors import FedadError, exit_with
+from fedad.detector.build import write_detectors
+from fedad.errors import FedadError, JobSkipped, exit_with
 from fedad.explain import explain
+from fedad.models.catalog import TWINS
 from fedad.pipeline import RunData, prepare_run
 from fedad.plots import plot_confusion, plot_eda, plot_roc
 from fedad.resume import Decision, decide
@@ -79,7 +81,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
 
     models: list[ModelResult] = []
     if cfg.federated:
-        models.append(_federated(cfg, prepared, run_dir, resume))
+        models += _federated(cfg, prepared, run_dir, resume)
         _record(results, models, run_dir)
     models += _baselines(cfg, prepared)
     _record(results, models, run_dir)
@@ -88,36 +90,54 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         if cfg.explain:
             results["importance"] = explain(models, prepared.data, run_dir, int(cfg.seed))
             results["shap"] = explain_shap(models, prepared.data, run_dir, int(cfg.seed))
+    if cfg.detector.write and models:
+        results["detectors"] = write_detectors(cfg, prepared.data, prepared.parts, models, run_dir)
 
     federated = [m for m in models if m.kind == "federated"]
     results["validation_macro_f1"] = federated[0].info["validation_macro_f1"] if federated else None
     results["status"] = rundir.DONE
     results["wall_seconds"] = round(time.perf_counter() - started, 2)
     rundir.save_results(run_dir, results)
-    print(comparison.to_markdown(comparison.table(models)) if models else "no models ran")
+    table = comparison.table(models, results["data"]["pooling_mb"])
+    small = results["data"]["small_test_classes"]
+    print(comparison.to_markdown(table, small) if models else "no models ran")
     log.info("outputs in %s", run_dir)
     return results
 
 
-def _federated(cfg: DictConfig, prepared: RunData, run_dir: Path, resume: bool) -> ModelResult:
+def _federated(
+    cfg: DictConfig, prepared: RunData, run_dir: Path, resume: bool
+) -> list[ModelResult]:
+    """The federated model, then each site alone."""
     from fedad.federated.simulation import run_federated
 
     fed = run_federated(cfg, prepared.data, prepared.parts, run_dir, resume=resume)
     validation = fed.history["client_macro_f1"].dropna()
-    return ModelResult(
+    federated = ModelResult(
         name=f"federated_{cfg.model.name}",
         kind="federated",
         metrics=fed.metrics,
         scores=fed.scores,
         train_seconds=fed.train_seconds,
-        model=fed.model_path,
+        model=fed.model,
         info={
             "strategy": cfg.strategy.name,
             "rounds": int(cfg.simulation.num_rounds),
             # Clients' held-out slices of their own shards: safe to tune on, unlike the test set.
             "validation_macro_f1": float(validation.iloc[-1]) if len(validation) else None,
+            "twin": TWINS[cfg.model.name],
+            "mb_exchanged": float(fed.history["mb_cumulative"].iloc[-1]),
+            "curve": {
+                "round": fed.history["round"].astype(int).tolist(),
+                "macro_f1": fed.history["macro_f1"].tolist(),
+                "seconds": fed.history["seconds"].cumsum().round(2).tolist(),
+                "mb": fed.history["mb_cumulative"].round(4).tolist(),
+            },
+            # The attack, the malicious sites, the privacy budget spent (results.json).
+            **fed.info,
         },
     )
+    return [federated, *fed.alone]
 
 
 def _baselines(cfg: DictConfig, prepared: RunData) -> list[ModelResult]:
@@ -126,26 +146,31 @@ def _baselines(cfg: DictConfig, prepared: RunData) -> list[ModelResult]:
     # Architectures for the central Keras baselines: the federated one as configured.
     model_cfgs = {name: load_option("model", name) for name in available_options("model")}
     model_cfgs[cfg.model.name] = cfg.model
+    baselines = with_twin(cfg.baselines, cfg.model.name) if cfg.federated else cfg.baselines
     inputs = {
         "dataset": cfg.dataset,
         "preprocess": cfg.preprocess,
         "task": cfg.task,
         "seed": cfg.seed,
-        "baselines": cfg.baselines,
+        "baselines": baselines,
         "train": cfg.train,
         "epochs": epochs,
         "models": model_cfgs,
+        # The validation refit and its threshold exist to choose and tune a detector.
+        "detector": cfg.detector,
     }
     return cache.cached(
         _cache_dir(cfg),
         inputs,
         lambda: run_baselines(
-            cfg.baselines,
+            baselines,
             prepared.data,
             cfg.train,
             keras_epochs=epochs,
             seed=int(cfg.seed),
             model_cfgs=model_cfgs,
+            validate=bool(cfg.detector.write),
+            target_fpr=cfg.detector.target_fpr,
         ),
     )
 
@@ -160,7 +185,8 @@ def _cache_dir(cfg: DictConfig) -> Path | None:
 
 
 def _record(results: dict, models: list[ModelResult], run_dir: Path) -> None:
-    comparison.write(comparison.table(models), run_dir)
+    table = comparison.table(models, results["data"]["pooling_mb"])
+    comparison.write(table, run_dir, results["data"]["small_test_classes"])
     results["models"] = {
         m.name: {"kind": m.kind, **m.metrics, "train_seconds": m.train_seconds, "info": m.info}
         for m in models
@@ -170,7 +196,8 @@ def _record(results: dict, models: list[ModelResult], run_dir: Path) -> None:
 
 def _figures(models: list[ModelResult], prepared: RunData, run_dir: Path) -> None:
     data = prepared.data
-    plot_roc(models, run_dir / rundir.ROC_PNG, y_true=data.y_test)
+    scored = [m for m in models if m.scores is not None]
+    plot_roc(scored, run_dir / rundir.ROC_PNG, y_true=data.y_test)
     for m in models:
         names = data.class_names if len(m.metrics["confusion"]) == data.n_classes else None
         plot_confusion(
@@ -192,6 +219,8 @@ def _settings(cfg: DictConfig) -> dict:
         "model": cfg.model.name,
         "strategy": cfg.strategy.name,
         "seed": cfg.seed,
+        "attack": cfg.get("attack", {}).get("name", "none"),
+        "privacy": cfg.get("privacy", {}).get("name", "none"),
     }
 
 
@@ -215,6 +244,12 @@ def job(cfg: DictConfig) -> float | None:
             log.info("%s holds this run, finished: skipping it", run_dir)
             return rundir.read_json(run_dir / rundir.RESULTS_FILE)["validation_macro_f1"]
         return run(cfg, run_dir, resume=decision is Decision.RESUME)["validation_macro_f1"]
+    except JobSkipped as err:
+        if not sweeping:
+            exit_with(err)
+        # Valid settings the chosen method cannot serve: the sweep goes on without this job.
+        rundir.mark_skipped(run_dir, " ".join(str(err).split()), _settings(cfg))
+        log.warning("job skipped: %s", err)
     except FedadError as err:
         rundir.mark_failed(run_dir, " ".join(str(err).split()))
         log.error("job failed: %s", err)

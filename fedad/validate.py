@@ -12,11 +12,17 @@ from fedad.baselines.runner import check_config as check_baselines
 from fedad.data.partition import check_config as check_partition
 from fedad.data.prepare import TASKS
 from fedad.data.sources import check_config as check_dataset
+from fedad.detector.build import check_config as check_detector
+from fedad.errors import JobSkipped
+from fedad.federated.attacks import check_config as check_attack
 from fedad.federated.faults import FAILURE_MODES
+from fedad.federated.privacy import check_config as check_privacy
 from fedad.federated.scaling import SCALINGS
+from fedad.federated.strategies import byzantine_bound
 from fedad.federated.strategies import check_config as check_strategy
 from fedad.models import OPTIMIZERS
 from fedad.models import check_config as check_model
+from fedad.resolvers import sampled_sites
 from fedad.tracking import check_config as check_tracking
 
 
@@ -25,15 +31,21 @@ def validate(cfg: DictConfig) -> None:
 
     The schema (:mod:`fedad.config`) has already checked types at compose
     time; this checks ranges, each option's own parameters (dataset,
-    partition, model, strategy, baselines, tracking) and the relations between values
-    (the robust strategies' bounds on attackers against the sites a round
-    samples, ``min_clients`` against the sites, local CPUs against the
-    resources each site asks for).
+    partition, model, strategy, attack, privacy, baselines, tracking) and the relations
+    between values (``min_clients`` against the sites, local CPUs against the
+    resources each site asks for, an attack or DP against the model and strategy).
 
     Parameters
     ----------
     cfg : DictConfig
         The composed config.
+
+    Raises
+    ------
+    JobSkipped
+        When every setting is valid but a robust strategy assumes more attackers
+        than its bound allows with the replies a round can expect (by default it
+        assumes the true number of malicious sites): a sweep skips such a job.
     """
     values = OmegaConf.to_container(cfg, resolve=True)
     sim, train, pre = values["simulation"], values["train"], values["preprocess"]
@@ -52,6 +64,10 @@ def validate(cfg: DictConfig) -> None:
         checks.number(sim, "round_timeout", "simulation", low=0, low_open=True),
         checks.number(sim, "checkpoint_every", "simulation", whole=True, low=0),
         checks.choice(sim, "scaling", "simulation", SCALINGS),
+        checks.number(sim, "local_sites", "simulation", whole=True, low=0),
+        None
+        if sim.get("final_eval_fraction") is None
+        else checks.number(sim, "final_eval_fraction", "simulation", low=0, high=1, low_open=True),
         checks.number(train, "local_epochs", "train", whole=True, low=1),
         checks.number(train, "batch_size", "train", whole=True, low=1),
         checks.number(train, "learning_rate", "train", low=0, low_open=True),
@@ -75,18 +91,39 @@ def validate(cfg: DictConfig) -> None:
     problems += check_partition(values["partition"])
     problems += check_baselines(values["baselines"])
     problems += check_tracking(values["tracking"])
+    problems += check_detector(values["detector"])
+    bound = None
     if values["federated"]:
-        problems += check_model(values["model"])
-        problems += check_strategy(values["strategy"], expected_replies(sim))
+        problems += check_model(values["model"], values["task"])
+        model = values["model"].get("name")
+        strategy = values["strategy"]
+        bound = byzantine_bound(strategy.get("name"), strategy, expected_replies(sim))
+        problems += [
+            p for p in check_strategy(strategy, expected_replies(sim), model) if p != bound
+        ]
+        problems += check_attack(values.get("attack", {}), model, values["task"], sim)
+        problems += check_privacy(values.get("privacy", {}), strategy.get("name"), model, sim)
+        if values["strategy"].get("name") == "fedxgb_cyclic" and (
+            sim["fraction_train"] != 1.0 or sim["fraction_evaluate"] != 1.0
+        ):
+            problems.append(
+                "strategy=fedxgb_cyclic visits the sites one a round, in turn: it needs "
+                "simulation.fraction_train=1.0 and simulation.fraction_evaluate=1.0"
+            )
+        if model == "autoencoder" and not train["val_fraction"] > 0:
+            problems.append(
+                "model=autoencoder chooses its threshold on each site's validation rows: "
+                "train.val_fraction must be > 0"
+            )
     checks.raise_problems(problems, "Cannot start the run")
+    if bound:
+        raise JobSkipped(f"Cannot start the run: {bound}.")
 
 
 def expected_replies(sim: dict) -> int:
     """Training replies a round can expect: the sites sampled, less those made to fail."""
-    n = int(sim["num_clients"])
-    sampled = max(int(float(sim["fraction_train"]) * n), int(sim["min_clients"]))
-    failing = math.floor(float(sim["client_failure_rate"]) * n)
-    return max(sampled - failing, 0)
+    failing = math.floor(float(sim["client_failure_rate"]) * int(sim["num_clients"]))
+    return max(sampled_sites(sim) - failing, 0)
 
 
 def _resources(sim: dict) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 
 from fedad import __version__
@@ -24,21 +25,25 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
 }
 
 
-def versions() -> dict[str, str | None]:
+def versions(names: Iterable[str] | None = None) -> dict[str, str | None]:
     """Python's, fedad's and each library's version, None for a library not installed.
+
+    Parameters
+    ----------
+    names : Iterable[str], optional
+        Libraries to look up, by the names of :data:`LIBRARIES` or any
+        distribution name (``skops``; its ``-cpu`` build counts too). Default:
+        every library of :data:`LIBRARIES`.
 
     Returns
     -------
     dict[str, str or None]
-        ``{"fedad": ..., "python": ..., "tensorflow": ..., ...}``, the keys of
-        :data:`LIBRARIES` after ``fedad`` and ``python``.
+        ``{"fedad": ..., "python": ..., "tensorflow": ..., ...}``.
     """
     found: dict[str, str | None] = {"fedad": __version__, "python": platform.python_version()}
-    for name, distributions in LIBRARIES.items():
-        found[name] = next(
-            (v for v in map(_installed, distributions) if v is not None),
-            None,
-        )
+    for name in LIBRARIES if names is None else names:
+        distributions = LIBRARIES.get(name, (name, f"{name}-cpu"))
+        found[name] = next((v for v in map(_installed, distributions) if v is not None), None)
     return found
 
 

@@ -30,7 +30,6 @@ from omegaconf import DictConfig
 from fedad.config import compose
 from fedad.data.prepared import PreparedData
 from fedad.federated.simulation import make_settings
-from fedad.federated.task import global_model
 from fedad.rundir import SCALING_FILE
 
 SETTINGS_FILE = "limit_settings.json"
@@ -193,8 +192,8 @@ def verdict(ratio: float) -> str:
 def run_limit(run_dir: Path, copy: int) -> None:
     """The limit: each client's work done in a loop in this process, then a weighted mean.
 
-    It calls what fedad's ClientApp handlers call (``load_site``, ``predict``,
-    ``train_local``, ``evaluation_metrics``) on the same shards, with the
+    It calls what fedad's ClientApp handlers call (``load_site``, the model
+    family's ``fit`` and ``site_metrics``) on the same shards, with the
     same federated scaling statistics, model, epochs, batch size, seeds and
     TensorFlow threads per client as the simulation in ``run_dir``; no
     Flower, no Ray. Each round trains every client, averages the weights by
@@ -203,34 +202,25 @@ def run_limit(run_dir: Path, copy: int) -> None:
     Writes ``limit-<copy>.json``.
     """
     from fedad.federated import scaling, shards
-    from fedad.federated.task import (
-        evaluation_metrics,
-        init_runtime,
-        load_site,
-        local_model,
-        predict,
-        train_local,
-    )
+    from fedad.federated.families import family_for
+    from fedad.federated.task import load_site
 
     launch = json.loads((run_dir / SETTINGS_FILE).read_text())
     settings, called = launch["settings"], launch["called"]
+    # The sites' family (the cached site model) and the server's (its own plain model).
+    site_family, server_family = family_for(settings), family_for(settings)
     # Threads per client and TensorFlow's seed, as an actor sets them before its first op.
-    init_runtime(settings)
-    class_names = json.loads(settings["class-names"])
+    site_family.init_runtime()
     n = int(settings["num-clients"])
     with ProcessTree() as tree, np.load(run_dir / SCALING_FILE) as stats:
         mean, std = stats["mean"], stats["std"]
-        model = local_model(settings)
-        server = global_model(settings)
         X_test, y_test = shards.read_shard(shards.test_path(run_dir), "limit")
         X_test = scaling.standardize(X_test, mean, std)
 
         def server_evaluate(weights: list[np.ndarray]) -> None:
-            server.set_weights(weights)
-            scores = server.predict(X_test, batch_size=4096, verbose=0)
-            evaluation_metrics(y_test, scores, class_names)
+            server_family.metrics(weights, X_test, y_test, {})
 
-        weights = server.get_weights()
+        weights = server_family.initial_arrays()
         server_evaluate(weights)
         profiler = cProfile.Profile()
         if launch["profile"]:
@@ -243,8 +233,8 @@ def run_limit(run_dir: Path, copy: int) -> None:
             for pid in range(n):
                 site = load_site(settings, pid, config)
                 seed = int(settings["seed"]) + 1000 * rnd + pid
-                train_local(model, weights, site, settings, mu=0.0, seed=seed)
-                updates.append(model.get_weights())
+                update, _ = site_family.fit(weights, site, config, seed=seed)
+                updates.append(update)
                 counts.append(len(site.y_train))
             trained = time.time()
             shares = np.asarray(counts, dtype=np.float64) / sum(counts)
@@ -255,8 +245,7 @@ def run_limit(run_dir: Path, copy: int) -> None:
             averaged = time.time()
             for pid in range(n):
                 site = load_site(settings, pid, config)
-                model.set_weights(weights)
-                evaluation_metrics(site.y_test, predict(model, site.X_test), class_names)
+                site_family.site_metrics(weights, site, config)
             evaluated = time.time()
             server_evaluate(weights)
             done = time.time()

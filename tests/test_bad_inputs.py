@@ -15,7 +15,11 @@ Some bad inputs are recovered from by design, not refused: NaN, ±inf and text i
 cells become the training median, rows with an empty label (the cut-off last line of a
 truncated file) are dropped, categories unseen in training encode as zeros, and the report
 lists a job with an unreadable ``results.json`` as failed. For those the command must
-succeed and count the recovery (``results.json`` under ``data``, or ``report.md``).
+succeed and count the recovery (``results.json`` under ``data``, or ``report.md``). Input
+that is read, but may not mean what the user thinks (labels spelt almost like the normal
+value, numbers written as text, a header that looks like data), is read as documented, and
+the run logs a warning naming what it noticed and keeps it in ``results.json``
+(``data.warnings``).
 
 A last group checks more data-layer messages in process through :func:`fedad.simulate.run`,
 which saves a process start each. The in-process twins of a few cases live in
@@ -30,11 +34,13 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 
 from fedad.config import available_options
+from fedad.data.prepare import prepare
 from fedad.errors import FedadError, exit_with
 from fedad.simulate import run
 
@@ -46,6 +52,8 @@ HEADER = "a,b,proto,label"
 TF_NOISE = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} ")
 # A small CSV run: no federated training and no baselines, so a case costs one process start.
 LIGHT = ("federated=false", "baselines=none", "partition=iid", "simulation.num_clients=2")
+# One quick model, for the cases that check what the comparison table says.
+ONE_MODEL = ("+baselines.models.logistic_regression={C:1.0}",)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -200,6 +208,14 @@ def _assert_recovered(done: subprocess.CompletedProcess, earlier, run_dir: Path)
     assert results["status"] == "done"
     _assert_untouched(earlier)
     return results["data"]
+
+
+def _assert_warned(done, earlier, run_dir: Path, words: tuple[str, ...]) -> dict:
+    """The run succeeded, and logged and kept a warning naming each of ``words``."""
+    data = _assert_recovered(done, earlier, run_dir)
+    _assert_names(done.stdout, words)
+    _assert_names(" ".join(data["warnings"]), words)
+    return data
 
 
 def _unwritable_dir(tmp_path: Path) -> Path:
@@ -491,6 +507,15 @@ def test_federated_setting_out_of_range(tmp_path, earlier, override, words):
         (["simulation.num_clients=2.5"], ["simulation.num_clients must be a whole number"]),
         (["simulation.client_resources.num_cpus=64"], ["num_cpus=64 is more than the"]),
         (["strategy=krum", "strategy.num_malicious_nodes=4"], ["Krum tolerates f attackers"]),
+        (
+            ["dataset=csv", "dataset.label_case=loose"],
+            ["dataset.label_case must be one of exact, insensitive, got 'loose'"],
+        ),
+        (
+            ["dataset=csv", "dataset.thousands=','", "dataset.decimal=','"],
+            ["dataset.thousands and dataset.decimal must differ"],
+        ),
+        (["dataset=csv", "dataset.decimal=''"], ["dataset.decimal must be one character"]),
     ],
     ids=lambda v: "_".join(v) if isinstance(v, list) and "=" in v[0] else None,
 )
@@ -570,6 +595,182 @@ def test_corrupted_checkpoint_is_refused_and_kept(tmp_path, earlier, meta):
     _assert_untouched(before)
 
 
+# --- how labels, numbers and headers are read ----------------------------------------------
+
+# Labels spelt like the normal value but for case or spaces, and an attack in two spellings.
+SPELLINGS = ("normal", "Normal ", "NORMAL", " normal", "DoS", "dos")
+
+
+@pytest.mark.parametrize(
+    "case, task, classes, normal_rows, words",
+    [
+        (
+            "exact",
+            "binary",
+            ["normal", "attack"],
+            100,
+            ("'NORMAL' (50 rows)", "'Normal' (50 rows)", "dataset.label_case=insensitive"),
+        ),
+        (
+            "exact",
+            "multiclass",
+            ["normal", "DoS", "NORMAL", "Normal", "dos"],
+            100,
+            ("'NORMAL' (50 rows)", "'DoS' (50 rows), 'dos' (50 rows)", "class of its own"),
+        ),
+        ("insensitive", "multiclass", ["normal", "dos"], 200, ()),
+    ],
+    ids=["exact_binary", "exact_multiclass", "insensitive_multiclass"],
+)
+def test_label_spellings(tmp_path, earlier, case, task, classes, normal_rows, words):
+    """Exact matching by default, with the near misses named; label_case=insensitive folds case."""
+    path = _write(tmp_path, HEADER + "\n" + _rows(300, label=lambda i: SPELLINGS[i % 6]))
+    done = _csv_run(tmp_path, path, f"task={task}", f"dataset.label_case={case}")
+    data = _assert_warned(done, earlier, _run_dir(tmp_path), words)
+    assert data["classes"] == classes
+    assert data["train_class_counts"][0] + data["test_class_counts"][0] == normal_rows
+    assert bool(data["warnings"]) == bool(words)
+    if case == "insensitive":
+        assert data["label_variants"] == data["class_variants"] == {}
+
+
+def _written(i: int) -> str:
+    return f'{i},"{1000 + 37 * i:,}",{"tcp" if i % 2 else "udp"},{"normal" if i % 3 else "attack"}'
+
+
+@pytest.mark.parametrize(
+    "text, overrides, setting",
+    [
+        (
+            HEADER + "\n" + "\n".join(_written(i) for i in range(150)) + "\n",
+            (),
+            "dataset.thousands=','",
+        ),
+        (
+            HEADER.replace(",", ";")
+            + "\n"
+            + "".join(
+                f"{i};{i % 7},5;{'tcp' if i % 2 else 'udp'};{'normal' if i % 3 else 'attack'}\n"
+                for i in range(150)
+            ),
+            ("dataset.sep=';'",),
+            "dataset.decimal=','",
+        ),
+    ],
+    ids=["quoted_thousands", "decimal_comma"],
+)
+def test_numbers_written_as_text(make_cfg, tmp_path, earlier, text, overrides, setting):
+    """Read as text they become categories, with a warning; the named setting reads numbers."""
+    path = _write(tmp_path, text)
+    done = _csv_run(tmp_path, path, *overrides)
+    words = ("Column 'b'", "one-hot encoded as categorical", setting)
+    data = _assert_warned(done, earlier, _run_dir(tmp_path), words)
+    assert data["written_numbers"] == {"b": 120}  # counted on the training rows
+    assert data["n_features"] > 4
+    # With the setting the warning names, in process (the reader is the same).
+    cfg = make_cfg(*_csv_cfg(path, *overrides, setting))
+    fixed = prepare(cfg.dataset, cfg.preprocess, cfg.task, cfg.data_dir, 0)
+    assert fixed.notes["written_numbers"] == {} and fixed.notes["warnings"] == []
+    assert fixed.feature_names == ["a", "b", "proto=tcp", "proto=udp"]
+    assert fixed.notes["cleaned_cells"]["junk_text"] == 0
+
+
+def test_header_read_as_a_data_row_is_warned(tmp_path, earlier):
+    overrides = ("dataset.header=false", "dataset.columns=[a,b,proto,label]")
+    done = _csv_run(tmp_path, _good_csv(tmp_path), *overrides)
+    words = ("first row", "looks like column names", "a, b, proto, label", "dataset.header=true")
+    data = _assert_warned(done, earlier, _run_dir(tmp_path), words)
+    assert data["n_train"] + data["n_test"] == 151
+
+
+def test_data_row_read_as_a_header_is_warned(tmp_path, earlier):
+    path = _write(tmp_path, _rows(150, start=1))
+    done = _csv_run(tmp_path, path, "dataset.columns=[a,b,proto,label]")
+    words = ("header row", "looks like data", "dataset.header=false")
+    data = _assert_warned(done, earlier, _run_dir(tmp_path), words)
+    assert data["n_train"] + data["n_test"] == 149
+
+
+# --- test sets that cannot measure ---------------------------------------------------------
+
+
+def test_test_file_of_one_class_is_refused(tmp_path, earlier):
+    attacks = _rows(40, start=1000, label=lambda i: "attack")
+    done = _simulate(tmp_path, *_two_files(tmp_path, HEADER + "\n" + attacks))
+    _assert_user_error(
+        done,
+        ("holds 40 row(s) of a single class ('attack')", "dataset.test_file=", "ROC-AUC"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+def test_small_test_class_is_flagged(tmp_path, earlier):
+    few = _rows(40, start=1000, label=lambda i: "attack" if i % 10 == 0 else "normal")
+    done = _simulate(tmp_path, *_two_files(tmp_path, HEADER + "\n" + few), *ONE_MODEL)
+    data = _assert_warned(done, earlier, _run_dir(tmp_path), ("fewer than 10 rows", "'attack' (4)"))
+    assert data["small_test_classes"] == {"attack": 4}
+    table = (_run_dir(tmp_path) / "comparison.md").read_text()
+    assert "logistic_regression" in table
+    assert "⚠ few test rows: attack (4), below 10" in table
+
+
+# --- damaged files and impossible values -----------------------------------------------------
+
+
+def test_corrupted_deflate_block_in_gzip(tmp_path, earlier):
+    whole = bytearray(gzip.compress((HEADER + "\n" + _rows(3000)).encode()))
+    whole[30:38] = bytes(b ^ 0xFF for b in whole[30:38])
+    with pytest.raises(zlib.error):
+        gzip.decompress(bytes(whole))
+    path = tmp_path / "data.csv.gz"
+    path.write_bytes(bytes(whole))
+    done = _csv_run(tmp_path, path)
+    _assert_user_error(
+        done,
+        (str(path), "could not be read", "truncated or corrupted"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+def test_values_beyond_float32_are_cleaned_and_counted(tmp_path, earlier):
+    """1e308 overflowed float32 inside the scaler; now it is cleaned like ±inf, and named."""
+    lines = _rows(150).splitlines()
+    for i in (5, 8):
+        a, _, proto, label = lines[i].split(",")
+        lines[i] = ",".join([a, "1e308", proto, label])
+    path = _write(tmp_path, HEADER + "\n" + "\n".join(lines) + "\n")
+    done = _csv_run(tmp_path, path, "preprocess.log_transform=false", *ONE_MODEL)
+    words = ("too large for float32", "'b' (2 cells)", "cleaned_cells.out_of_range")
+    data = _assert_warned(done, earlier, _run_dir(tmp_path), words)
+    assert data["cleaned_cells"]["out_of_range"] == 2
+    assert _results(_run_dir(tmp_path))["models"]["logistic_regression"]["macro_f1"] is not None
+
+
+def test_natural_column_not_in_the_file(tmp_path, earlier):
+    done = _csv_run(
+        tmp_path, _good_csv(tmp_path), "partition=natural", "dataset.natural_column=site"
+    )
+    _assert_user_error(
+        done,
+        ("Column 'site' (dataset.natural_column)", "Columns found: a, b, proto, label"),
+        earlier,
+        _run_dir(tmp_path),
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc and /sys")
+@pytest.mark.parametrize("target", ["/proc/fedad_run", "/sys/fedad_run/inner"])
+def test_run_folder_on_a_virtual_file_system(tmp_path, earlier, target):
+    """Root passes every permission check there; only trying to make a folder tells."""
+    done = _simulate(tmp_path, *LIGHT, "dataset.n_rows=300", run_dir=Path(target))
+    text = _error_paragraph(done)
+    _assert_names(text, (target, "hydra.run.dir", "does not accept new folders"))
+    assert not Path(target).exists()
+    _assert_untouched(earlier)
+
+
 # --- python -m fedad.report ----------------------------------------------------------------
 
 
@@ -601,6 +802,51 @@ def test_report_lists_a_corrupted_results_file_as_failed(tmp_path, earlier):
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "sweep" / "report.md").read_text()
     assert "results.json is unreadable" in report
+    _assert_untouched(before)
+
+
+def test_report_of_a_baselines_only_sweep_with_damaged_jobs(tmp_path, earlier):
+    """The README's `-m federated=false` sweep reports; each unreadable job is listed as failed."""
+    sweep = tmp_path / "sweep"
+    path = _good_csv(tmp_path)
+    done = _module(
+        "fedad.simulate",
+        "-m",
+        f"hydra.sweep.dir={sweep}",
+        "dataset=csv",
+        f"dataset.path={path}",
+        *LIGHT,
+        *ONE_MODEL,
+        "seed=0,1",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    damaged = {
+        "2/results.json": (b"[1, 2]", "results.json is unreadable: it holds a JSON list"),
+        "3/results.json": (b'{"status": "\xff"}', "results.json is unreadable: 'utf-8' codec"),
+        "4/failed.json": (b"[]", "failed.json is unreadable: it holds a JSON list"),
+        "5/.hydra/overrides.yaml": (b"- seed=0\n  x: [\n", ".hydra/overrides.yaml is unreadable"),
+    }
+    for name, (content, _) in damaged.items():
+        job = sweep / name.split("/")[0]
+        (job / ".hydra").mkdir(parents=True, exist_ok=True)
+        (job / name.split("/", 1)[1]).write_bytes(content)
+    (sweep / "5" / "results.json").write_text(
+        json.dumps({"status": "done", "models": {"logistic_regression": [0.5]}})
+    )
+    before = {**earlier, **{p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}}
+    done = _module("fedad.report", str(sweep), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    report = (sweep / "report.md").read_text()
+    failed = report.split("## Failed or incomplete jobs")[1]
+    for name, (_, reason) in damaged.items():
+        line = next(x for x in failed.splitlines() if x.startswith(f"- `{name.split('/')[0]}`"))
+        assert "**failed**" in line and reason in line, line
+    assert "model 'logistic_regression' is a list" in failed
+    assert "6 job(s): 2 done, 4 failed" in report
+    assert "No finished federated model" in report
+    assert "| logistic_regression | supervised | 2 |" in report
     _assert_untouched(before)
 
 
@@ -652,6 +898,21 @@ def test_column_names_fewer_than_fields(make_cfg, tmp_path, earlier):
     overrides = _csv_cfg(path, "dataset.header=false", "dataset.columns=[b,proto,label]")
     message = _refused(make_cfg, tmp_path, earlier, *overrides)
     _assert_names(message, (str(path), "4 fields per row", "dataset.columns names 3"))
+
+
+def test_headerless_file_read_with_a_header(make_cfg, tmp_path, earlier):
+    path = _write(tmp_path, _rows(150, start=1))
+    message = _refused(make_cfg, tmp_path, earlier, *_csv_cfg(path))
+    _assert_names(
+        message,
+        ("Column 'label' (dataset.label_column)", "look like data", "(dataset.header)"),
+    )
+
+
+def test_test_file_of_one_row_is_refused(make_cfg, tmp_path, earlier):
+    one = _rows(1, start=1000, label=lambda i: "normal")
+    message = _refused(make_cfg, tmp_path, earlier, *_two_files(tmp_path, HEADER + "\n" + one))
+    _assert_names(message, ("holds 1 row(s) of a single class ('normal')",))
 
 
 def test_binary_file_given_as_csv(make_cfg, tmp_path, earlier):

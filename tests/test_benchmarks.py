@@ -14,9 +14,9 @@ from fedad.baselines.runner import BASELINES
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def run_quick(script: str) -> str:
+def run_quick(script: str, *extra: str) -> str:
     done = subprocess.run(
-        [sys.executable, str(SCRIPTS / script), "--quick"],
+        [sys.executable, str(SCRIPTS / script), "--quick", *extra],
         capture_output=True,
         text=True,
         timeout=600,
@@ -74,3 +74,18 @@ def test_baselines_benchmark_prints_every_baseline():
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("2000 ")]
     assert sorted(row[1] for row in rows) == sorted(BASELINES)
     assert all(len(row) == 7 for row in rows)
+
+
+@pytest.mark.slow
+def test_serve_benchmark_prints_every_figure(data_dir):
+    out = run_quick("bench_serve.py", "--data-dir", str(data_dir))
+    for clients in (1, 8):
+        assert re.search(
+            rf"single-row, {clients} client\(s\): \d+ requests, p50 ms [\d.]+, p99 ms [\d.]+, "
+            r"req/s \d+",
+            out,
+        ), out
+    assert re.search(r"1000-row batches: 2 requests, rows/s \d+", out), out
+    scored = r"fedad.score on KDDTest\+.txt.gz: 22544 rows, rows/s \d+, peak memory MB \d+"
+    assert re.search(scored, out), out
+    assert "targets: p99_ms 20" in out

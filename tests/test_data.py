@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedad.data.labels import attach, near_misses
 from fedad.data.prepare import prepare
 from fedad.data.preprocess import Preprocessor, signed_log1p
 
@@ -74,17 +75,24 @@ def test_single_file_split_leaves_no_row_on_both_sides(make_cfg):
 
 def test_bad_numeric_cells_policy():
     train = pd.DataFrame({"x": ["1", "3", "junk", None, "inf", "5"], "proto": list("aabbab")})
-    test = pd.DataFrame({"x": ["-inf", "2", "??"], "proto": ["a", "zzz", "b"]})
+    test = pd.DataFrame({"x": ["-inf", "2", "??", "1e308"], "proto": ["a", "zzz", "b", "a"]})
     pre = Preprocessor(categorical=["proto"], log_transform=False).fit(train)
     pre.transform(train)
     out = pre.transform(test)
-    # junk, missing and ±inf all become the training median of the finite values (1, 3, 5).
-    np.testing.assert_array_equal(out[:, 0], [3.0, 2.0, 3.0])
+    # junk, missing, ±inf and values beyond float32 all become the training median of the
+    # finite values (1, 3, 5).
+    np.testing.assert_array_equal(out[:, 0], [3.0, 2.0, 3.0, 3.0])
+    assert np.isfinite(out).all()
     assert pre.feature_names == ["x", "proto=a", "proto=b"]
     # A category unseen in training encodes as all zeros instead of failing.
     np.testing.assert_array_equal(out[1, 1:], [0.0, 0.0])
-    # Counted over both transforms: "junk" and "??", None, "inf" and "-inf".
-    assert pre.cleaned == {"junk_text": 2, "missing": 1, "infinite": 2}
+    # Counted over both transforms: "junk" and "??", None, "inf" and "-inf", 1e308.
+    assert pre.cleaned == {"junk_text": 2, "missing": 1, "infinite": 2, "out_of_range": 1}
+    assert pre.out_of_range == {"x": 1}
+    # On the log scale 1e308 is about 709: a value like any other.
+    logged = Preprocessor(categorical=["proto"]).fit(train)
+    assert logged.transform(test)[3, 0] == pytest.approx(np.log1p(1e308))
+    assert logged.out_of_range == {}
 
 
 def test_signed_log_keeps_sign_and_order():
@@ -99,3 +107,22 @@ def test_named_configs_compose(make_cfg, dataset):
     cfg = make_cfg(f"dataset={dataset}")
     assert cfg.dataset.name == dataset
     assert cfg.dataset.label_column
+
+
+def test_label_spellings_across_train_and_test_files():
+    """A class spelt one way in training and another in the test file is caught, and folded."""
+    train = pd.DataFrame({"x": range(6), "label": ["normal", "DoS", "neptune"] * 2})
+    test = pd.DataFrame({"x": range(3), "label": ["Normal", "dos", "Neptune"]})
+    dataset = {"label_column": "label", "normal_value": "normal", "class_map": {"neptune": "DoS"}}
+    _, labelled, facts = attach(train, test, dataset, "multiclass")
+    assert facts["label_variants"] == {"Normal": 1}
+    # 'Neptune' misses the class map (case), so it is a class of its own, like 'dos'.
+    assert facts["class_variants"] == {"DoS": 4, "dos": 1}
+    assert labelled["_class"].tolist() == ["Normal", "dos", "Neptune"]
+    train_, labelled, facts = attach(
+        train, test, {**dataset, "label_case": "insensitive"}, "multiclass"
+    )
+    assert labelled["_class"].tolist() == ["normal", "dos", "dos"]
+    assert set(train_["_class"]) == {"normal", "dos"}
+    assert facts["label_variants"] == facts["class_variants"] == {}
+    assert near_misses(facts, dataset) == []

@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from omegaconf import OmegaConf
 from sklearn.datasets import make_classification
 
@@ -17,11 +17,13 @@ from fedad.config import compose
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.federated.faults import injected_failure
+from fedad.federated.keras_family import local_model, train_local
 from fedad.federated.scaling import pooled_moments, site_sums, standardize
+from fedad.federated.server_app import final_evaluation_sites
 from fedad.federated.shards import read_access_log, write_shards
 from fedad.federated.simulation import make_settings, run_federated, validate
 from fedad.federated.strategies import STRATEGIES, build_strategy, weighted_mean
-from fedad.federated.task import load_site, local_model, local_split, train_local
+from fedad.federated.task import load_site, local_split
 from fedad.validate import validate as validate_all
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -74,6 +76,7 @@ def make_cfg(**simulation):
     cfg.train.batch_size = 32
     cfg.simulation.num_clients = NUM_CLIENTS
     cfg.simulation.num_rounds = 2
+    cfg.simulation.local_sites = 0
     for key, value in simulation.items():
         OmegaConf.update(cfg, key, value)
     return cfg
@@ -114,6 +117,32 @@ def test_injected_failures_are_survived_and_counted(twin_runs):
 
 
 @pytest.mark.slow
+def test_the_model_arrays_on_the_wire_are_counted_exactly(twin_runs):
+    """history.csv's array bytes against a count made here from the model's own size."""
+    run = twin_runs[0]
+    model_bytes = ArrayRecord(run.model.model.get_weights()).count_bytes()
+    history = run.history
+    sites = NUM_CLIENTS
+    # Round 0: the scaling query carries no array. Then each round sends the model to every
+    # site twice (train, evaluate); only good training replies send one back. The last
+    # row adds the final evaluation of the final model at every site.
+    down = [0] + [2 * sites * model_bytes] * (len(history) - 1)
+    down[-1] += sites * model_bytes
+    up = [0] + [(sites - f) * model_bytes for f in history["failures"].iloc[1:]]
+    assert history["bytes_down_arrays"].tolist() == down
+    assert history["bytes_up_arrays"].tolist() == up
+    # Configs (pooled scaling statistics) and metrics travel too, counted apart.
+    assert (history["bytes_down_other"].iloc[1:] > 0).all()
+    assert (history["bytes_up_other"] > 0).all()
+    total = (
+        history[["bytes_down_arrays", "bytes_down_other", "bytes_up_arrays", "bytes_up_other"]]
+        .to_numpy()
+        .sum()
+    )
+    assert history["mb_cumulative"].iloc[-1] == pytest.approx(total / 1e6)
+
+
+@pytest.mark.slow
 def test_one_seed_gives_one_result(twin_runs):
     a, b = twin_runs
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
@@ -125,7 +154,7 @@ def test_one_seed_gives_one_result(twin_runs):
 
 @pytest.mark.slow
 def test_each_client_reads_only_its_own_shard(twin_runs):
-    reads = read_access_log(twin_runs[0].model_path.parent)
+    reads = read_access_log(twin_runs[0].model.path.parent)
     readers = {reader for reader, _ in reads}
     assert readers == {"server", "client_0000", "client_0001", "client_0002"}
     for reader, name in reads:
@@ -135,7 +164,7 @@ def test_each_client_reads_only_its_own_shard(twin_runs):
 
 @pytest.mark.slow
 def test_federated_scaling_statistics_equal_the_pooled_ones(twin_runs, data):
-    with np.load(twin_runs[0].model_path.parent / "scaling.npz") as stats:
+    with np.load(twin_runs[0].model.path.parent / "scaling.npz") as stats:
         np.testing.assert_allclose(stats["mean"], data.X_train.astype(np.float64).mean(0))
         np.testing.assert_allclose(stats["std"], data.X_train.astype(np.float64).std(0))
 
@@ -143,12 +172,12 @@ def test_federated_scaling_statistics_equal_the_pooled_ones(twin_runs, data):
 @pytest.mark.slow
 def test_outputs_are_written_and_the_saved_model_reproduces_the_scores(twin_runs, data):
     result = twin_runs[0]
-    run_dir = result.model_path.parent
+    run_dir = result.model.path.parent
     for name in ("history.csv", "clients.csv", "global_model.keras", "scaling.npz"):
         assert (run_dir / name).exists()
     for column in ("macro_f1", "f1", "pr_auc", "fpr", "client_macro_f1", "seconds"):
         assert column in result.history.columns
-    model = keras.models.load_model(result.model_path)
+    model = keras.models.load_model(result.model.path)
     with np.load(run_dir / "scaling.npz") as stats:
         X = standardize(data.X_test, stats["mean"], stats["std"])
     np.testing.assert_allclose(model.predict(X, verbose=0), result.scores, atol=1e-6)
@@ -163,6 +192,7 @@ def test_local_scaling_fedprox_and_partial_sampling_run(data, partitions, tmp_pa
             "simulation.scaling": "local",
             "simulation.fraction_train": 0.67,
             "simulation.min_clients": 2,
+            "simulation.final_eval_fraction": 0.67,
             "train.learning_rate": 0.02,
         }
     )
@@ -172,7 +202,13 @@ def test_local_scaling_fedprox_and_partial_sampling_run(data, partitions, tmp_pa
     history = result.history
     assert list(history["failures"]) == [0, 0, 0]
     assert history["loss"].iloc[-1] < history["loss"].iloc[0]
-    assert len(result.clients) == NUM_CLIENTS
+    # The final model is evaluated at exactly the sites the seed picks: 2 of the 3.
+    chosen = final_evaluation_sites(NUM_CLIENTS, 0.67, seed=7)
+    clients = result.clients
+    assert len(chosen) == 2 and len(clients) == NUM_CLIENTS
+    assert clients.loc[clients["evaluated"], "client"].tolist() == chosen
+    assert clients.loc[clients["evaluated"], "macro_f1"].notna().all()
+    assert clients.loc[~clients["evaluated"], "macro_f1"].isna().all()
 
 
 def test_fedprox_term_keeps_the_client_update_near_the_global_model(data, partitions, tmp_path):
@@ -186,7 +222,7 @@ def test_fedprox_term_keeps_the_client_update_near_the_global_model(data, partit
     start = [w + np.float32(0.5) for w in model.get_weights()]
 
     def update(mu: float) -> list[np.ndarray]:
-        train_local(model, start, site, settings, mu=mu, seed=1)
+        train_local(model, start, site.X_train, site.y_train, settings, mu=mu, seed=1)
         return model.get_weights()
 
     def distance(weights: list[np.ndarray]) -> float:

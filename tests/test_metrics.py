@@ -6,9 +6,17 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
 
 from fedad.errors import FedadError
-from fedad.metrics import attack_score, compute_metrics, tune_threshold
+from fedad.metrics import (
+    MIN_CLASS_ROWS,
+    attack_score,
+    compute_metrics,
+    macro_f1,
+    small_classes,
+    tune_threshold,
+)
 
 BINARY = ["normal", "attack"]
 
@@ -123,3 +131,59 @@ def test_tune_threshold_separates_and_refuses_one_class():
     assert np.array_equal(s * 10 - 20 >= t2, y == 1)
     with pytest.raises(FedadError):
         tune_threshold(np.ones(3), np.array([0.1, 0.2, 0.3]))
+
+
+# --- macro averages over the classes the test rows hold --------------------------------------
+
+
+def test_two_models_on_a_one_class_slice_are_averaged_over_the_same_classes():
+    """The bug: 1.000 for one model, 0.43 for another, on the same 4 attack rows.
+
+    Averaging over the labels a model predicts scored the model that called one row
+    normal on two classes (its normal-class F1 is 0) and the perfect one on one.
+    scikit-learn's default and ``labels=range(n), zero_division=nan`` both do so; fedad
+    averages over the classes the rows hold, so one error costs what it costs.
+    """
+    y = np.array([1, 1, 1, 1])
+    perfect, one_miss = np.array([1, 1, 1, 1]), np.array([1, 1, 1, 0])
+    attack_f1 = 2 * 3 / (2 * 3 + 1)  # 3 hits, 1 missed
+    for average in ({}, {"labels": [0, 1], "zero_division": np.nan}):
+        assert f1_score(y, one_miss, average="macro", **average) == pytest.approx(attack_f1 / 2)
+    a = compute_metrics(y, one_hot(perfect, 2), BINARY)
+    b = compute_metrics(y, one_hot(one_miss, 2), BINARY)
+    assert a["macro_f1"] == 1.0
+    assert b["macro_f1"] == pytest.approx(attack_f1) == pytest.approx(b["f1"])
+    assert a["classes_scored"] == b["classes_scored"] == 1
+    assert a["weighted_f1"] == 1.0 and b["weighted_f1"] == pytest.approx(attack_f1)
+
+
+def test_one_row_slice():
+    y = np.array([1])
+    right = compute_metrics(y, one_hot(np.array([1]), 2), BINARY)
+    wrong = compute_metrics(y, one_hot(np.array([0]), 2), BINARY)
+    assert (right["macro_f1"], wrong["macro_f1"]) == (1.0, 0.0)
+    assert right["classes_scored"] == wrong["classes_scored"] == 1
+
+
+def test_a_predicted_absent_class_costs_through_the_rows_it_took():
+    names = ["normal", "dos", "probe", "u2r"]
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])  # probe and u2r hold no test row
+    clean = compute_metrics(y, one_hot(y, 4), names)
+    # Two dos rows called probe: dos recall 1/2, F1 2/3; probe is not averaged in.
+    pred = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    m = compute_metrics(y, one_hot(pred, 4), names)
+    assert clean["macro_f1"] == 1.0
+    assert m["macro_f1"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert m["recall"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m["precision"] == pytest.approx(1.0)
+    assert m["classes_scored"] == clean["classes_scored"] == 2
+    assert macro_f1(y, pred, 4) == m["macro_f1"]
+    assert macro_f1(np.array([], dtype=int), np.array([], dtype=int), 4) is None
+
+
+def test_small_classes_lists_the_classes_below_the_count():
+    y = np.array([0] * 50 + [1] * (MIN_CLASS_ROWS - 1) + [2] * MIN_CLASS_ROWS)
+    assert small_classes(y, ["normal", "dos", "probe", "u2r"]) == {
+        "dos": MIN_CLASS_ROWS - 1,
+        "u2r": 0,
+    }

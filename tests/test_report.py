@@ -269,3 +269,86 @@ def test_cli_missing_path_exits_2_with_one_paragraph(tmp_path, capsys):
 def test_cli_writes_report_into_out(sweep, tmp_path, capsys):
     main([str(sweep), "--out", str(tmp_path / "out")])
     assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "report.md")
+
+
+def _break(job: Path, what: str) -> str:
+    """Damage one file of a job folder as ``what`` says; return the reason the report gives."""
+    results = json.loads((job / "results.json").read_text())
+    if what == "results_list":
+        (job / "results.json").write_text("[1, 2]")
+        return "results.json is unreadable: it holds a JSON list, not an object"
+    if what == "results_not_utf8":
+        (job / "results.json").write_bytes(b'{"status": "done", "x": "\xff\xfe"}')
+        return "results.json is unreadable: 'utf-8' codec can't decode byte 0xff"
+    if what == "failed_list":
+        (job / "failed.json").write_text('["boom"]')
+        return "failed.json is unreadable: it holds a JSON list, not an object"
+    if what == "failed_truncated":
+        (job / "failed.json").write_text('{"status": "fai')
+        return "failed.json is unreadable: Unterminated string"
+    if what == "overrides_bad_yaml":
+        (job / ".hydra" / "overrides.yaml").write_text("- seed=0\n  strategy: [\n")
+        return ".hydra/overrides.yaml is unreadable:"
+    if what == "overrides_mapping":
+        (job / ".hydra" / "overrides.yaml").write_text("seed: 0\n")
+        return ".hydra/overrides.yaml is unreadable: it holds a mapping, not a list"
+    if what == "model_not_mapping":
+        results["models"]["federated_cnn"] = 0.9
+        (job / "results.json").write_text(json.dumps(results))
+        return "results.json is unreadable: model 'federated_cnn' is a float"
+    if what == "settings_text":
+        results["settings"] = "fedavg"
+        (job / "results.json").write_text(json.dumps(results))
+        return "results.json is unreadable: its 'settings' is a text"
+    raise ValueError(what)
+
+
+@pytest.mark.parametrize(
+    "what",
+    [
+        "results_list",
+        "results_not_utf8",
+        "failed_list",
+        "failed_truncated",
+        "overrides_bad_yaml",
+        "overrides_mapping",
+        "model_not_mapping",
+        "settings_text",
+    ],
+)
+def test_an_unreadable_job_is_listed_as_failed_and_the_rest_reported(sweep, tmp_path, what):
+    job = make_run(
+        sweep / "4",
+        ["strategy=fedavg", "seed=2"],
+        {"seed": 2},
+        {"federated_cnn": (0.5, "federated"), "central_cnn": (0.6, "supervised")},
+    )
+    reason = _break(job, what)
+    before = {p: p.read_bytes() for p in job.rglob("*") if p.is_file()}
+    main([str(sweep), "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "report.md").read_text()
+    failed = text.split("## Failed or incomplete jobs")[1]
+    line = next(x for x in failed.splitlines() if x.startswith("- `4`"))
+    assert "**failed**" in line and reason in line, line
+    # The other four jobs are reported as before; the damaged one is in no aggregate.
+    assert "`federated_cnn` (strategy=fedavg): macro-F1 0.850 ± 0.071 (n=2)" in text
+    assert {p: p.read_bytes() for p in job.rglob("*") if p.is_file()} == before
+
+
+def test_a_sweep_without_federated_training_reports(tmp_path):
+    """`-m federated=false ...` once clashed with the per-row `federated` column."""
+    root = tmp_path / "sweep"
+    for num, seed in enumerate((0, 1)):
+        make_run(
+            root / str(num),
+            ["federated=false", f"seed={seed}"],
+            {"seed": seed},
+            {"random_forest": (0.9 + seed / 100, "supervised"), "xgboost": (0.8, "supervised")},
+        )
+    tidy = collect(root)
+    assert tidy["federated_run"].tolist() == [False] * 4
+    assert not tidy["federated"].astype(bool).any()
+    text = write_report(root).read_text()
+    assert "No finished federated model to compare with" in text
+    assert "federated_run=False" in text
+    assert "| random_forest | supervised | 2 | 0.905 ± 0.007 |" in text

@@ -23,6 +23,7 @@ from fedad.config import content
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.federated import checkpoint
+from fedad.federated.grid import PAYLOAD
 from fedad.federated.rounds import Rounds
 from fedad.federated.simulation import run_federated
 from fedad.resume import Decision, decide
@@ -38,7 +39,9 @@ BASE = [
     "baselines=none",
     "explain=false",
 ]
-TIMING = ["seconds", "started_at"]
+# Timings differ between runs; so does the payload of a resumed one, which asks every site
+# for its scaling sums again (real traffic, counted).
+TIMING = ["seconds", "started_at", *PAYLOAD, "mb_cumulative"]
 
 
 # --- checkpoint files, strategy state, settings -------------------------------------------

@@ -64,6 +64,7 @@ def test_tree_shap_adds_up_to_the_model_output_towards_attack(name, classes):
 def test_explain_shap_writes_a_table_and_figure_per_model_and_records_the_samples(tmp_path):
     import keras
 
+    from fedad.federated.keras_family import KerasScorer
     from fedad.models.keras_models import build_model
 
     X, y = _data(400, 2)
@@ -91,7 +92,7 @@ def test_explain_shap_writes_a_table_and_figure_per_model_and_records_the_sample
         0,
     )
     models = [
-        ModelResult("federated_logistic", "federated", {}, None, 1.0, tmp_path / rundir.MODEL_FILE),
+        ModelResult("federated_logistic", "federated", {}, None, 1.0, KerasScorer(tmp_path)),
         ModelResult("random_forest", "supervised", {}, None, 1.0, forest),
         ModelResult("logistic_regression", "supervised", {}, None, 1.0, None),
     ]

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from fedad import checks, progress
@@ -20,7 +21,8 @@ from fedad.baselines.unsupervised import (
 from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.metrics import compute_metrics
+from fedad.metrics import attack_score, compute_metrics, threshold_for_fpr
+from fedad.models.catalog import TWINS
 
 BASELINES = tuple(SUPERVISED_DEFAULTS) + tuple(UNSUPERVISED_DEFAULTS)
 
@@ -32,10 +34,15 @@ def run_baselines(
     keras_epochs: int,
     seed: int,
     model_cfgs: Mapping[str, Mapping] | None = None,
+    validate: bool = False,
+    target_fpr: float | None = None,
 ) -> list[ModelResult]:
     """Fit every baseline named in the config on ``data.scaled()`` and score it on test.
 
-    Supervised models train on all training rows and predict the argmax class.
+    Supervised models train on all training rows and predict the argmax class;
+    with ``validate`` each is also refit on a stratified share of the training
+    rows and scored on the rest (``baselines.val_fraction``), which gives the
+    validation macro-F1 a detector is chosen by.
     Unsupervised detectors work on the binary view (normal vs any attack, also
     for the multiclass task): a stratified validation slice of the training
     rows orients their score and tunes their threshold; they fit on the rest.
@@ -58,6 +65,13 @@ def run_baselines(
     model_cfgs : Mapping[str, Mapping], optional
         Federated model configs by name (``cnn``, ``logistic``); required when
         ``central_cnn`` or ``central_logistic`` is selected.
+    validate : bool
+        Score each supervised model on validation rows of the training data
+        (a hold-out refit): ``info["validation_macro_f1"]`` and
+        ``info["validation"]``.
+    target_fpr : float, optional
+        With ``validate``, also choose the attack-score threshold that flags
+        at most this share of the validation rows' normal traffic.
 
     Returns
     -------
@@ -109,6 +123,11 @@ def run_baselines(
                 fit_on=fit_on,
                 contamination=contamination,
                 seed=seed,
+                keras_fit={
+                    "train_cfg": train_cfg,
+                    "epochs": keras_epochs,
+                    "model_cfgs": model_cfgs,
+                },
             )
 
         return fit
@@ -120,10 +139,42 @@ def run_baselines(
             fit = (fit_sup if kind == "supervised" else fit_unsup)(name, params)
             with bar.step(name) as step:
                 result = _run_one(name, kind, fit, data, X_train, X_test, seed, cv_folds)
+                result.info["params"] = params
+                if validate and kind == "supervised":
+                    held = _hold_out(fit, X_train, data, val_fraction, seed, target_fpr)
+                    result.info["validation_macro_f1"] = held.pop("macro_f1")
+                    result.info["validation"] = held
                 step.note = f"macro-F1 {result.metrics['macro_f1']:.3f}"
-            result.info["params"] = params
             results.append(result)
     return results
+
+
+def with_twin(cfg_baselines: Mapping, model: str) -> dict:
+    """``cfg_baselines`` with the federated model's centralized twin among its models.
+
+    Parameters
+    ----------
+    cfg_baselines : Mapping
+        A ``conf/baselines/*.yaml`` config.
+    model : str
+        The federated model's name (``cnn``, ``xgboost`` ...).
+
+    Returns
+    -------
+    dict
+        A plain copy; the twin (:data:`fedad.models.catalog.TWINS`) is added with
+        its default settings when the config does not select it.
+    """
+    plain = (
+        OmegaConf.to_container(cfg_baselines, resolve=True)
+        if isinstance(cfg_baselines, DictConfig)
+        else dict(cfg_baselines)
+    )
+    models = dict(plain.get("models") or {})
+    twin = TWINS[model]
+    if twin not in models:
+        models[twin] = {**SUPERVISED_DEFAULTS, **UNSUPERVISED_DEFAULTS}[twin]
+    return {**plain, "models": models}
 
 
 def check_config(cfg_baselines: Mapping) -> list[str]:
@@ -257,10 +308,7 @@ def _cross_validate(
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     scores = []
     for train_idx, held_idx in splitter.split(X, y):
-        fitted = fit(X[train_idx], y[train_idx])
-        model = fitted[0] if isinstance(fitted, tuple) else fitted
-        held_scores = model.predict_scores(X[held_idx])
-        m = compute_metrics(y[held_idx], held_scores, class_names, y_pred=model.decide(held_scores))
+        m, _ = _score_held(fit, X, y, train_idx, held_idx, class_names)
         scores.append(m["macro_f1"])
     return {
         "folds": folds,
@@ -268,3 +316,55 @@ def _cross_validate(
         "macro_f1_std": float(np.std(scores)),
         "macro_f1_folds": [float(s) for s in scores],
     }
+
+
+def _score_held(
+    fit: Callable,
+    X: np.ndarray,
+    y: np.ndarray,
+    fit_idx: np.ndarray,
+    held_idx: np.ndarray,
+    class_names: list[str],
+) -> tuple[dict, np.ndarray]:
+    """Fit on rows ``fit_idx``; the metrics and scores of rows ``held_idx``."""
+    fitted = fit(X[fit_idx], y[fit_idx])
+    model = fitted[0] if isinstance(fitted, tuple) else fitted
+    held_scores = model.predict_scores(X[held_idx])
+    metrics = compute_metrics(
+        y[held_idx], held_scores, class_names, y_pred=model.decide(held_scores)
+    )
+    return metrics, held_scores
+
+
+def _hold_out(
+    fit: Callable,
+    X: np.ndarray,
+    data: PreparedData,
+    fraction: float,
+    seed: int,
+    target_fpr: float | None,
+) -> dict:
+    """Validation macro-F1 of a supervised model refit on a stratified share of the train rows.
+
+    The test rows play no part, so picking the best model by this number is fair.
+    """
+    y = data.y_train
+    counts = np.bincount(y)
+    # Stratify on the class when every class present can sit on both sides, else on the label.
+    strata = y if counts[counts > 0].min() >= 2 else (y != 0)
+    fit_idx, held_idx = train_test_split(
+        np.arange(len(y)), test_size=fraction, stratify=strata, random_state=seed
+    )
+    metrics, scores = _score_held(fit, X, y, fit_idx, held_idx, list(data.class_names))
+    held = {"macro_f1": metrics["macro_f1"], "rows": int(len(held_idx)), "fraction": fraction}
+    if target_fpr is not None:
+        threshold = threshold_for_fpr(y[held_idx], attack_score(scores), target_fpr)
+        flagged = attack_score(scores) >= threshold
+        normal = y[held_idx] == 0
+        held["target_fpr"] = {
+            "target": target_fpr,
+            "threshold": threshold,
+            "fpr": float(flagged[normal].mean()),
+            "recall": float(flagged[~normal].mean()) if (~normal).any() else None,
+        }
+    return held

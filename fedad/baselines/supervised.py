@@ -23,6 +23,7 @@ SUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
     # ``model`` names the entry of the federated model configs to copy.
     "central_cnn": {"model": "cnn"},
     "central_logistic": {"model": "logistic"},
+    "central_mlp": {"model": "mlp"},
 }
 N_JOBS = 2
 PREDICT_BATCH = 4096
@@ -132,7 +133,7 @@ def fit_supervised(
         ).fit(X, y)
     elif name == "xgboost":
         est = _fit_xgboost(params, X, y, classes, seed)
-    elif name in ("central_cnn", "central_logistic"):
+    elif "model" in SUPERVISED_DEFAULTS.get(name, {}):
         est = _fit_keras(params, X, y, n_classes, seed, train_cfg or {}, epochs, model_cfgs or {})
         classes = np.arange(n_classes)
     else:

@@ -26,6 +26,10 @@ UNSUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
     "one_class_svm": {"gamma": "scale", "max_exact_rows": 10000, "n_components": 300},
     # LOF is quadratic too; above max_fit_rows it fits on a random subsample.
     "local_outlier_factor": {"n_neighbors": 20, "max_fit_rows": 20000},
+    # The federated autoencoder's twin: the same network on the pooled normal rows, for the
+    # federated training budget (train.* settings, rounds x local epochs); `model` picks
+    # conf/model/<name>.yaml.
+    "central_autoencoder": {"model": "autoencoder"},
 }
 FIT_ON = ("normal", "all")
 CONTAMINATION_FLOOR = 0.01
@@ -110,6 +114,7 @@ def fit_detector(
     fit_on: str,
     contamination: Any,
     seed: int,
+    keras_fit: Mapping | None = None,
 ) -> tuple[FittedDetector, dict]:
     """Fit one detector, orient its score and tune its threshold on validation rows.
 
@@ -131,6 +136,9 @@ def fit_detector(
         See :func:`resolve_contamination`.
     seed : int
         Random seed.
+    keras_fit : Mapping, optional
+        For ``central_autoencoder``: ``train_cfg``, ``epochs`` and ``model_cfgs``
+        (the federated training settings and model configs).
 
     Returns
     -------
@@ -160,6 +168,8 @@ def fit_detector(
         est, method, used = _one_class_svm(params, X_fit, c, seed)
     elif name == "local_outlier_factor":
         est, method, used = _local_outlier_factor(params, X_fit, c, rng)
+    elif name == "central_autoencoder":
+        est, method, used = _autoencoder(params, X_fit, seed, keras_fit or {})
     else:
         raise FedadError(
             f"Unknown unsupervised baseline '{name}'. Valid names: "
@@ -228,3 +238,55 @@ def _local_outlier_factor(params: Mapping, X: np.ndarray, c: float, rng: np.rand
         n_jobs=N_JOBS,
     ).fit(X)
     return est, method, len(X)
+
+
+class ReconstructionError:
+    """A fitted Keras autoencoder as a detector: ``score_samples`` is minus the error.
+
+    Attributes
+    ----------
+    model : keras.Model
+        The autoencoder.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """Minus the mean squared reconstruction error (higher = more normal), as sklearn's."""
+        rebuilt = np.concatenate(
+            [self.model.predict_on_batch(X[i : i + 4096]) for i in range(0, len(X), 4096)]
+        )
+        return -np.mean((X.astype(np.float64) - rebuilt.astype(np.float64)) ** 2, axis=1)
+
+
+def _autoencoder(params: Mapping, X: np.ndarray, seed: int, keras_fit: Mapping):
+    """The federated autoencoder's architecture, trained on the pooled fit rows."""
+    import keras
+
+    from fedad.models.keras_models import build_model
+
+    train_cfg = keras_fit.get("train_cfg") or {}
+    model_cfgs = keras_fit.get("model_cfgs") or {}
+    if params["model"] not in model_cfgs:
+        raise FedadError(
+            f"central_autoencoder needs the '{params['model']}' model config, but the caller "
+            f"passed only: {', '.join(model_cfgs) or 'none'}."
+        )
+    keras.utils.set_random_seed(seed)
+    model = build_model(
+        model_cfgs[params["model"]],
+        X.shape[1],
+        2,
+        float(train_cfg.get("learning_rate", 0.001)),
+        str(train_cfg.get("optimizer", "adam")),
+    )
+    model.fit(
+        X,
+        X,
+        epochs=int(keras_fit.get("epochs", 1)),
+        batch_size=int(train_cfg.get("batch_size", 64)),
+        shuffle=True,
+        verbose=0,
+    )
+    return ReconstructionError(model), "exact", len(X)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +11,22 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from fedad.data import audit, sources
+from fedad.data import audit, labels, sources
+from fedad.data.labels import INTERNAL
 from fedad.data.prepared import PreparedData
-from fedad.data.preprocess import Preprocessor, infer_categorical
+from fedad.data.preprocess import (
+    NUMERIC_SHARE,
+    Preprocessor,
+    infer_categorical,
+    numeric_share,
+    written_numbers,
+)
 from fedad.errors import FedadError
+from fedad.metrics import MIN_CLASS_ROWS, small_classes
 
 log = logging.getLogger(__name__)
 
 TASKS = ("binary", "multiclass")
-# Columns prepare adds to the raw frame: the binary label and the class name.
-INTERNAL = ("_attack", "_class")
 
 
 def prepare(
@@ -61,12 +66,14 @@ def prepare(
     if task not in TASKS:
         raise FedadError(f"task must be one of {', '.join(TASKS)} (got '{task}').")
     raw = sources.load(dataset, data_dir, seed)
-    notes: dict = {"origin": raw.origin}
-    train, notes["rows_without_label"] = _labelled(raw.train, dataset, task)
-    test = None
-    if raw.test is not None:
-        test, unlabelled = _labelled(raw.test, dataset, task)
-        notes["rows_without_label"] += unlabelled
+    notes: dict = {"origin": raw.origin, "warnings": raw.warnings}
+    train, test, facts = labels.attach(raw.train, raw.test, dataset, task)
+    notes.update(facts)
+    for text in labels.near_misses(facts, dataset):
+        raw.warn(text)
+    natural = dataset.get("natural_column")
+    if natural and natural not in train.columns:
+        raise labels.missing_column(natural, "natural_column", train.columns)
 
     dropped = 0
 
@@ -97,6 +104,7 @@ def prepare(
             f"nothing to learn to separate. Check dataset.label_column="
             f"'{dataset['label_column']}' and dataset.normal_value='{dataset['normal_value']}'."
         )
+    notes["small_test_classes"] = _check_test_classes(y_test, class_names, dataset, raw)
 
     table = audit.single_feature_auc(train[features], train["_attack"].to_numpy(), seed)
     notes["audit"] = table.to_dict(orient="records")
@@ -112,6 +120,7 @@ def prepare(
             f"dataset.categorical_columns names {unknown}, which are not feature columns. "
             f"Feature columns: {', '.join(features)}."
         )
+    notes["written_numbers"] = _written_numbers(train[features], categorical, dataset, raw)
     encoder = Preprocessor(categorical, bool(preprocess.get("log_transform", True)))
     encoder.fit(train[features])
     X_train = encoder.transform(train[features])
@@ -123,8 +132,14 @@ def prepare(
             "test rows hold categories never seen in training, encoded as all zeros: %s",
             ", ".join(f"{col} ({n} cells)" for col, n in encoder.unseen.items()),
         )
+    if encoder.out_of_range:
+        raw.warn(
+            "Values too large for float32 (beyond ±3.4e38) were replaced by the training median "
+            "and counted as cleaned_cells.out_of_range: "
+            + ", ".join(f"'{col}' ({n} cells)" for col, n in encoder.out_of_range.items())
+            + ". preprocess.log_transform=true keeps such values, on a log scale."
+        )
 
-    natural = dataset.get("natural_column")
     return PreparedData(
         X_train=X_train,
         y_train=y_train,
@@ -136,81 +151,8 @@ def prepare(
         groups_train=train[natural].astype(str).to_numpy() if natural else None,
         scaler=StandardScaler().fit(X_train),
         notes=notes,
+        preprocessor=encoder,
     )
-
-
-def _labelled(frame: pd.DataFrame, dataset: Mapping, task: str) -> tuple[pd.DataFrame, int]:
-    """Add ``_attack`` (0/1) and ``_class`` (class name; normal rows are 'normal').
-
-    Rows without a label (an empty cell, or a row cut short as the last line of a
-    truncated file) cannot be learnt from or scored: they are dropped and counted.
-    """
-    label = dataset["label_column"]
-    if label not in frame.columns:
-        hint = (
-            " Only one column was read: is dataset.sep right for this file?"
-            if frame.shape[1] == 1
-            else _did_you_mean(label, frame.columns)
-        )
-        raise FedadError(
-            f"Label column '{label}' (dataset.label_column) is not in the data. Columns found: "
-            f"{', '.join(map(str, frame.columns))}.{hint} Set dataset.label_column to one of them."
-        )
-    frame, unlabelled = _drop_unlabelled(frame, label)
-    values = frame[label].astype(str).str.strip()
-    normal = str(dataset["normal_value"]).strip()
-    is_normal = values == normal
-    numeric = pd.to_numeric(values, errors="coerce")
-    normal_number = pd.to_numeric(pd.Series([normal]), errors="coerce")[0]
-    if not np.isnan(normal_number):
-        is_normal |= numeric == normal_number
-    frame["_attack"] = (~is_normal).astype(int)
-
-    if task == "binary":
-        frame["_class"] = np.where(is_normal, "normal", "attack")
-        return frame, unlabelled
-    class_column = dataset.get("class_column") or label
-    if class_column not in frame.columns:
-        columns = [c for c in frame.columns if c not in INTERNAL]
-        raise FedadError(
-            f"task=multiclass needs an attack-type column, but dataset.class_column="
-            f"'{class_column}' is not in the data (columns: {', '.join(map(str, columns))})."
-            f"{_did_you_mean(class_column, columns)} Set dataset.class_column to the column "
-            "naming each row's attack type, or use task=binary."
-        )
-    classes = frame[class_column].astype(str).str.strip()
-    class_map = dict(dataset.get("class_map") or {})
-    if class_map:
-        classes = classes.map(lambda c: class_map.get(c, c))
-    frame["_class"] = np.where(is_normal, "normal", classes)
-    return frame, unlabelled
-
-
-def _did_you_mean(name: str, columns: Iterable[object]) -> str:
-    close = difflib.get_close_matches(str(name), [str(c) for c in columns], n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-def _drop_unlabelled(frame: pd.DataFrame, label: str) -> tuple[pd.DataFrame, int]:
-    empty = frame[label].isna() | (frame[label].astype(str).str.strip() == "")
-    n_empty = int(empty.sum())
-    if n_empty == len(frame):
-        raise FedadError(
-            f"Every row has an empty label column '{label}' (dataset.label_column), so there is "
-            "nothing to learn from. Check that dataset.label_column names the label, and that "
-            "dataset.columns (for a file without a header) lists as many names as the file has "
-            "fields, in order."
-        )
-    if n_empty:
-        log.warning(
-            "%d row(s) have an empty label column '%s' (a truncated last line, or empty cells); "
-            "they are dropped. results.json counts them as data.rows_without_label.",
-            n_empty,
-            label,
-        )
-        frame = frame.loc[~empty].reset_index(drop=True)
-    # A copy, consolidated: the label columns are added to it next.
-    return frame.copy(), n_empty
 
 
 def _feature_columns(frame: pd.DataFrame, dataset: Mapping) -> list[str]:
@@ -280,3 +222,54 @@ def _class_names(train: pd.DataFrame, test: pd.DataFrame, task: str) -> list[str
         return ["normal", "attack"]
     attacks = sorted((set(train["_class"]) | set(test["_class"])) - {"normal"})
     return ["normal", *attacks]
+
+
+def _check_test_classes(
+    y_test: np.ndarray, class_names: list[str], dataset: Mapping, raw: sources.RawData
+) -> dict[str, int]:
+    """Refuse a test set that cannot measure a detector; flag its classes with few rows."""
+    present = np.unique(y_test)
+    if len(present) < 2:
+        where = (
+            f"The test file (dataset.test_file={dataset['test_file']})"
+            if raw.test is not None
+            else "The test part of the split"
+        )
+        raise FedadError(
+            f"{where} holds {len(y_test)} row(s) of a single class "
+            f"('{class_names[present[0]]}'), so no score of a model on it means anything "
+            "(macro-F1, ROC-AUC, PR-AUC and FPR need normal and attack rows). Use a test file "
+            "with both, or give one file as dataset.path and fedad splits it."
+        )
+    small = small_classes(y_test, class_names)
+    if small:
+        raw.warn(
+            f"The test set holds fewer than {MIN_CLASS_ROWS} rows of "
+            + ", ".join(f"'{name}' ({n})" for name, n in small.items())
+            + ": scores of those classes, and the macro averages, rest on few rows."
+        )
+    return small
+
+
+def _written_numbers(
+    frame: pd.DataFrame, categorical: list[str], dataset: Mapping, raw: sources.RawData
+) -> dict[str, int]:
+    """Warn of numbers the reader left as text: one-hot encoded, or cleaned as junk."""
+    found = {}
+    for col, (n, example, setting) in written_numbers(frame).items():
+        if col in categorical:
+            # Listed by the user, or mostly text: one-hot encoding is what was asked.
+            if dataset.get("categorical_columns") is not None:
+                continue
+            if numeric_share(frame[col]) + n / frame[col].notna().sum() < NUMERIC_SHARE:
+                continue
+            fate = "is one-hot encoded as categorical"
+        else:
+            fate = f"has {n} such cells replaced by the median as junk text"
+        found[col] = n
+        raw.warn(
+            f"Column '{col}' holds numbers written as text (e.g. '{example}') and {fate}. Set "
+            f"{setting} (dataset.thousands / dataset.decimal say how the file writes numbers) "
+            "to read them as numbers."
+        )
+    return found

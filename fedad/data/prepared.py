@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.preprocessing import StandardScaler
 
+from fedad.data.preprocess import Preprocessor
+
 
 @dataclass
 class PreparedData:
@@ -36,6 +38,9 @@ class PreparedData:
     notes : dict
         Facts worth reporting: duplicates dropped, shared train/test
         duplicates, cleaned numeric cells, audit flags.
+    preprocessor : Preprocessor or None
+        What turned the raw feature columns into ``X_*`` (fitted on training
+        rows only): a saved detector encodes new rows with it.
     """
 
     X_train: np.ndarray
@@ -48,6 +53,7 @@ class PreparedData:
     groups_train: np.ndarray | None = None
     scaler: StandardScaler = field(default_factory=StandardScaler)
     notes: dict = field(default_factory=dict)
+    preprocessor: Preprocessor | None = None
 
     @property
     def n_features(self) -> int:

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
-from dataclasses import dataclass
+import logging
+import lzma
+import zipfile
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from fedad import checks
 from fedad.data import synthetic
+from fedad.data.preprocess import numeric_share
 from fedad.errors import FedadError
+
+log = logging.getLogger(__name__)
+
+# dataset.label_case: exact = a label must equal dataset.normal_value, spaces around it
+# aside; insensitive = case is ignored too, and class names are reported in lower case.
+LABEL_CASES = ("exact", "insensitive")
+# Rows of a column looked at to judge whether a file's first row is a header.
+HEADER_SAMPLE = 1000
 
 
 @dataclass
@@ -19,11 +32,18 @@ class RawData:
     """Raw frames as read, before any cleaning.
 
     ``test`` is None when the dataset is one file; the caller then splits ``train``.
+    ``warnings`` holds what was noticed on the way (a header that looks like data,
+    labels spelt almost like the normal value, ...), each also logged.
     """
 
     train: pd.DataFrame
     test: pd.DataFrame | None
     origin: str
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, text: str) -> None:
+        """Log ``text`` as a warning and keep it for ``results.json``."""
+        _warn(self.warnings, text)
 
 
 def check_config(cfg: Mapping) -> list[str]:
@@ -49,9 +69,11 @@ def check_config(cfg: Mapping) -> list[str]:
         checks.flag(cfg, "header", "dataset"),
         checks.flag(cfg, "drop_duplicates", "dataset"),
     ]
+    problems.append(checks.choice(cfg, "label_case", "dataset", LABEL_CASES))
     for key in ("sep", "label_column"):
         if key in cfg and not (isinstance(cfg[key], str) and cfg[key]):
             problems.append(f"dataset.{key} must be a non-empty text, got {cfg[key]!r}")
+    problems += _number_format_problems(cfg)
     for key in ("path", "train_file", "test_file", "class_column", "natural_column"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             problems.append(f"dataset.{key} must be a text (or null), got {cfg[key]!r}")
@@ -66,6 +88,25 @@ def check_config(cfg: Mapping) -> list[str]:
             f"dataset.class_map must be a mapping of class names, got {cfg['class_map']!r}"
         )
     return [p for p in problems if p]
+
+
+def _number_format_problems(cfg: Mapping) -> list[str]:
+    """``dataset.thousands`` (or null) and ``dataset.decimal``: one character each, distinct."""
+    problems = []
+    marks = {}
+    for key, default in (("thousands", None), ("decimal", ".")):
+        value = cfg.get(key, default)
+        if value is None and key == "thousands":
+            continue
+        if not (isinstance(value, str) and len(value) == 1):
+            problems.append(f"dataset.{key} must be one character (e.g. ','), got {value!r}")
+            continue
+        marks[key] = value
+    if len(marks) == 2 and marks["thousands"] == marks["decimal"]:
+        problems.append(
+            f"dataset.thousands and dataset.decimal must differ, both are {marks['decimal']!r}"
+        )
+    return problems
 
 
 def load(cfg: Mapping, data_dir: str | Path, seed: int) -> RawData:
@@ -104,12 +145,14 @@ def load(cfg: Mapping, data_dir: str | Path, seed: int) -> RawData:
                 f"dataset '{cfg['name']}' sets dataset.train_file but no dataset.test_file. "
                 "Give both, or give a single file as dataset.path and fedad splits it."
             )
-        train = _read_csv(cfg, data_dir, "train_file")
-        test = _read_csv(cfg, data_dir, "test_file")
+        warnings: list[str] = []
+        train = _read_csv(cfg, data_dir, "train_file", warnings)
+        test = _read_csv(cfg, data_dir, "test_file", warnings)
         _check_same_columns(train, test, cfg)
-        return RawData(train, test, f"{cfg['train_file']} -> {cfg['test_file']}")
+        return RawData(train, test, f"{cfg['train_file']} -> {cfg['test_file']}", warnings)
     if cfg.get("path"):
-        return RawData(_read_csv(cfg, data_dir, "path"), None, str(cfg["path"]))
+        warnings = []
+        return RawData(_read_csv(cfg, data_dir, "path", warnings), None, str(cfg["path"]), warnings)
     raise FedadError(
         f"dataset '{cfg['name']}' names no file. Set dataset.path=<file.csv> (fedad splits it "
         "into train and test), or dataset.train_file and dataset.test_file."
@@ -122,7 +165,52 @@ def resolve(data_dir: str | Path, relative: str) -> Path:
     return path if path.is_absolute() else Path(data_dir).expanduser() / path
 
 
-def _read_csv(cfg: Mapping, data_dir: str | Path, key: str) -> pd.DataFrame:
+def looks_like_data(names: Iterable[object]) -> bool:
+    """Whether most of ``names`` are numbers: a data row taken for a header.
+
+    Parameters
+    ----------
+    names : Iterable[object]
+        Column names as read.
+
+    Returns
+    -------
+    bool
+    """
+    names = pd.Series([str(n) for n in names], dtype=object)
+    return bool(len(names)) and numeric_share(names) >= 0.5
+
+
+def _header_warning(frame: pd.DataFrame, cfg: Mapping, path: Path, key: str) -> str | None:
+    """What looks wrong with the header setting of the file just read, if anything."""
+    if cfg.get("header", True):
+        if not looks_like_data(frame.columns):
+            return None
+        return (
+            f"The header row of {path} (dataset.{key}) looks like data "
+            f"({', '.join(map(str, frame.columns[:5]))}): with dataset.header=true it is read "
+            "as column names, and lost as a row. If the file has no header, set "
+            "dataset.header=false and name the columns in dataset.columns."
+        )
+    # A header read as data: names above columns whose other cells are numbers.
+    sample = frame.iloc[1 : HEADER_SAMPLE + 1]
+    numeric = [c for c in frame.columns if len(sample) and numeric_share(sample[c]) >= 0.9]
+    first = frame.iloc[0][numeric].dropna().astype(str)
+    if first.empty or numeric_share(first) > 0.5:
+        return None
+    return (
+        f"The first row of {path} (dataset.{key}) looks like column names "
+        f"({', '.join(frame.iloc[0].astype(str).iloc[:5])}), but dataset.header=false reads it as "
+        "a data row. If the file has a header, set dataset.header=true."
+    )
+
+
+def _warn(warnings: list[str], text: str) -> None:
+    log.warning(text)
+    warnings.append(text)
+
+
+def _read_csv(cfg: Mapping, data_dir: str | Path, key: str, warnings: list[str]) -> pd.DataFrame:
     path = resolve(data_dir, str(cfg[key]))
     if not path.is_file():
         where = cfg.get("source") or "the dataset's publisher"
@@ -150,6 +238,8 @@ def _read_csv(cfg: Mapping, data_dir: str | Path, key: str) -> pd.DataFrame:
             path,
             sep=cfg.get("sep", ","),
             header=0 if cfg.get("header", True) else None,
+            thousands=cfg.get("thousands"),
+            decimal=cfg.get("decimal", "."),
             skipinitialspace=True,
             low_memory=False,
         )
@@ -158,7 +248,17 @@ def _read_csv(cfg: Mapping, data_dir: str | Path, key: str) -> pd.DataFrame:
             f"Data file {path} (dataset.{key}) is empty. Check that the download finished and "
             "that the file is the CSV the dataset config expects."
         ) from err
-    except (pd.errors.ParserError, UnicodeDecodeError, csv.Error, EOFError, OSError) as err:
+    except (
+        pd.errors.ParserError,
+        UnicodeDecodeError,
+        csv.Error,
+        EOFError,
+        OSError,
+        # A damaged compressed file: its decompressor's own error.
+        zlib.error,
+        lzma.LZMAError,
+        zipfile.BadZipFile,
+    ) as err:
         reason = " ".join(str(err).split())
         raise FedadError(
             f"Data file {path} (dataset.{key}) could not be read as CSV: {reason}. Check the "
@@ -171,6 +271,9 @@ def _read_csv(cfg: Mapping, data_dir: str | Path, key: str) -> pd.DataFrame:
             f"Data file {path} (dataset.{key}) has a header but no data rows. Check that the "
             "download finished."
         )
+    noticed = _header_warning(frame, cfg, path, key)
+    if noticed:
+        _warn(warnings, noticed)
     if columns:
         # Checked here: pandas given fewer names than fields silently makes the extra fields an
         # index, and given more names fills the missing columns with NaN.

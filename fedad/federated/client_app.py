@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedad.federated import faults, scaling, shards
-from fedad.federated.task import (
-    Settings,
-    evaluation_metrics,
-    init_runtime,
-    load_site,
-    local_model,
-    predict,
-    run_settings,
-    train_local,
-)
+from fedad.federated import attacks, faults, privacy, scaling, shards
+from fedad.federated.families import family_for
+from fedad.federated.task import Settings, load_site, run_settings
 
 
 def client_app(settings: Settings | None = None) -> ClientApp:
@@ -29,14 +19,17 @@ def client_app(settings: Settings | None = None) -> ClientApp:
         Flat run settings (``run-dir``, ``seed``, ``class-names``,
         ``num-features``, ``model.*``, ``train.*``,
         ``simulation.client_failure_rate``, ``simulation.failure_mode``,
-        ``simulation.round_timeout``, ``client-threads``). The Simulation
-        Engine has no run config, so it passes them here; under ``flwr run``
-        the same keys come from ``context.run_config`` and take precedence.
+        ``simulation.round_timeout``, ``client-threads``, ``attack.*``,
+        ``privacy.*``). The Simulation Engine has no run config, so it passes
+        them here; under ``flwr run`` the same keys come from
+        ``context.run_config`` and take precedence.
 
     Returns
     -------
     ClientApp
-        Handles ``query`` (feature sums for scaling), ``train`` and ``evaluate``.
+        Handles ``query`` (feature sums for scaling), ``train`` and ``evaluate``;
+        the privacy mods (:mod:`fedad.federated.privacy`) sit on ``train`` and
+        ``evaluate`` only, since Flower's DP mods reject other messages.
     """
     defaults = dict(settings or {})
     app = ClientApp()
@@ -45,11 +38,11 @@ def client_app(settings: Settings | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, run_settings(defaults, context.run_config))
 
-    @app.train()
+    @app.train(mods=[privacy.train_mod(defaults)])
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, run_settings(defaults, context.run_config))
 
-    @app.evaluate()
+    @app.evaluate(mods=[privacy.evaluate_mod(defaults)])
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, run_settings(defaults, context.run_config))
 
@@ -72,42 +65,42 @@ def handle_query(msg: Message, context: Context, settings: Settings) -> Message:
 
 
 def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
-    """Train the received global model on the local shard; reply with the new weights."""
-    init_runtime(settings)
+    """Train the received global model on the local shard; reply with the new model.
+
+    A malicious site (``attack.*``) poisons its reply (:func:`fedad.federated.attacks.train_site`).
+    """
+    family = family_for(settings)
+    family.init_runtime()
     pid = int(context.node_config["partition-id"])
     config = msg.content["config"]
     server_round = int(config["server-round"])
     if faults.fails(settings, context, config):
-        return faults.failure_reply(
-            msg, pid, server_round, faults.act_out_failure(settings, pid, server_round)
-        )
-    site = load_site(settings, pid, config)
-    model = local_model(settings)
-    history = train_local(
-        model,
+        detail = faults.act_out_failure(settings, pid, server_round)
+        return faults.failure_reply(msg, pid, server_round, detail)
+    site = load_site(settings, pid, config, family.val_fraction())
+    arrays, metrics = attacks.train_site(
+        family,
         msg.content["arrays"].to_numpy_ndarrays(),
         site,
+        config,
         settings,
-        mu=float(config.get("proximal-mu", 0.0)),
+        pid,
+        int(context.node_config["num-partitions"]),
         seed=int(settings["seed"]) + 1000 * server_round + pid,
     )
-    metrics = MetricRecord({**history, "num-examples": len(site.y_train)})
-    arrays = ArrayRecord(model.get_weights())
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    reply = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+    return Message(reply, reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, settings: Settings) -> Message:
     """Score the received global model on the local test slice."""
-    init_runtime(settings)
+    family = family_for(settings)
+    family.init_runtime()
     pid = int(context.node_config["partition-id"])
     config = msg.content["config"]
     # The final pass over all sites measures the final model, so nothing fails there.
     if not config.get("final", False) and faults.fails(settings, context, config):
         return faults.failure_reply(msg, pid, int(config["server-round"]))
-    site = load_site(settings, pid, config)
-    model = local_model(settings)
-    model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
-    scores = predict(model, site.X_test)
-    metrics = evaluation_metrics(site.y_test, scores, json.loads(settings["class-names"]))
-    record = MetricRecord({**metrics, "num-examples": len(site.y_test)})
-    return Message(RecordDict({"metrics": record}), reply_to=msg)
+    site = load_site(settings, pid, config, family.val_fraction())
+    metrics = family.site_metrics(msg.content["arrays"].to_numpy_ndarrays(), site, config)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -22,6 +22,25 @@ MIN_POLL_SECONDS = 0.005
 POLL_COST_SHARE = 0.05
 
 
+# Payload counters, in bytes: model arrays and everything else (metrics, configs), each way.
+PAYLOAD = ("bytes_down_arrays", "bytes_down_other", "bytes_up_arrays", "bytes_up_other")
+
+
+def payload(message: Message) -> tuple[int, int]:
+    """``(array bytes, other bytes)`` of a message's content, as its records count them.
+
+    The records' own counts (``count_bytes``): array data and metric/config values
+    plus their keys, without Flower's framing. An error reply carries none.
+    """
+    if message.has_error():
+        return 0, 0
+    content = message.content
+    arrays = sum(r.count_bytes() for r in content.array_records.values())
+    other = sum(r.count_bytes() for r in content.metric_records.values())
+    other += sum(r.count_bytes() for r in content.config_records.values())
+    return arrays, other
+
+
 class Stopped(Exception):
     """The simulation is being interrupted (Ctrl-C, SIGTERM) while the ServerApp waits."""
 
@@ -36,8 +55,9 @@ class SiteGrid(Grid):
     replies and replies missing at the timeout are counted per message type
     and logged with the site's partition id and the reason. Once ``stop`` is
     set, waiting raises :class:`Stopped`, so the ServerApp thread ends with
-    the process instead of waiting out the round. Everything else is
-    delegated to the wrapped Grid.
+    the process instead of waiting out the round. The payload of every
+    message sent and every reply received is counted (:data:`PAYLOAD`), for
+    the round's history row. Everything else is delegated to the wrapped Grid.
     """
 
     def __init__(self, grid: Grid, stop: threading.Event | None = None) -> None:
@@ -45,6 +65,7 @@ class SiteGrid(Grid):
         self.stop = stop
         self.partition_of: dict[int, int] = {}
         self.failures: Counter[str] = Counter()
+        self.payload: Counter[str] = Counter()
 
     def set_run(self, run) -> None:
         """Set the run on the wrapped Grid."""
@@ -91,6 +112,11 @@ class SiteGrid(Grid):
             time.sleep(min(POLL_SECONDS, max(MIN_POLL_SECONDS, cost / POLL_COST_SHARE)))
         replies.sort(key=lambda m: self._order(m.metadata.src_node_id))
         self._count_failures(messages, replies, timeout)
+        for direction, batch in (("down", messages), ("up", replies)):
+            for message in batch:
+                arrays, other = payload(message)
+                self.payload[f"bytes_{direction}_arrays"] += arrays
+                self.payload[f"bytes_{direction}_other"] += other
         return replies
 
     def check_stop(self) -> None:
@@ -119,6 +145,12 @@ class SiteGrid(Grid):
                 # An actor's death comes with a page of Ray internals; its first line says it.
                 reason.strip().splitlines()[0][:300] if reason.strip() else "no reason given",
             )
+
+    def take_payload(self) -> dict[str, int]:
+        """Return and reset the payload bytes counted so far, by :data:`PAYLOAD` key."""
+        counts = {key: int(self.payload[key]) for key in PAYLOAD}
+        self.payload.clear()
+        return counts
 
     def take_failures(self) -> tuple[int, int]:
         """Return and reset the ``(train, evaluate)`` failures counted so far."""

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-import keras
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -15,8 +14,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedad.errors import FedadError
 from fedad.federated import checkpoint
+from fedad.federated.family import Family
 from fedad.federated.grid import SiteGrid
-from fedad.federated.task import evaluation_metrics
 from fedad.progress import clock
 
 log = logging.getLogger(__name__)
@@ -31,11 +30,21 @@ class Rounds(Strategy):
     numbers of an uninterrupted run; site sampling is seeded with the seed and
     that round for the same reason. A training round with fewer good replies
     than ``min_replies`` raises :class:`FedadError`. The aggregated client
-    metrics of each round are kept for the history.
+    metrics of each round are kept for the history. A model ``family`` adds
+    its entries to each evaluate config and hears what the sites' aggregated
+    evaluation says (the autoencoder's threshold).
     """
 
-    def __init__(self, strategy: Strategy, done: int, seed: int, min_replies: int) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        done: int,
+        seed: int,
+        min_replies: int,
+        family: Family | None = None,
+    ) -> None:
         self.strategy = strategy
+        self.family = family
         self.done = done
         self.seed = seed
         self.min_replies = min_replies
@@ -64,7 +73,8 @@ class Rounds(Strategy):
         server_round = self.absolute(server_round)
         replies = list(replies)
         good = sum(not m.has_error() for m in replies)
-        if good < self.min_replies:
+        # FedXgbCyclic samples one site a round: its reply is all a round can have.
+        if good < min(self.min_replies, self.sampled):
             raise FedadError(
                 f"Round {server_round} got training replies from only {good} of the "
                 f"{self.sampled} sampled sites, fewer than simulation.min_clients="
@@ -81,6 +91,8 @@ class Rounds(Strategy):
         """Sample and configure this round's client evaluation, seeded by the absolute round."""
         server_round = self.absolute(server_round)
         random.seed(f"{self.seed}/evaluate/{server_round}")
+        if self.family is not None:
+            config = ConfigRecord({**config, **self.family.evaluate_config()})
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
@@ -90,7 +102,11 @@ class Rounds(Strategy):
         server_round = self.absolute(server_round)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         if metrics is not None:
-            self.evaluate_metrics[server_round] = metrics
+            if self.family is not None:
+                self.family.after_evaluate(metrics)
+            # Lists are per-bin counts (the autoencoder's): what the history keeps is scalars.
+            scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+            self.evaluate_metrics[server_round] = MetricRecord(scalars)
         return metrics
 
     def summary(self) -> None:
@@ -106,23 +122,28 @@ class ServerEvaluator:
     per round, keeps the latest global arrays, logs one line per round and
     hands the round's state to the :class:`~fedad.federated.checkpoint.Checkpointer`.
     ``history`` holds the rows of the rounds a resumed run already has.
+    ``targets`` (the classes a targeted attack relabels as normal) adds each
+    round's ``attack_success``; ``fields`` adds what it returns to each row
+    (the privacy budget spent so far), and an ``epsilon`` there is logged.
     """
 
     def __init__(
         self,
-        model: keras.Model,
+        family: Family,
         X_test: np.ndarray,
         y_test: np.ndarray,
-        class_names: list[str],
         num_rounds: int,
         grid: SiteGrid,
         rounds: Rounds,
         checkpointer: checkpoint.Checkpointer,
         history: list[dict],
+        targets: list[int] | None = None,
+        fields: Callable[[], dict] | None = None,
     ) -> None:
-        self.model = model
+        self.family = family
+        self.targets = targets
+        self.fields = fields
         self.X_test, self.y_test = X_test, y_test
-        self.class_names = class_names
         self.num_rounds = num_rounds
         self.grid = grid
         self.rounds = rounds
@@ -141,10 +162,13 @@ class ServerEvaluator:
             # Flower first evaluates the initial arrays: resumed, they are the
             # checkpoint's model, evaluated in its own round already.
             return None
-        self.model.set_weights(arrays.to_numpy_ndarrays())
-        scores = self.model.predict(self.X_test, batch_size=4096, verbose=0)
-        metrics = evaluation_metrics(self.y_test, scores, self.class_names)
+        config = self.family.evaluate_config()
+        if self.targets is not None:
+            config = {**config, "attack-targets": self.targets}
+        metrics = self.family.metrics(arrays.to_numpy_ndarrays(), self.X_test, self.y_test, config)
+        extra = self.fields() if self.fields else {}
         train_failures, eval_failures = self.grid.take_failures()
+        payload = self.grid.take_payload()
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
         started_at, self._started_at = self._started_at, time.time()
@@ -155,6 +179,9 @@ class ServerEvaluator:
                 **metrics,
                 **self.rounds.train_metrics.get(server_round, {}),
                 **{f"client_{k}": v for k, v in client.items()},
+                **self.family.history_fields(),
+                **payload,
+                **extra,
                 "failures": train_failures,
                 "eval_failures": eval_failures,
                 "seconds": seconds,
@@ -166,7 +193,7 @@ class ServerEvaluator:
         left = self.num_rounds - server_round
         eta = np.mean(self._round_seconds) * left if self._round_seconds else None
         log.info(
-            "round %d/%d  loss %.3f  macro-F1 %.3f  ROC-AUC %.3f  failures %d  %.1f s  ETA %s",
+            "round %d/%d  loss %.3f  macro-F1 %.3f  ROC-AUC %.3f  failures %d  %.1f s%s  ETA %s",
             server_round,
             self.num_rounds,
             metrics["loss"],
@@ -174,6 +201,11 @@ class ServerEvaluator:
             metrics["roc_auc"],
             train_failures,
             seconds,
+            "".join(
+                f"  {name} {self.rows[-1][key]:.3g}"
+                for key, name in (("attack_success", "attack success"), ("epsilon", "ε"))
+                if key in self.rows[-1]
+            ),
             "?" if eta is None else clock(eta),
         )
         self.checkpointer.round_done(server_round, arrays.to_numpy_ndarrays(), self.rows)

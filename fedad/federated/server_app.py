@@ -6,10 +6,8 @@ import json
 import logging
 import threading
 import time
-import warnings
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -18,16 +16,22 @@ from flwr.serverapp import Grid, ServerApp
 from fedad import rundir
 from fedad.config import section
 from fedad.errors import FedadError
-from fedad.federated import checkpoint, scaling, shards
-from fedad.federated.grid import POLL_SECONDS, SiteGrid
+from fedad.federated import attacks, checkpoint, privacy, scaling, shards
+from fedad.federated.families import family_for
+from fedad.federated.grid import PAYLOAD, POLL_SECONDS, SiteGrid
 from fedad.federated.rounds import Rounds, ServerEvaluator
 from fedad.federated.strategies import build_strategy
-from fedad.federated.task import Settings, global_model, run_settings
+from fedad.federated.task import Settings, run_settings
+from fedad.resolvers import sampled_sites
 
 log = logging.getLogger(__name__)
 
 # Flower's own default for how long a round waits for replies.
 DEFAULT_ROUND_TIMEOUT = 3600.0
+# Payload is reported in MB of 10^6 bytes.
+MB = 1e6
+# The final model is evaluated at every site up to this many, else at a sample of this many.
+FINAL_EVAL_SITES = 100
 
 
 def server_app(settings: Settings | None = None, stop: threading.Event | None = None) -> ServerApp:
@@ -97,6 +101,11 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     the pooled statistics are the best estimate of the population the global
     model serves.
 
+    Attacks and privacy: under a targeted attack (``attack.*``) each round's
+    row holds the attack success on the global test set; under differential
+    privacy (``privacy.*``) the strategy runs inside Flower's DP wrapper and
+    each row holds the epsilon spent so far (:mod:`fedad.federated.privacy`).
+
     Checkpoints and faults: after every ``simulation.checkpoint_every`` rounds
     (round 0 and the last included) the global model, the strategy's state and
     the history go to ``run-dir/checkpoint`` (see :mod:`fedad.federated.checkpoint`);
@@ -130,7 +139,6 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     seed = int(settings["seed"])
     num_rounds = int(settings["simulation.num_rounds"])
     timeout = float(settings.get("simulation.round_timeout", DEFAULT_ROUND_TIMEOUT))
-    class_names = json.loads(str(settings["class-names"]))
     previous = checkpoint.load(run_dir) if settings.get("resume", False) else None
     done = previous.round if previous else 0
     sites = SiteGrid(grid, stop)
@@ -142,19 +150,29 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     if settings["simulation.scaling"] == "federated":
         config = ConfigRecord({"scale-mean": mean.tolist(), "scale-std": std.tolist()})
 
-    keras.utils.set_random_seed(seed)
-    model = global_model(settings)
+    family = family_for(settings)
+    family.seed_initial(seed)
     X_test, y_test = shards.read_shard(shards.test_path(run_dir), "server")
+    dp = privacy.settings_of(settings)
     strategy = build_strategy(
         section(settings, "strategy"),
         float(settings["simulation.fraction_train"]),
         float(settings["simulation.fraction_evaluate"]),
         int(settings["simulation.min_clients"]),
+        weight_key=privacy.WEIGHT_KEY if dp["name"] in privacy.CENTRAL else None,
     )
+    # The strategy Flower drives: under DP, Flower's wrapper and fedad's accounting around it.
+    runner = strategy
+    if dp["name"] != "none":
+        sim = {**section(settings, "simulation"), "num_clients": len(node_ids)}
+        runner = privacy.Private(strategy, dp, len(node_ids), sampled_sites(sim))
     if previous:
         checkpoint.restore_strategy_state(strategy, previous.strategy_state)
+        family.restore(previous.history[-1])
+        if isinstance(runner, privacy.Private):
+            runner.restore(previous.history[-1])
         log.info("resuming after round %d of %d from %s", done, num_rounds, run_dir)
-    rounds = Rounds(strategy, done, seed, int(settings["simulation.min_clients"]))
+    rounds = Rounds(runner, done, seed, int(settings["simulation.min_clients"]), family)
     checkpointer = checkpoint.Checkpointer(
         run_dir,
         int(settings.get("simulation.checkpoint_every", 1)),
@@ -164,20 +182,21 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
         saved_round=done if previous else None,
     )
     evaluator = ServerEvaluator(
-        model,
+        family,
         scaling.standardize(X_test, mean, std),
         y_test,
-        class_names,
         num_rounds,
         sites,
         rounds,
         checkpointer,
         previous.history if previous else [],
+        targets=attacks.targets(settings, family.class_names),
+        fields=runner.history_fields if isinstance(runner, privacy.Private) else None,
     )
     try:
         rounds.start(
             grid=sites,
-            initial_arrays=ArrayRecord(previous.arrays if previous else model.get_weights()),
+            initial_arrays=ArrayRecord(previous.arrays if previous else family.initial_arrays()),
             num_rounds=num_rounds - done,
             timeout=timeout,
             train_config=ConfigRecord(dict(config)),
@@ -195,20 +214,20 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
             ) from None
         raise
 
-    final_config = ConfigRecord({**config, "server-round": num_rounds, "final": True})
-    clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts, timeout)
+    final_config = ConfigRecord(
+        {**config, **family.evaluate_config(), "server-round": num_rounds, "final": True}
+    )
+    fraction = settings.get("simulation.final_eval_fraction")
+    chosen = final_evaluation_sites(
+        len(counts), None if fraction in (None, "") else float(fraction), seed
+    )
+    clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts, timeout, chosen)
     clients.to_csv(run_dir / rundir.CLIENTS_FILE, index=False)
+    # The final pass over every site is the last exchange: counted with the last round.
+    for key, value in sites.take_payload().items():
+        evaluator.rows[-1][key] += value
     _history(evaluator.rows).to_csv(run_dir / rundir.HISTORY_FILE, index=False)
-    model.set_weights(evaluator.arrays.to_numpy_ndarrays())
-    # A built optimizer is saved with all its slots, so loading the file with
-    # compile=True does not warn about missing optimizer variables.
-    model.optimizer.build(model.trainable_variables)
-    with warnings.catch_warnings():
-        # Keras 3.15 converts TF variables with a NumPy-2-deprecated call; harmless.
-        warnings.filterwarnings(
-            "ignore", message="__array__ implementation", category=DeprecationWarning
-        )
-        model.save(run_dir / rundir.MODEL_FILE)
+    family.save(evaluator.arrays.to_numpy_ndarrays(), run_dir)
 
 
 def _wait_for_nodes(sites: SiteGrid, expected: int, timeout: float = 300.0) -> list[int]:
@@ -260,38 +279,71 @@ def _pooled_statistics(
     return counts, mean, std
 
 
+def final_evaluation_sites(n_sites: int, fraction: float | None, seed: int) -> list[int]:
+    """The partition ids the final model is evaluated at (``simulation.final_eval_fraction``).
+
+    Parameters
+    ----------
+    n_sites : int
+        Sites of the run.
+    fraction : float or None
+        The share of sites; None: every site up to :data:`FINAL_EVAL_SITES`,
+        then a sample of that many.
+    seed : int
+        The run's seed: the sample is the same in every run.
+
+    Returns
+    -------
+    list[int]
+        Sorted partition ids; at least one.
+    """
+    count = min(n_sites, FINAL_EVAL_SITES) if fraction is None else round(fraction * n_sites)
+    count = max(1, min(n_sites, count))
+    if count == n_sites:
+        return list(range(n_sites))
+    chosen = np.random.default_rng((seed, n_sites)).permutation(n_sites)[:count]
+    return sorted(int(i) for i in chosen)
+
+
 def _final_site_metrics(
     sites: SiteGrid,
     arrays: ArrayRecord,
     config: ConfigRecord,
     counts: dict[int, int],
     timeout: float,
+    chosen: list[int],
 ) -> pd.DataFrame:
-    """Evaluate the final global model at every site; one row per site that replied."""
+    """Evaluate the final global model at the ``chosen`` sites; one row per site of the run.
+
+    Sites not chosen have ``evaluated`` False and no metrics; a chosen site
+    that failed has its ``error``.
+    """
+    node_of = {pid: node for node, pid in sites.partition_of.items()}
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": config}),
-            dst_node_id=n,
+            dst_node_id=node_of[pid],
             message_type=MessageType.EVALUATE,
         )
-        for n in sites.get_node_ids()
+        for pid in chosen
     ]
-    rows = []
+    rows = {pid: {"client": pid, "n_examples": n, "evaluated": False} for pid, n in counts.items()}
+    for pid in chosen:
+        rows[pid]["evaluated"] = True
     for reply in sites.send_and_receive(messages, timeout=timeout):
-        pid = sites.partition_of[reply.metadata.src_node_id]
-        row = {"client": pid, "n_examples": counts[pid]}
+        row = rows[sites.partition_of[reply.metadata.src_node_id]]
         if reply.has_error():
             row["error"] = reply.error.reason
         else:
             metrics = dict(reply.content["metrics"])
             row["n_test"] = metrics.pop("num-examples")
             row.update(metrics)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([rows[pid] for pid in sorted(rows)])
 
 
 def _history(rows: list[dict]) -> pd.DataFrame:
-    """The rows as a table, with the failure counts and timings last."""
+    """The rows as a table: metrics, payload (and the cumulative MB), failures and timings."""
     history = pd.DataFrame(rows)
-    tail = ["failures", "eval_failures", "seconds", "started_at"]
+    history["mb_cumulative"] = history[list(PAYLOAD)].sum(axis=1).cumsum() / MB
+    tail = [*PAYLOAD, "mb_cumulative", "failures", "eval_failures", "seconds", "started_at"]
     return history[[c for c in history.columns if c not in tail] + tail]

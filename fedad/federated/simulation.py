@@ -9,19 +9,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from fedad import rundir
+from fedad.comparison import ModelResult
 from fedad.config import Scalar, content, group_settings
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.federated import checkpoint, scaling, shards
+from fedad.federated import attacks, checkpoint, privacy, scaling, shards
 from fedad.federated.client_app import client_app
+from fedad.federated.families import load_scorer
+from fedad.federated.family import Scorer
+from fedad.federated.local_only import train_alone
 from fedad.federated.server_app import server_app
-from fedad.metrics import compute_metrics
+from fedad.metrics import attack_success_rate, compute_metrics
 
 
 @dataclass
@@ -34,7 +37,8 @@ class FederatedResult:
         :func:`fedad.metrics.compute_metrics` of the final global model on the
         global test set.
     scores : np.ndarray
-        The final global model's test probabilities ``(n_test, n_classes)``.
+        The final global model's test scores: probabilities ``(n_test,
+        n_classes)``, or the autoencoder's 1-D reconstruction errors.
     history : pd.DataFrame
         One row per round; round 0 is the initial model. Server-side metrics
         on the global test set (``loss``, ``accuracy``, ``macro_f1``, ...),
@@ -45,19 +49,30 @@ class FederatedResult:
         began, epoch seconds).
     clients : pd.DataFrame
         One row per site: the final model on the site's local test slice.
-    model_path : Path
-        The saved global model (``.keras``); its inputs are standardized with
-        ``mean``/``std`` from ``scaling.npz`` in the same folder.
+    model : Scorer
+        The saved global model (``model.path``: ``.keras``, or the booster's
+        ``.json``), loaded; its inputs are standardized with ``mean``/``std``
+        from ``scaling.npz`` in the same folder.
     train_seconds : float
         Wall time of the whole simulation, Ray and actor start-up included.
+    alone : list[ModelResult]
+        Each site alone (:func:`fedad.federated.local_only.train_alone`): the
+        mean over the sites and the worst site; empty with
+        ``simulation.local_sites=0``.
+    info : dict
+        ``attack`` (its settings, the malicious sites, the attackers the strategy
+        assumed), ``privacy`` (its settings and the final epsilon) and ``note``,
+        what the comparison shows beside the model (``ε = 3.2, δ = 1e-05``).
     """
 
     metrics: dict
     scores: np.ndarray
     history: pd.DataFrame
     clients: pd.DataFrame
-    model_path: Path
+    model: Scorer
     train_seconds: float
+    alone: list[ModelResult]
+    info: dict
 
 
 def run_federated(
@@ -121,18 +136,44 @@ def run_federated(
     )
     train_seconds = time.perf_counter() - start
 
-    model = keras.models.load_model(run_dir / rundir.MODEL_FILE, compile=False)
+    scorer = load_scorer(str(cfg.model.name), run_dir, data.n_classes)
     with np.load(run_dir / rundir.SCALING_FILE) as stats:
         X_test = scaling.standardize(data.X_test, stats["mean"], stats["std"])
-    scores = model.predict(X_test, batch_size=4096, verbose=0)
+    scores = scorer.predict_scores(X_test)
+    y_true = data.y_test if scores.ndim == 2 else (data.y_test != 0).astype(np.int64)
+    metrics = compute_metrics(y_true, scores, data.class_names, y_pred=scorer.decide(scores))
+    history = pd.read_csv(run_dir / rundir.HISTORY_FILE)
+    info = run_info(cfg, settings, history, len(partitions))
+    if "attack_success" in history:
+        targets = [1] if scores.ndim == 1 else attacks.targets(settings, data.class_names)
+        metrics["attack_success"] = attack_success_rate(metrics["confusion"], targets)
+    if info["privacy"]["name"] != "none":
+        metrics["epsilon"] = info["privacy"]["epsilon"]
     return FederatedResult(
-        metrics=compute_metrics(data.y_test, scores, data.class_names),
+        metrics=metrics,
         scores=scores,
-        history=pd.read_csv(run_dir / rundir.HISTORY_FILE),
+        history=history,
         clients=pd.read_csv(run_dir / rundir.CLIENTS_FILE),
-        model_path=run_dir / rundir.MODEL_FILE,
+        model=scorer,
         train_seconds=train_seconds,
+        alone=train_alone(settings, data, len(partitions), int(sim.local_sites))
+        if int(sim.local_sites)
+        else [],
+        info=info,
     )
+
+
+def run_info(
+    cfg: DictConfig, settings: dict, history: pd.DataFrame, num_sites: int
+) -> dict[str, object]:
+    """What ``results.json`` records of the run's attack and privacy (:class:`FederatedResult`)."""
+    attack = attacks.describe(settings, num_sites)
+    if attack["name"] != "none" and "num_malicious_nodes" in cfg.strategy:
+        attack["assumed_by_strategy"] = int(cfg.strategy.num_malicious_nodes)
+    rows = history.to_dict("records")
+    dp = privacy.describe(settings, rows)
+    note = privacy.label(dp)
+    return {"attack": attack, "privacy": dp, **({"note": note} if note else {})}
 
 
 def prepare_sites(
@@ -174,7 +215,7 @@ def prepare_sites(
         As :func:`validate`; when resuming, if there is no checkpoint or it was
         written with other settings or data.
     """
-    validate(cfg, partitions)
+    validate(cfg, partitions, data.class_names)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = {
@@ -193,13 +234,16 @@ def prepare_sites(
     return settings
 
 
-def validate(cfg: DictConfig, partitions: Sequence[np.ndarray]) -> None:
+def validate(
+    cfg: DictConfig, partitions: Sequence[np.ndarray], class_names: Sequence[str] = ()
+) -> None:
     """Raise :class:`FedadError` for a partition the federated run cannot use.
 
     Every setting was checked before the data was read (:func:`fedad.validate.validate`);
     what depends on the partition is checked here: empty sites, and
     ``simulation.min_clients`` against the sites there really are (a natural
-    partition makes one per group, whatever ``simulation.num_clients`` says).
+    partition makes one per group, whatever ``simulation.num_clients`` says);
+    what depends on the data: a targeted attack's ``attack.target_class``.
 
     Parameters
     ----------
@@ -207,6 +251,8 @@ def validate(cfg: DictConfig, partitions: Sequence[np.ndarray]) -> None:
         The composed config.
     partitions : Sequence[np.ndarray]
         Row indices per client.
+    class_names : Sequence[str]
+        The classes of the prepared data.
     """
     n = len(partitions)
     problems = []
@@ -219,6 +265,12 @@ def validate(cfg: DictConfig, partitions: Sequence[np.ndarray]) -> None:
         problems.append(
             f"simulation.min_clients must be between 1 and the {n} clients, got "
             f"{cfg.simulation.min_clients}"
+        )
+    target = OmegaConf.select(cfg, "attack.target_class", default=None)
+    if target is not None and class_names and str(target) not in list(class_names)[1:]:
+        problems.append(
+            f"attack.target_class={target!r} is not an attack class of this data (its classes: "
+            f"{', '.join(map(str, list(class_names)[1:]))})"
         )
     if problems:
         raise FedadError("Cannot run the federated simulation: " + "; ".join(problems) + ".")

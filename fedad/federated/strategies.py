@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from flwr.app import MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -15,13 +17,50 @@ from flwr.serverapp.strategy import (
     FedMedian,
     FedProx,
     FedTrimmedAvg,
+    FedXgbBagging,
+    FedXgbCyclic,
     FedYogi,
     Krum,
+    MultiKrum,
+    QFedAvg,
     Strategy,
 )
 
 from fedad import checks
 from fedad.errors import FedadError
+from fedad.models import booster
+from fedad.models.catalog import family
+
+
+class FedXgbBaggingAll(FedXgbBagging):
+    """Flower's FedXgbBagging, appending every tree of every reply, weighted by its examples.
+
+    Flower's ``aggregate_bagging`` appends ``num_parallel_tree`` trees per reply
+    and sums the sites' updates; this appends all of a reply's trees (every
+    local boosting round, every class's tree) with leaves scaled by the
+    site's share of the round's examples (:func:`fedad.models.booster.merge`).
+    Replies with an error are left out (counted by the grid).
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Merge the replies' trees into the global booster; average their metrics."""
+        good = [m for m in replies if not m.has_error()]
+        if not good or self.current_bst is None:
+            return None, None
+        contents = [m.content for m in good]
+        weights = [float(c.metric_records["metrics"][self.weighted_by_key]) for c in contents]
+        total = sum(weights) or float(len(weights))
+        merged = self.current_bst
+        for content, weight in zip(contents, weights, strict=True):
+            trees = booster.from_array(content["arrays"]["0"].numpy())
+            merged = booster.merge(merged, trees, (weight or 1.0) / total)
+        self.current_bst = merged
+        return ArrayRecord([np.frombuffer(merged, dtype=np.uint8)]), self.train_metrics_aggr_fn(
+            contents, self.weighted_by_key
+        )
+
 
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
@@ -33,7 +72,14 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
+    "multikrum": MultiKrum,
+    "bulyan": Bulyan,
+    "qfedavg": QFedAvg,
+    "fedxgb_bagging": FedXgbBaggingAll,
+    "fedxgb_cyclic": FedXgbCyclic,
 }
+# Strategies for boosted trees (the global model is a booster, not averaged weights).
+TREE_STRATEGIES = ("fedxgb_bagging", "fedxgb_cyclic")
 # Ranges of the strategies' own parameters (types come from the Flower class's defaults).
 RANGES: dict[str, dict] = {
     "proximal_mu": {"low": 0},
@@ -46,6 +92,9 @@ RANGES: dict[str, dict] = {
     "server_momentum": {"low": 0, "high": 1, "high_open": True},
     "beta": {"low": 0, "high": 0.5, "high_open": True},
     "num_malicious_nodes": {"whole": True, "low": 0},
+    "num_nodes_to_select": {"whole": True, "low": 1},
+    "q": {"low": 0},
+    "client_learning_rate": {"low": 0, "low_open": True},
 }
 # Settings fedad passes to every strategy itself (not configurable per strategy).
 FEDAD_ARGUMENTS = (
@@ -58,7 +107,7 @@ FEDAD_ARGUMENTS = (
 )
 
 
-def check_config(strategy_cfg: Mapping, replies: int) -> list[str]:
+def check_config(strategy_cfg: Mapping, replies: int, model: str | None = None) -> list[str]:
     """What is wrong with a ``strategy`` config; empty when Flower can run it.
 
     Parameters
@@ -68,6 +117,8 @@ def check_config(strategy_cfg: Mapping, replies: int) -> list[str]:
     replies : int
         Training replies a round can expect (sites sampled, less those made to
         fail): the robust aggregators' bounds on assumed attackers depend on it.
+    model : str, optional
+        The model's name: trees need a FedXgb strategy, weights any other.
 
     Returns
     -------
@@ -95,14 +146,36 @@ def check_config(strategy_cfg: Mapping, replies: int) -> list[str]:
         elif isinstance(default, int | float) or key in RANGES:
             rules = RANGES.get(key, {"whole": isinstance(default, int)})
             problems.append(checks.number(strategy_cfg, key, "strategy", **rules))
-    attackers = strategy_cfg.get("num_malicious_nodes")
-    if name == "krum" and isinstance(attackers, int) and replies < 2 * attackers + 3:
-        problems.append(
-            f"Krum tolerates f attackers among n replies only when n >= 2f + 3, but "
-            f"strategy.num_malicious_nodes={attackers} with {replies} expected replies per "
-            "round; lower it or sample more sites"
-        )
+    problems.append(byzantine_bound(name, strategy_cfg, replies))
+    if model is not None and (family(model) == "booster") != (name in TREE_STRATEGIES):
+        if family(model) == "booster":
+            why, fits = "boosted trees are merged, not averaged", " or ".join(TREE_STRATEGIES)
+        else:
+            why, fits = "FedXgb strategies merge boosters, not weights", "one without fedxgb"
+        problems.append(f"strategy={name} does not fit model={model} ({why}): use {fits}")
     return [p for p in problems if p]
+
+
+def byzantine_bound(name: str, strategy_cfg: Mapping, replies: int) -> str | None:
+    """The robust aggregators' bound on the attackers they assume, against the replies.
+
+    Returns what is wrong, or None when the bound holds (or the strategy has none).
+    """
+    attackers = strategy_cfg.get("num_malicious_nodes")
+    if not isinstance(attackers, int) or isinstance(attackers, bool):
+        return None
+    bounds = {"krum": (2, 3), "multikrum": (2, 3), "bulyan": (4, 3)}
+    if name not in bounds:
+        return None
+    factor, extra = bounds[name]
+    if replies >= factor * attackers + extra:
+        return None
+    return (
+        f"{name} tolerates f attackers among n replies only when n >= {factor}f + {extra}, but "
+        f"strategy.num_malicious_nodes={attackers} with {replies} expected replies per round "
+        "(by default it is the true number of malicious sites, floor(attack.fraction x sites)); "
+        "lower the share or the assumed count, or sample more sites"
+    )
 
 
 def build_strategy(
@@ -110,6 +183,7 @@ def build_strategy(
     fraction_train: float,
     fraction_evaluate: float,
     min_clients: int,
+    weight_key: str | None = None,
 ) -> Strategy:
     """Instantiate the Flower strategy named in ``strategy_cfg``.
 
@@ -123,6 +197,10 @@ def build_strategy(
         Share of clients sampled for training and for evaluation each round.
     min_clients : int
         Least number of clients sampled, and connected before a round starts.
+    weight_key : str, optional
+        Weigh each site's model by this reply metric instead of its examples
+        (central DP: a weight of 1 per site); the clients' metrics are still
+        averaged by their examples.
 
     Returns
     -------
@@ -140,16 +218,26 @@ def build_strategy(
         raise FedadError(
             f"Unknown strategy '{name}'. Set strategy= to one of: {', '.join(STRATEGIES)}."
         )
-    try:
-        return STRATEGIES[name](
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_clients,
-            min_evaluate_nodes=min_clients,
-            min_available_nodes=min_clients,
-            evaluate_metrics_aggr_fn=weighted_mean,
-            **params,
+    cls = STRATEGIES[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    # FedXgbCyclic trains one site a round and takes no minimum of train or evaluate nodes.
+    arguments = {
+        "fraction_train": fraction_train,
+        "fraction_evaluate": fraction_evaluate,
+        "min_train_nodes": min_clients,
+        "min_evaluate_nodes": min_clients,
+        "min_available_nodes": min_clients,
+        "evaluate_metrics_aggr_fn": weighted_mean,
+    }
+    if weight_key is not None:
+        by_examples = by_examples_ignoring(weight_key)
+        arguments.update(
+            weighted_by_key=weight_key,
+            train_metrics_aggr_fn=by_examples,
+            evaluate_metrics_aggr_fn=by_examples,
         )
+    try:
+        return cls(**{k: v for k, v in arguments.items() if k in accepted}, **params)
     except (TypeError, ValueError) as error:
         raise FedadError(
             f"Strategy '{name}' does not accept the parameters {params}: {error}. "
@@ -157,12 +245,27 @@ def build_strategy(
         ) from error
 
 
-def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+def by_examples_ignoring(weight_key: str) -> Callable[[list[RecordDict], str], MetricRecord]:
+    """A metrics aggregation that weighs by ``num-examples`` whatever key the strategy weighs by.
+
+    ``weight_key`` (the models' weight) is left out of the result.
+    """
+
+    def aggregate(records: list[RecordDict], _: str) -> MetricRecord:
+        return weighted_mean(records, "num-examples", ignore=(weight_key,))
+
+    return aggregate
+
+
+def weighted_mean(
+    records: list[RecordDict], weight_key: str, ignore: Sequence[str] = ()
+) -> MetricRecord:
     """Average each metric over the replies that define it, weighted by ``weight_key``.
 
     A metric undefined at a site (ROC-AUC on a test slice with one class) is
     sent as NaN; Flower's default average would turn the whole round's value
     into NaN, so those sites are left out of that metric's average instead.
+    List-valued metrics are counts and are summed.
 
     Parameters
     ----------
@@ -170,6 +273,8 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
         Reply contents, each with one MetricRecord.
     weight_key : str
         The metric holding the number of examples behind each reply.
+    ignore : Sequence[str]
+        Metrics left out of the result, as ``weight_key`` is.
 
     Returns
     -------
@@ -179,7 +284,11 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
     metrics = [next(iter(r.metric_records.values())) for r in records]
     out = MetricRecord()
     for key in metrics[0] if metrics else []:
-        if key == weight_key:
+        if key == weight_key or key in ignore:
+            continue
+        if isinstance(metrics[0][key], list):
+            # Counts (the autoencoder's error histograms) add up over the sites.
+            out[key] = np.sum([np.asarray(m[key]) for m in metrics], axis=0).tolist()
             continue
         pairs = [
             (float(m[weight_key]), float(m[key])) for m in metrics if not math.isnan(float(m[key]))

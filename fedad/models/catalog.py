@@ -1,4 +1,4 @@
-"""The models fedad knows by name, and the checks of their settings (no framework imported)."""
+"""The models fedad knows by name, their families and twins, and checks of their settings."""
 
 from __future__ import annotations
 
@@ -6,17 +6,50 @@ from collections.abc import Mapping
 
 from fedad import checks
 
-MODEL_NAMES = ("cnn", "logistic")
+# Keras classifiers (softmax over the task's classes), the Keras autoencoder (anomaly score:
+# reconstruction error, binary task only), and gradient-boosted trees (XGBoost).
+KERAS_CLASSIFIERS = ("cnn", "logistic", "mlp")
+AUTOENCODERS = ("autoencoder",)
+BOOSTERS = ("xgboost",)
+MODEL_NAMES = (*KERAS_CLASSIFIERS, *AUTOENCODERS, *BOOSTERS)
 OPTIMIZERS = ("adam", "sgd")
+# Each federated model's centralized twin: the same family trained on the pooled rows.
+TWINS = {
+    "cnn": "central_cnn",
+    "logistic": "central_logistic",
+    "mlp": "central_mlp",
+    "autoencoder": "central_autoencoder",
+    "xgboost": "xgboost",
+}
+# Integer sizes each model reads (>= 1), and its dropout-like shares in [0, 1).
+_SIZES = {
+    "cnn": ("filters", "kernel_size", "dense_units"),
+    "logistic": (),
+    "mlp": ("units", "layers"),
+    "autoencoder": ("units", "bottleneck"),
+    "xgboost": ("local_rounds", "max_depth"),
+}
+_SHARES = {"cnn": ("dropout",), "mlp": ("dropout",), "autoencoder": ("dropout",)}
 
 
-def check_config(model_cfg: Mapping) -> list[str]:
+def family(name: str) -> str:
+    """The family of model ``name``: ``keras``, ``autoencoder`` or ``booster``."""
+    if name in AUTOENCODERS:
+        return "autoencoder"
+    if name in BOOSTERS:
+        return "booster"
+    return "keras"
+
+
+def check_config(model_cfg: Mapping, task: str = "binary") -> list[str]:
     """What is wrong with a ``model`` config (name and sizes); empty when it can be built.
 
     Parameters
     ----------
     model_cfg : Mapping
         The ``model`` config group: ``name`` plus the model's own settings.
+    task : str
+        ``binary`` or ``multiclass``: the autoencoder only detects (binary).
 
     Returns
     -------
@@ -26,9 +59,18 @@ def check_config(model_cfg: Mapping) -> list[str]:
     name = model_cfg.get("name")
     if name not in MODEL_NAMES:
         return [f"model must be one of {', '.join(MODEL_NAMES)}, got {name!r}"]
-    problems = [
-        checks.number(model_cfg, key, "model", whole=True, low=1)
-        for key in ("filters", "kernel_size", "dense_units")
+    problems = [checks.number(model_cfg, k, "model", whole=True, low=1) for k in _SIZES[name]]
+    problems += [
+        checks.number(model_cfg, k, "model", low=0, high=1, high_open=True)
+        for k in _SHARES.get(name, ())
     ]
-    problems.append(checks.number(model_cfg, "dropout", "model", low=0, high=1, high_open=True))
+    problems.append(checks.flag(model_cfg, "batch_norm", "model"))
+    problems.append(checks.flag(model_cfg, "class_weights", "model"))
+    if name == "xgboost":
+        problems.append(checks.number(model_cfg, "learning_rate", "model", low=0, low_open=True))
+    if name in AUTOENCODERS and task != "binary":
+        problems.append(
+            "model=autoencoder detects anomalies (normal vs attack) and cannot tell attack types "
+            "apart, so it needs task=binary (got task=multiclass)"
+        )
     return [p for p in problems if p]

@@ -1,4 +1,4 @@
-"""Keras classifiers trained by the federated sites and the centralized baselines."""
+"""Keras models trained by the federated sites and the centralized baselines."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ def build_model(
     Parameters
     ----------
     model_cfg : Mapping
-        ``name`` (``cnn`` or ``logistic``); the CNN also reads ``filters``,
-        ``kernel_size``, ``dense_units`` and ``dropout``.
+        ``name`` (``cnn``, ``logistic``, ``mlp`` or ``autoencoder``); the CNN
+        also reads ``filters``, ``kernel_size``, ``dense_units`` and
+        ``dropout``; the MLP ``units``, ``layers``, ``dropout``, ``batch_norm``;
+        the autoencoder ``units``, ``bottleneck``, ``dropout``.
     n_features : int
         Width of the input rows.
     n_classes : int
@@ -37,9 +39,10 @@ def build_model(
     Returns
     -------
     keras.Model
-        Compiled with sparse categorical cross-entropy and accuracy; it takes
-        ``(n, n_features)`` float arrays and returns ``(n, n_classes)``
-        probabilities.
+        A classifier compiled with sparse categorical cross-entropy and
+        accuracy, taking ``(n, n_features)`` float arrays and returning
+        ``(n, n_classes)`` probabilities; the autoencoder returns its
+        reconstruction ``(n, n_features)``, compiled with the mean squared error.
 
     Raises
     ------
@@ -57,6 +60,12 @@ def build_model(
         outputs = _cnn_head(inputs, model_cfg, n_features, n_classes)
     elif name == "logistic":
         outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax")(inputs)
+    elif name == "mlp":
+        outputs = _mlp_head(inputs, model_cfg, n_classes)
+    elif name == "autoencoder":
+        model = keras.Model(inputs, _autoencoder(inputs, model_cfg, n_features), name=name)
+        model.compile(optimizer=_optimizer(optimizer, learning_rate), loss="mse")
+        return model
     else:
         raise FedadError(f"Unknown model '{name}'. Set model= to one of: {', '.join(MODEL_NAMES)}.")
     model = keras.Model(inputs, outputs, name=name)
@@ -92,6 +101,33 @@ def _cnn_head(inputs, cfg: Mapping, n_features: int, n_classes: int):
     x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     return keras.layers.Dense(n_classes, activation="softmax", name="softmax")(x)
+
+
+def _mlp_head(inputs, cfg: Mapping, n_classes: int):
+    """Dense layers, each half as wide as the one before, then a softmax."""
+    units, layers = int(cfg.get("units", 128)), int(cfg.get("layers", 2))
+    dropout, batch_norm = float(cfg.get("dropout", 0.2)), bool(cfg.get("batch_norm", False))
+    x = inputs
+    for i in range(layers):
+        x = keras.layers.Dense(max(units >> i, 2), name=f"dense_{i}")(x)
+        if batch_norm:
+            x = keras.layers.BatchNormalization(name=f"batch_norm_{i}")(x)
+        x = keras.layers.Activation("relu", name=f"relu_{i}")(x)
+        if dropout:
+            x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
+    return keras.layers.Dense(n_classes, activation="softmax", name="softmax")(x)
+
+
+def _autoencoder(inputs, cfg: Mapping, n_features: int):
+    """Encoder to a bottleneck and a mirrored decoder back to the features."""
+    units, bottleneck = int(cfg.get("units", 64)), int(cfg.get("bottleneck", 8))
+    dropout = float(cfg.get("dropout", 0.0))
+    x = keras.layers.Dense(units, activation="relu", name="encode")(inputs)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    x = keras.layers.Dense(bottleneck, activation="relu", name="bottleneck")(x)
+    x = keras.layers.Dense(units, activation="relu", name="decode")(x)
+    return keras.layers.Dense(n_features, name="reconstruction")(x)
 
 
 def _optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:

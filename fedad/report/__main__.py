@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedad import rundir
 from fedad.errors import FedadError, exit_with
-from fedad.report import figures
+from fedad.report import figures, security
+from fedad.report.jobs import read_table
 from fedad.report.markdown import format_value, render, row_labels, setting_label
 from fedad.report.tables import (
     PARTITION_KEYS,
@@ -35,6 +37,9 @@ from fedad.report.tables import (
 
 def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write ``report.csv``, ``summary.csv``, the figures and ``report.md``.
+
+    A folder with attacked or private runs also gets ``poisoning.csv`` and
+    ``privacy.csv`` and their figures (:mod:`fedad.report.security`).
 
     Parameters
     ----------
@@ -90,6 +95,11 @@ def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None) 
         made=made,
         heatmaps=heatmaps,
     )
+    # Poisoning and privacy: sections of their own, when the folder holds such runs.
+    skipped = tidy.loc[tidy["status"] == "skipped", ["job", "error"]].drop_duplicates("job")
+    extra = security.write(root, out_dir, list(done["job"].unique()), skipped)
+    if extra:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(extra)
     report = out_dir / "report.md"
     report.write_text(text)
     return report
@@ -116,9 +126,9 @@ def _figures(
         made[name] = figures.f1_versus(points, x, ref_f1, out_dir / f"{name}.png", log)
     histories = []
     for job, models in done[done["federated"]].groupby("job", sort=False):
-        path = root / job / "history.csv"
-        if path.exists():
-            histories.append(pd.read_csv(path).assign(setting=setting_label(models.iloc[0], keys)))
+        history = read_table(root / job / rundir.HISTORY_FILE)
+        if history is not None:
+            histories.append(history.assign(setting=setting_label(models.iloc[0], keys)))
     if histories:
         made["convergence"] = figures.convergence(
             pd.concat(histories, ignore_index=True), out_dir / "convergence.png"

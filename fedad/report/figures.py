@@ -150,6 +150,104 @@ def site_spread(sites: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def poisoning(table: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    """Macro-F1 (one panel per attack) and targeted attack success against the attacker share.
+
+    Parameters
+    ----------
+    table : pd.DataFrame
+        :func:`fedad.report.security.poisoning_table`: ``attack``, ``share``,
+        ``strategy`` and mean/std of ``macro_f1`` and ``attack_success``.
+    out_dir : Path
+        Folder for ``poisoning_f1.png`` and ``attack_success.png``.
+
+    Returns
+    -------
+    dict[str, Path]
+        Caption to image file, one line per strategy in each.
+    """
+    made = {}
+    attacks = sorted(table["attack"].unique())
+    width = max(6.0, 4.5 * len(attacks))
+    fig, axes = plt.subplots(1, len(attacks), figsize=(width, 4), squeeze=False)
+    for ax, attack in zip(axes[0], attacks, strict=True):
+        _share_lines(ax, table[table["attack"] == attack], "macro_f1")
+        ax.set_title(attack)
+        ax.set_ylabel("macro-F1")
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("Federated macro-F1 against the malicious share")
+    made["Macro-F1 against the attacker share"] = _save(fig, out_dir / "poisoning_f1.png")
+    targeted = table[(table["attack"] == "targeted_flip") & table["attack_success_mean"].notna()]
+    if len(targeted):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        _share_lines(ax, targeted, "attack_success")
+        ax.set_ylabel("attack success (targeted attacks scored normal)")
+        ax.legend(fontsize="small")
+        made["Targeted attack success against the attacker share"] = _save(
+            fig, out_dir / "attack_success.png"
+        )
+    return made
+
+
+def _share_lines(ax: plt.Axes, rows: pd.DataFrame, value: str) -> None:
+    for strategy, line in rows.groupby("strategy", sort=True):
+        line = line.sort_values("share")
+        std = line[f"{value}_std"].fillna(0)
+        ax.errorbar(
+            line["share"], line[f"{value}_mean"], yerr=std, marker="o", capsize=3, label=strategy
+        )
+    ax.set_xlabel("share of malicious sites")
+    ax.grid(alpha=0.3)
+
+
+def f1_versus_epsilon(table: pd.DataFrame, path: Path) -> Path:
+    """Federated macro-F1 against ε (log scale), one line per DP option and site count.
+
+    Parameters
+    ----------
+    table : pd.DataFrame
+        :func:`fedad.report.security.privacy_table`: ``privacy``, ``num_clients``,
+        ``epsilon``, ``macro_f1_mean``/``_std`` and ``reference_f1``.
+    path : Path
+        Image file to write.
+
+    Returns
+    -------
+    Path
+        ``path``; the no-DP reference of each site count is a dashed line.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, ((privacy, sites), line) in enumerate(table.groupby(["privacy", "num_clients"])):
+        line = line.sort_values("epsilon")
+        std = line["macro_f1_std"].fillna(0)
+        label = f"{privacy}, {sites:g} sites"
+        ax.errorbar(
+            line["epsilon"],
+            line["macro_f1_mean"],
+            yerr=std,
+            marker="o",
+            capsize=3,
+            color=f"C{i % 10}",
+            label=label,
+        )
+        reference = line["reference_f1"].dropna()
+        if len(reference):
+            ax.axhline(
+                reference.iloc[0],
+                linestyle="--",
+                linewidth=1,
+                color=f"C{i % 10}",
+                label=f"{sites:g} sites, no DP",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"ε at δ = {table['delta'].iloc[0]:g} (whole run)")
+    ax.set_ylabel("macro-F1")
+    ax.set_title("Federated macro-F1 against the privacy budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -83,7 +83,9 @@ def render(
         f"# Federated versus centralized: `{root}`",
         "",
         f"{len(jobs)} job(s): {count.get('done', 0)} done, {count.get('failed', 0)} failed, "
-        f"{count.get('incomplete', 0)} incomplete. Aggregates cover the done jobs: mean ± sample "
+        f"{count.get('incomplete', 0)} incomplete"
+        + (f", {count['skipped']} skipped" if count.get("skipped") else "")
+        + ". Aggregates cover the done jobs: mean ± sample "
         "standard deviation (ddof=1) over seeds, n = jobs averaged. Every job and model: "
         "`report.csv`; aggregates: `summary.csv`.",
         "",
@@ -307,7 +309,9 @@ def _failures(
         label = ", ".join(f"{k}={format_value(job[k])}" for k in shown if pd.notna(job[k]))
         models = tidy.loc[(tidy["job"] == job["job"]) & tidy["model"].notna(), "model"]
         finished = ", ".join(f"`{m}`" for m in models) or "none"
-        if job["status"] == "failed":
+        if job["status"] == "skipped":
+            text = f"**skipped**: {job['error']}"
+        elif job["status"] == "failed":
             text = f"**failed**: {job['error'] or 'no error message was saved.'}"
             if len(models):
                 text += f" Partial results (left out of the aggregates): {finished}."

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from fedad import rundir
 from fedad.errors import FedadError
+from fedad.report.jobs import read_job, read_table
 from fedad.report.markdown import format_value
 
 # Fields of results.json "settings"; "model" is renamed so it cannot clash with the
@@ -41,13 +40,6 @@ METRICS = (
     "train_seconds",
 )
 SUMMARY_METRICS = ("macro_f1", "f1", "roc_auc", "pr_auc", "fpr", "accuracy")
-# Override keys that name a settings field under another name.
-_ALIASES = {
-    "model": "federated_model",
-    "partition.alpha": "alpha",
-    "simulation.num_clients": "num_clients",
-    "simulation.num_rounds": "num_rounds",
-}
 # Per-job fields that close each row of the tidy table.
 _JOB_FIELDS = ("label_skew", "wall_seconds", "error")
 # Settings that change how the training data is split over clients (heatmaps differ by these).
@@ -68,8 +60,8 @@ def collect(path: str | os.PathLike) -> pd.DataFrame:
     pd.DataFrame
         One row per job and model; a job without any model result keeps one row with an
         empty ``model``. Columns, in order: ``job`` (path relative to ``path``),
-        ``status`` (``done``, ``failed`` or ``incomplete``), the settings (swept override
-        keys first, then the :data:`SETTINGS` fields), ``model``, ``kind``,
+        ``status`` (``done``, ``failed``, ``skipped`` or ``incomplete``), the settings
+        (swept override keys first, then the :data:`SETTINGS` fields), ``model``, ``kind``,
         ``federated``, the metrics, then ``label_skew``, ``wall_seconds`` and ``error``.
         :func:`summarize` relies on the settings lying between ``status`` and ``model``.
 
@@ -91,7 +83,7 @@ def collect(path: str | os.PathLike) -> pd.DataFrame:
             "Give the run directory of `python -m fedad.simulate` or its multirun directory, "
             "and check that the jobs have started."
         )
-    jobs = [_read_job(root, d) for d in dirs]
+    jobs = [read_job(root, d) for d in dirs]
     swept = list(dict.fromkeys(k for job in jobs for k in job["overrides"]))
     columns = [*swept, *(s for s in SETTINGS if s not in swept)]
     taken = {"job", "status", *columns, "model", "kind", "federated", *METRICS, *_JOB_FIELDS}
@@ -147,7 +139,9 @@ def summarize(tidy: pd.DataFrame) -> pd.DataFrame:
 
 
 def _job_dirs(root: Path) -> list[Path]:
-    found = {p.parent for name in ("results.json", "failed.json") for p in root.rglob(name)}
+    found = {
+        p.parent for name in (rundir.RESULTS_FILE, rundir.FAILED_FILE) for p in root.rglob(name)
+    }
     return sorted((d for d in found if ".hydra" not in d.parts), key=lambda d: _natural(d, root))
 
 
@@ -155,83 +149,6 @@ def _natural(path: Path, root: Path) -> list[tuple[int, int | str]]:
     # Hydra numbers jobs 0, 1, ..., 10: sort numerically, not as text.
     parts = path.relative_to(root).parts
     return [(0, int(p)) if p.isdigit() else (1, p) for p in parts]
-
-
-def _read_job(root: Path, job_dir: Path) -> dict:
-    results: dict = {}
-    error = ""
-    try:
-        if (job_dir / "results.json").exists():
-            results = json.loads((job_dir / "results.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        error = f"results.json is unreadable: {err}"
-    if (job_dir / "failed.json").exists():
-        status = "failed"
-        try:
-            error = json.loads((job_dir / "failed.json").read_text()).get("error", "") or error
-        except (OSError, json.JSONDecodeError) as err:
-            error = f"failed.json is unreadable: {err}"
-    elif error or results.get("status") == "failed":
-        status = "failed"
-        error = error or "results.json says failed, but the job left no failed.json."
-    else:
-        status = "done" if results.get("status") == "done" else "incomplete"
-    settings = dict(results.get("settings") or {})
-    if "model" in settings:
-        settings["federated_model"] = settings.pop("model")
-    rel = job_dir.relative_to(root).as_posix()
-    return {
-        "job": rel,
-        "status": status,
-        "overrides": _overrides(job_dir / ".hydra" / "overrides.yaml"),
-        "settings": settings,
-        "models": _models(results, job_dir),
-        "label_skew": (results.get("partition") or {}).get("label_skew"),
-        "wall_seconds": results.get("wall_seconds"),
-        "error": " ".join(error.split()),
-    }
-
-
-def _overrides(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    values = {}
-    for item in yaml.safe_load(path.read_text()) or []:
-        key, sep, raw = str(item).partition("=")
-        if not sep or key.startswith("~"):
-            continue
-        key = _ALIASES.get(key.lstrip("+"), key.lstrip("+"))
-        value = yaml.safe_load(raw) if raw.strip() else None
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-3" as text; Hydra reads it as a number.
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        # Lists and mappings cannot be grouped on; keep their text.
-        values[key] = value if value is None or isinstance(value, str | int | float) else raw
-    return values
-
-
-def _models(results: dict, job_dir: Path) -> list[dict]:
-    models = results.get("models") or {}
-    if models:
-        rows = []
-        for name, entry in models.items():
-            kind = entry.get("kind")
-            scalars = {
-                k: v
-                for k, v in entry.items()
-                if k != "kind" and isinstance(v, int | float) and not isinstance(v, bool)
-            }
-            rows.append({"model": name, "kind": kind, "federated": kind == "federated", **scalars})
-        return rows
-    table = job_dir / "comparison.csv"
-    try:
-        frame = pd.read_csv(table)
-    except (FileNotFoundError, pd.errors.EmptyDataError):
-        return []
-    if "federated" not in frame:
-        frame["federated"] = frame.get("kind") == "federated"
-    return frame.to_dict("records")
 
 
 def finished_jobs(tidy: pd.DataFrame) -> pd.DataFrame:
@@ -294,10 +211,11 @@ def job_sites(root: Path, done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Per job: the worst, median and best site's final macro-F1 from ``clients.csv``."""
     rows = []
     for job, models in done.groupby("job", sort=False):
-        path = root / job / "clients.csv"
-        if not path.exists():
+        clients = read_table(root / job / rundir.CLIENTS_FILE)
+        if clients is None:
             continue
-        scores = pd.read_csv(path).get("macro_f1", pd.Series(dtype=float)).dropna()
+        scores = pd.to_numeric(clients.get("macro_f1", pd.Series(dtype=float)), errors="coerce")
+        scores = scores.dropna()
         if scores.empty:
             continue
         first = models.iloc[0]

@@ -1,0 +1,173 @@
+"""Raw rows in the training file's own format, read in chunks and checked column by column."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedad.detector.scorer import Detector
+from fedad.errors import FedadError
+
+CHUNK_ROWS = 65536
+# Cells named per column in an error message.
+SHOWN = 3
+
+
+@dataclass
+class InputFile:
+    """How to read one input file, found from its first line and the detector's reader settings.
+
+    Attributes
+    ----------
+    path : Path
+    header : int or None
+        ``0`` when the file starts with a row of column names.
+    names : list[str] or None
+        Column names for a file without a header row.
+    columns : list[str]
+        Every column of the file, names stripped.
+    ignored : list[str]
+        Columns the detector does not use (neither features, labels nor dropped ones).
+    """
+
+    path: Path
+    header: int | None
+    names: list[str] | None
+    columns: list[str]
+    ignored: list[str]
+
+
+def open_input(detector: Detector, path: str | Path) -> InputFile:
+    """Check that ``path`` holds rows the detector can score, and say how to read them.
+
+    A dataset read without a header row (NSL-KDD) takes its fields in the
+    training file's column order: a file may stop after the last feature (no
+    label) or carry extra fields (ignored); a first row of column names is
+    recognised too.
+
+    Raises
+    ------
+    FedadError
+        When the file is absent, empty, unreadable or lacks a needed column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FedadError(f"Input file {path} does not exist (or is a folder): give a CSV file.")
+    reader = detector.manifest["reader"]
+    first = _first_row(path, reader["sep"])
+    stripped = [str(c).strip() for c in first]
+    expected = list(reader.get("columns") or [])
+    if reader["header"] or set(detector.features) <= set(stripped):
+        header, names, columns = 0, None, stripped
+    else:
+        extra = [f"extra_{i + 1}" for i in range(len(first) - len(expected))]
+        header, names = None, expected[: len(first)] + extra
+        columns = names
+    missing = [c for c in detector.features if c not in columns]
+    if missing:
+        layout = (
+            f" The file has no header row, so its {len(first)} fields per row are read in the "
+            f"training file's order ({', '.join(expected)})."
+            if names
+            else ""
+        )
+        raise FedadError(
+            f"Input file {path} lacks column(s) the detector needs: {', '.join(missing)}.{layout} "
+            f"The detector reads: {', '.join(detector.features)}."
+        )
+    known = set(detector.features) | set(detector.manifest["schema"]["optional"])
+    ignored = [c for c in columns if c not in known]
+    return InputFile(path, header, names, columns, ignored)
+
+
+def chunks(detector: Detector, source: InputFile, rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """The rows of ``source`` in frames of at most ``rows``, numeric columns checked.
+
+    Each frame's index is the row number in the file (0 = first data row).
+    """
+    reader = detector.manifest["reader"]
+    categorical = set(detector.preprocessor.categorical)
+    # Categories stay text, whatever a chunk's cells look like.
+    raw = source.names or _raw_header(source.path, reader["sep"])
+    dtype = {r: str for r, c in zip(raw, source.columns, strict=True) if c in categorical}
+    try:
+        frames = pd.read_csv(
+            source.path,
+            sep=reader["sep"],
+            header=source.header,
+            names=source.names,
+            skipinitialspace=True,
+            dtype=dtype,
+            chunksize=rows,
+        )
+        for frame in frames:
+            if frame.empty:  # a header without rows still makes one frame
+                continue
+            frame.columns = source.columns
+            check_numbers(frame, detector.preprocessor.numeric, source.path)
+            yield frame
+    except (pd.errors.ParserError, UnicodeDecodeError, csv.Error, EOFError) as err:
+        raise FedadError(
+            f"Input file {source.path} could not be read as CSV: {' '.join(str(err).split())}. "
+            f"The detector reads fields separated by '{reader['sep']}', as its training file."
+        ) from None
+
+
+def check_numbers(frame: pd.DataFrame, numeric: list[str], where: str | Path) -> None:
+    """Raise FedadError naming each numeric column with a cell that is not a finite number.
+
+    Parameters
+    ----------
+    frame : pd.DataFrame
+        Rows indexed by their position in the input (0 = first data row).
+    numeric : list[str]
+        The columns that must hold numbers.
+    where : str or Path
+        The input, as named in the message.
+    """
+    problems = []
+    for col in numeric:
+        values = frame[col]
+        parsed = values if values.dtype.kind in "iuf" else pd.to_numeric(values, errors="coerce")
+        bad = ~np.isfinite(parsed.to_numpy(dtype=np.float64, na_value=np.nan))
+        if bad.any():
+            shown = [
+                f"row {row + 1}: {_describe(cell)}" for row, cell in values[bad].head(SHOWN).items()
+            ]
+            problems.append(f"'{col}' ({'; '.join(shown)}; {int(bad.sum())} cell(s) in all)")
+    if problems:
+        raise FedadError(
+            f"{where} has cells that are not finite numbers in numeric column(s): "
+            f"{', '.join(problems)}. Rows are counted from 1 after any header row. The "
+            "detector needs a number in each of these cells: fix or remove those rows."
+        )
+
+
+def _describe(cell: object) -> str:
+    if cell is None or (isinstance(cell, float) and np.isnan(cell)):
+        return "empty"
+    return f"'{cell}'"
+
+
+def _first_row(path: Path, sep: str) -> list[str]:
+    try:
+        first = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str)
+    except pd.errors.EmptyDataError:
+        raise FedadError(
+            f"Input file {path} is empty: there are no rows to score. Give a CSV file in the "
+            "training file's format, with one row per flow."
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, csv.Error, EOFError, OSError) as err:
+        raise FedadError(
+            f"Input file {path} could not be read as CSV: {' '.join(str(err).split())}."
+        ) from None
+    return first.iloc[0].fillna("").tolist()
+
+
+def _raw_header(path: Path, sep: str) -> list[str]:
+    return list(pd.read_csv(path, sep=sep, nrows=0).columns)

@@ -1,0 +1,213 @@
+"""A federated autoencoder: normal traffic only at each site, a threshold from error histograms."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedad import rundir
+from fedad.federated.keras_family import (
+    SERVER_BATCH,
+    KerasFamily,
+    KerasScorer,
+    local_model,
+    predict,
+    train_local,
+)
+from fedad.federated.task import Site, client_metrics
+from fedad.metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+# Bin edges of the reconstruction errors that sites count (mean squared error of the
+# standardized features): log-spaced, 5.9 % apart, from 1e-4 to 1e4, with open ends.
+ERROR_EDGES = np.concatenate([[0.0], np.logspace(-4, 4, 321), [np.inf]])
+# With no attack among the validation rows, flag what is above this share of normal rows.
+NORMAL_QUANTILE = 0.99
+
+
+class AutoencoderFamily(KerasFamily):
+    """A dense autoencoder trained on each site's normal rows; the score is its error.
+
+    Rows are flagged as attacks when their reconstruction error reaches a
+    threshold the server chooses each round from what the sites send: counts
+    of their validation rows' errors on the bin edges the server announces
+    (:data:`ERROR_EDGES`), normal and attack apart. No row leaves a site. The
+    threshold maximizes the macro-F1 of the pooled validation counts.
+    """
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.threshold = math.inf
+
+    def val_fraction(self) -> float:
+        """The threshold needs validation rows whether or not early stopping is on."""
+        return float(self.settings["train.val_fraction"])
+
+    def fit(
+        self, arrays: list[np.ndarray], site: Site, config: Mapping, seed: int
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """Train on the site's normal rows; a site with none trains nothing and says so."""
+        normal = site.X_train[site.y_train == 0]
+        if not len(normal):
+            log.warning("a site holds no normal training rows: it trains nothing this round")
+            return arrays, {
+                "train_loss": math.nan,
+                "train_epochs": 0.0,
+                "skipped": 1.0,
+                "num-examples": 0,
+            }
+        held_out = site.X_val[site.y_val == 0]
+        history = train_local(
+            local_model(self.settings),
+            arrays,
+            normal,
+            normal,
+            self.settings,
+            mu=float(config.get("proximal-mu", 0.0)),
+            seed=seed,
+            validation=(held_out, held_out),
+        )
+        weights = local_model(self.settings).get_weights()
+        return weights, {**history, "skipped": 0.0, "num-examples": len(normal)}
+
+    def scores(self, arrays: list[np.ndarray], X: np.ndarray) -> np.ndarray:
+        """Reconstruction errors: the mean squared error of each row's features."""
+        if self._server_model is not None:
+            self._server_model.set_weights(arrays)
+            rebuilt = self._server_model.predict(X, batch_size=SERVER_BATCH, verbose=0)
+        else:
+            model = local_model(self.settings)
+            model.set_weights(arrays)
+            rebuilt = predict(model, X)
+        return reconstruction_error(X, rebuilt)
+
+    def metrics(
+        self, arrays: list[np.ndarray], X: np.ndarray, y: np.ndarray, config: Mapping
+    ) -> dict[str, float]:
+        """Metrics with the threshold in ``config`` (none yet: nothing flagged)."""
+        errors = self.scores(arrays, X)
+        threshold = float(config.get("threshold", math.inf))
+        # Anomaly scores are binary: every targeted attack class is the attack class.
+        targets = [1] if config.get("attack-targets") is not None else None
+        return anomaly_metrics(y, errors, threshold, self.class_names, targets)
+
+    def site_metrics(self, arrays: list[np.ndarray], site: Site, config: Mapping) -> dict[str, Any]:
+        """Test-slice metrics plus the validation errors' counts per bin, normal and attack."""
+        out = super().site_metrics(arrays, site, config)
+        edges = np.asarray(config.get("error-edges", ERROR_EDGES), dtype=np.float64)
+        errors = self.scores(arrays, site.X_val)
+        for name, rows in (("normal", site.y_val == 0), ("attack", site.y_val != 0)):
+            counts, _ = np.histogram(errors[rows], bins=edges)
+            out[f"hist-{name}"] = counts.astype(np.int64).tolist()
+        return out
+
+    def evaluate_config(self) -> dict[str, Any]:
+        """The bin edges, and the threshold so far (for the sites' test-slice metrics)."""
+        config: dict[str, Any] = {"error-edges": ERROR_EDGES.tolist()}
+        if math.isfinite(self.threshold):
+            config["threshold"] = self.threshold
+        return config
+
+    def after_evaluate(self, aggregated: Mapping[str, Any]) -> None:
+        """Choose the threshold from the pooled validation counts."""
+        if "hist-normal" in aggregated:
+            self.threshold = threshold_from_counts(
+                ERROR_EDGES,
+                np.asarray(aggregated["hist-normal"]),
+                np.asarray(aggregated["hist-attack"]),
+            )
+
+    def history_fields(self) -> dict[str, float]:
+        """The threshold the round's server evaluation used."""
+        return {"threshold": self.threshold}
+
+    def restore(self, row: Mapping[str, Any]) -> None:
+        """The threshold of the round a resumed run continues from."""
+        self.threshold = float(row.get("threshold", math.inf))
+
+    def save(self, arrays: list[np.ndarray], run_dir: Path) -> Path:
+        """The Keras model, and ``threshold.json`` beside it."""
+        path = super().save(arrays, run_dir)
+        rule = "max macro-F1 of the sites' pooled validation error counts"
+        rundir.write_json(
+            Path(run_dir) / rundir.THRESHOLD_FILE, {"threshold": self.threshold, "rule": rule}
+        )
+        return path
+
+
+class AutoencoderScorer(KerasScorer):
+    """The saved federated autoencoder and its threshold."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(run_dir)
+        self.threshold = float(rundir.read_json(Path(run_dir) / rundir.THRESHOLD_FILE)["threshold"])
+
+    def predict_scores(self, X: np.ndarray) -> np.ndarray:
+        """Reconstruction errors (higher = more attack-like)."""
+        return reconstruction_error(X, super().predict_scores(X))
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """1 (attack) where the error reaches the threshold."""
+        return (np.asarray(scores) >= self.threshold).astype(np.int64)
+
+
+def reconstruction_error(X: np.ndarray, rebuilt: np.ndarray) -> np.ndarray:
+    """Mean squared error of each row, in float64."""
+    diff = np.asarray(X, dtype=np.float64) - np.asarray(rebuilt, dtype=np.float64)
+    return np.mean(diff * diff, axis=1)
+
+
+def anomaly_metrics(
+    y: np.ndarray,
+    errors: np.ndarray,
+    threshold: float,
+    class_names: list[str],
+    targets: list[int] | None = None,
+) -> dict[str, float]:
+    """``loss`` (the mean error) and the client metrics, rows flagged at ``threshold``.
+
+    ``targets`` adds ``attack_success`` (see :func:`fedad.federated.task.client_metrics`).
+    """
+    y_binary = (np.asarray(y) != 0).astype(np.int64)
+    full = compute_metrics(y_binary, errors, class_names, y_pred=(errors >= threshold))
+    out = {"loss": float(np.mean(errors)) if len(errors) else math.nan}
+    return {**out, **client_metrics(full, targets)}
+
+
+def threshold_from_counts(edges: np.ndarray, normal: np.ndarray, attack: np.ndarray) -> float:
+    """The bin edge from which flagging rows maximizes macro-F1 of the counted rows.
+
+    Parameters
+    ----------
+    edges : np.ndarray
+        ``k + 1`` bin edges.
+    normal, attack : np.ndarray
+        ``k`` counts of normal and attack rows' errors per bin.
+
+    Returns
+    -------
+    float
+        Rows with an error at or above it are attacks. Without attack rows,
+        the edge above :data:`NORMAL_QUANTILE` of the normal rows; without
+        any row, infinity (nothing flagged).
+    """
+    normal, attack = np.asarray(normal, dtype=np.float64), np.asarray(attack, dtype=np.float64)
+    if normal.sum() + attack.sum() == 0:
+        return math.inf
+    if attack.sum() == 0:
+        share = np.cumsum(normal) / normal.sum()
+        return float(edges[int(np.searchsorted(share, NORMAL_QUANTILE)) + 1])
+    # Flagging from edge j (j = 0 .. k) flags every row in bins j .. k-1.
+    tp = np.concatenate([np.cumsum(attack[::-1])[::-1], [0.0]])
+    fp = np.concatenate([np.cumsum(normal[::-1])[::-1], [0.0]])
+    fn, tn = attack.sum() - tp, normal.sum() - fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1_attack = np.nan_to_num(2 * tp / (2 * tp + fp + fn))
+        f1_normal = np.nan_to_num(2 * tn / (2 * tn + fn + fp))
+    return float(edges[int(np.argmax(f1_attack + f1_normal))])

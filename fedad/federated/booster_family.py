@@ -1,0 +1,81 @@
+"""Federated XGBoost: each site boosts on its shard from the global trees and sends its own."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from fedad import rundir
+from fedad.config import section
+from fedad.federated.family import Family, Scorer
+from fedad.federated.task import Site
+from fedad.models import booster
+
+# Strategies whose sites send only their new trees (the server appends them); under
+# FedXgbCyclic the site's whole model becomes the next global one.
+BAGGING = ("fedxgb_bagging",)
+
+
+class BoosterFamily(Family):
+    """XGBoost boosters: the model travels as its JSON bytes in a single uint8 array."""
+
+    def initial_arrays(self) -> list[np.ndarray]:
+        """No tree yet: an empty model (the sites start from the base score)."""
+        return [booster.as_array(b"")]
+
+    def fit(
+        self, arrays: list[np.ndarray], site: Site, config: Mapping, seed: int
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """Boost ``model.local_rounds`` iterations on the site's rows from the global model."""
+        model_cfg = section(self.settings, "model")
+        rounds = int(model_cfg.get("local_rounds", 1))
+        threads = int(self.settings.get("client-threads", 1))
+        params = booster.params(model_cfg, len(self.class_names), seed, threads)
+        trained = booster.train(
+            booster.from_array(arrays[0]),
+            site.X_train,
+            site.y_train,
+            params,
+            rounds,
+            class_weights=bool(model_cfg.get("class_weights", True)),
+        )
+        bagging = str(self.settings.get("strategy.name")) in BAGGING
+        sent = booster.last_rounds(trained, rounds) if bagging else booster.to_bytes(trained)
+        probabilities = booster.probabilities(trained, site.X_train, len(self.class_names))
+        rows = np.arange(len(site.y_train))
+        loss = float(-np.mean(np.log(np.clip(probabilities[rows, site.y_train], 1e-7, 1.0))))
+        return [booster.as_array(sent)], {
+            "train_loss": loss,
+            "train_trees": float(trained.num_boosted_rounds()),
+            "num-examples": len(site.y_train),
+        }
+
+    def scores(self, arrays: list[np.ndarray], X: np.ndarray) -> np.ndarray:
+        """Class probabilities of the global booster."""
+        raw = booster.from_array(arrays[0])
+        model = booster.load(raw) if raw else None
+        if model is None:
+            return np.full((len(X), len(self.class_names)), 1.0 / len(self.class_names))
+        return booster.probabilities(model, X, len(self.class_names))
+
+    def save(self, arrays: list[np.ndarray], run_dir: Path) -> Path:
+        """Write the global booster as XGBoost's JSON model."""
+        path = Path(run_dir) / rundir.BOOSTER_FILE
+        with rundir.atomic(path) as f:
+            f.write(booster.from_array(arrays[0]))
+        return path
+
+
+class BoosterScorer(Scorer):
+    """The saved global booster of a run."""
+
+    def __init__(self, run_dir: Path, n_classes: int) -> None:
+        self.path = Path(run_dir) / rundir.BOOSTER_FILE
+        self.model = booster.load(self.path.read_bytes())
+        self.n_classes = n_classes
+
+    def predict_scores(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities."""
+        return booster.probabilities(self.model, X, self.n_classes)

@@ -1,0 +1,44 @@
+"""The family of a run's model, by name: Keras classifier, autoencoder or boosted trees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedad.config import Settings
+from fedad.federated.family import Family, Scorer
+from fedad.models.catalog import family
+
+# The implementations import their framework (TensorFlow takes seconds): only the one a run
+# uses is imported.
+
+
+def family_for(settings: Settings) -> Family:
+    """The :class:`Family` of the run's model (``model.name``)."""
+    kind = family(str(settings["model.name"]))
+    if kind == "booster":
+        from fedad.federated.booster_family import BoosterFamily
+
+        return BoosterFamily(settings)
+    if kind == "autoencoder":
+        from fedad.federated.autoencoder_family import AutoencoderFamily
+
+        return AutoencoderFamily(settings)
+    from fedad.federated.keras_family import KerasFamily
+
+    return KerasFamily(settings)
+
+
+def load_scorer(model_name: str, run_dir: Path, n_classes: int) -> Scorer:
+    """The saved global model of a run in ``run_dir``, ready to score rows."""
+    kind = family(model_name)
+    if kind == "booster":
+        from fedad.federated.booster_family import BoosterScorer
+
+        return BoosterScorer(run_dir, n_classes)
+    if kind == "autoencoder":
+        from fedad.federated.autoencoder_family import AutoencoderScorer
+
+        return AutoencoderScorer(run_dir)
+    from fedad.federated.keras_family import KerasScorer
+
+    return KerasScorer(run_dir)

@@ -1,0 +1,122 @@
+"""How one model family trains at a site and is scored by the server: the apps' one interface."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedad.config import Settings
+from fedad.federated.task import Site, evaluation_metrics
+
+
+class Scorer(ABC):
+    """A saved global model, loaded to score rows: the federated model's result in a run.
+
+    Attributes
+    ----------
+    path : Path
+        The model file.
+    """
+
+    path: Path
+
+    @abstractmethod
+    def predict_scores(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(n, n_classes)``, or a 1-D attack score."""
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """Class codes from :meth:`predict_scores` output (the most probable class)."""
+        return np.asarray(scores).argmax(axis=1)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Class codes for ``X``."""
+        return self.decide(self.predict_scores(X))
+
+
+class Family(ABC):
+    """One model family as the ServerApp and the ClientApp see it.
+
+    Model arrays travel as a list of NumPy arrays (an ArrayRecord): Keras
+    weights, or a booster's JSON bytes. The server keeps an instance for the
+    whole run (it may hold state between rounds, such as the autoencoder's
+    threshold); sites make one per message.
+
+    Parameters
+    ----------
+    settings : Mapping
+        Flat run settings.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.class_names: list[str] = json.loads(str(settings["class-names"]))
+
+    def init_runtime(self) -> None:  # noqa: B027
+        """Set up the site's process before its first model call (nothing by default)."""
+
+    def val_fraction(self) -> float:
+        """Share of a site's rows held out for validation (early stopping, thresholds)."""
+        use = int(self.settings["train.early_stopping_patience"]) > 0
+        return float(self.settings["train.val_fraction"]) if use else 0.0
+
+    def seed_initial(self, seed: int) -> None:  # noqa: B027
+        """Seed what :meth:`initial_arrays` draws from (nothing to seed by default)."""
+
+    @abstractmethod
+    def initial_arrays(self) -> list[np.ndarray]:
+        """The global model before round 1 (drawn from the current random state)."""
+
+    @abstractmethod
+    def fit(
+        self, arrays: list[np.ndarray], site: Site, config: Mapping, seed: int
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """Train from the global ``arrays`` on the site; return its reply's arrays and metrics.
+
+        The metrics hold ``num-examples``, the weight of the reply.
+        """
+
+    @abstractmethod
+    def scores(self, arrays: list[np.ndarray], X: np.ndarray) -> np.ndarray:
+        """Scores of ``X`` under the model ``arrays``: probabilities or 1-D attack scores."""
+
+    def metrics(
+        self, arrays: list[np.ndarray], X: np.ndarray, y: np.ndarray, config: Mapping
+    ) -> dict[str, float]:
+        """``loss`` and the client metrics of the model ``arrays`` on ``X, y``.
+
+        ``config["attack-targets"]`` (the server's, under a targeted attack) adds
+        ``attack_success``.
+        """
+        targets = config.get("attack-targets")
+        return evaluation_metrics(y, self.scores(arrays, X), self.class_names, targets)
+
+    def site_metrics(self, arrays: list[np.ndarray], site: Site, config: Mapping) -> dict[str, Any]:
+        """What a site's evaluate reply holds: metrics on its local test slice."""
+        metrics = self.metrics(arrays, site.X_test, site.y_test, config)
+        return {**metrics, "num-examples": len(site.y_test)}
+
+    def evaluate_config(self) -> dict[str, Any]:
+        """Extra entries of each round's evaluate config (none for most families)."""
+        return {}
+
+    def after_evaluate(self, aggregated: Mapping[str, Any]) -> None:  # noqa: B027
+        """Take what the sites' aggregated evaluation says (the autoencoder's threshold).
+
+        Most families learn nothing from it, so the default does nothing.
+        """
+
+    def history_fields(self) -> dict[str, float]:
+        """What the family adds to each round's history row (and takes back on resume)."""
+        return {}
+
+    def restore(self, row: Mapping[str, Any]) -> None:  # noqa: B027
+        """Take back the state a resumed run's last history row holds (nothing by default)."""
+
+    @abstractmethod
+    def save(self, arrays: list[np.ndarray], run_dir: Path) -> Path:
+        """Write the final global model into ``run_dir``; return its path."""

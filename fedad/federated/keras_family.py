@@ -1,0 +1,340 @@
+"""Keras classifiers at the sites (FedProx's proximal term included) and at the server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fedad import rundir
+from fedad.config import Settings, section
+from fedad.federated.family import Family, Scorer
+from fedad.federated.task import Site, balanced_weights
+from fedad.models.keras_models import build_model
+
+_RUNTIME_READY = False
+# One compiled model per actor process, reused by every client the actor runs:
+# building and tracing a Keras model costs seconds, a message costs milliseconds.
+_MODELS: dict[str, ProximalModel] = {}
+# The server scores the global test set this many rows at a time.
+SERVER_BATCH = 4096
+
+
+class KerasFamily(Family):
+    """Keras classifiers (CNN, logistic, MLP): weights travel, strategies average them."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._server_model: keras.Model | None = None
+
+    def init_runtime(self) -> None:
+        """Size TensorFlow to the site's CPUs and fix its seed, once (:func:`init_runtime`)."""
+        init_runtime(self.settings)
+
+    def seed_initial(self, seed: int) -> None:
+        """Seed Keras, which draws the initial weights (and dropout) from its global state."""
+        keras.utils.set_random_seed(seed)
+
+    def initial_arrays(self) -> list[np.ndarray]:
+        """Fresh weights of the server's model."""
+        return self.server_model().get_weights()
+
+    def fit(
+        self, arrays: list[np.ndarray], site: Site, config: Mapping, seed: int
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """Train from the global weights; FedProx's ``proximal-mu`` comes in ``config``."""
+        model = local_model(self.settings)
+        y = site.y_train
+        history = train_local(
+            model,
+            arrays,
+            site.X_train,
+            y,
+            self.settings,
+            mu=float(config.get("proximal-mu", 0.0)),
+            seed=seed,
+            validation=(site.X_val, site.y_val),
+            sample_weight=balanced_weights(y) if self.settings["train.class_weights"] else None,
+        )
+        return model.get_weights(), {**history, "num-examples": len(site.y_train)}
+
+    def scores(self, arrays: list[np.ndarray], X: np.ndarray) -> np.ndarray:
+        """Class probabilities: the server's model, or the site's cached one."""
+        if self._server_model is not None:
+            self._server_model.set_weights(arrays)
+            return self._server_model.predict(X, batch_size=SERVER_BATCH, verbose=0)
+        model = local_model(self.settings)
+        model.set_weights(arrays)
+        return predict(model, X)
+
+    def server_model(self) -> keras.Model:
+        """The server's plain copy of the model (built on first use)."""
+        if self._server_model is None:
+            self._server_model = global_model(self.settings)
+        return self._server_model
+
+    def save(self, arrays: list[np.ndarray], run_dir: Path) -> Path:
+        """Write ``global_model.keras``, loadable with ``compile=True`` without warnings."""
+        model = self.server_model()
+        model.set_weights(arrays)
+        # A built optimizer is saved with all its slots, so loading the file with
+        # compile=True does not warn about missing optimizer variables.
+        model.optimizer.build(model.trainable_variables)
+        path = Path(run_dir) / rundir.MODEL_FILE
+        save_keras(model, path)
+        return path
+
+
+class KerasScorer(Scorer):
+    """The saved global Keras classifier of a run."""
+
+    def __init__(self, run_dir: Path, name: str = rundir.MODEL_FILE) -> None:
+        self.path = Path(run_dir) / name
+        self.model = keras.models.load_model(self.path, compile=False)
+
+    def predict_scores(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities, ``SERVER_BATCH`` rows a call, as the server scored them."""
+        return predict(self.model, X, batch_size=SERVER_BATCH).astype(np.float64)
+
+
+def save_keras(model: keras.Model, path: Path) -> None:
+    """Save a Keras model (Keras 3.15 warns about a NumPy-2 deprecation there, harmlessly)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="__array__ implementation", category=DeprecationWarning
+        )
+        model.save(path)
+
+
+class ProximalModel(keras.Model):
+    """A functional Keras model whose training loss adds FedProx's proximal term.
+
+    The term is ``mu / 2 * ||w - w_global||^2`` over the trainable weights;
+    Flower's FedProx strategy only sends ``mu``, each client must add the term
+    itself. ``mu = 0`` gives plain local training (FedAvg and the others).
+    The anchor is kept outside Keras' tracking so it is not part of
+    ``get_weights()``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._anchor = _Anchor(
+            mu=tf.Variable(0.0, trainable=False),
+            weights=[tf.Variable(w, trainable=False) for w in self.get_weights()],
+        )
+
+    def set_anchor(self, weights: list[np.ndarray], mu: float) -> None:
+        """Pull training towards ``weights`` (the global model) with strength ``mu``."""
+        self._anchor.mu.assign(mu)
+        for variable, value in zip(self._anchor.weights, weights, strict=True):
+            variable.assign(value)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Return the compiled loss plus the proximal term while training."""
+        loss = super().compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
+        if not training:
+            return loss
+        gap = tf.add_n(
+            [
+                tf.reduce_sum(tf.square(w.value - anchor))
+                for w, anchor in zip(self.weights, self._anchor.weights, strict=True)
+                if w.trainable
+            ]
+        )
+        return loss + 0.5 * self._anchor.mu * gap
+
+
+@dataclass
+class _Anchor:
+    mu: tf.Variable
+    weights: list[tf.Variable]
+
+
+def local_model(settings: Settings) -> ProximalModel:
+    """Return this process's compiled model for ``settings``, built on first use."""
+    model_cfg = section(settings, "model")
+    n_classes = len(json.loads(settings["class-names"]))
+    key = json.dumps(
+        [
+            model_cfg,
+            settings["num-features"],
+            n_classes,
+            settings["train.learning_rate"],
+            settings["train.optimizer"],
+        ],
+        sort_keys=True,
+    )
+    if key not in _MODELS:
+        base = build_model(
+            model_cfg,
+            int(settings["num-features"]),
+            n_classes,
+            float(settings["train.learning_rate"]),
+            str(settings["train.optimizer"]),
+        )
+        model = ProximalModel(inputs=base.inputs, outputs=base.outputs, name=base.name)
+        model.compile(
+            optimizer=keras.optimizers.deserialize(keras.optimizers.serialize(base.optimizer)),
+            loss=base.loss,
+            metrics=["accuracy"] if base.loss != "mse" else None,
+        )
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+def train_local(
+    model: ProximalModel,
+    global_weights: list[np.ndarray],
+    X: np.ndarray,
+    y: np.ndarray,
+    settings: Settings,
+    mu: float,
+    seed: int,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    sample_weight: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Train ``model`` from ``global_weights`` on one site's rows.
+
+    Parameters
+    ----------
+    model : ProximalModel
+        From :func:`local_model`; its weights and optimizer state are reset here.
+    global_weights : list[np.ndarray]
+        The global model received from the server (also the proximal anchor).
+    X, y : np.ndarray
+        Training inputs and targets (class codes; the inputs again for an autoencoder).
+    settings : Mapping
+        ``train.*`` settings: ``local_epochs``, ``batch_size``,
+        ``learning_rate``, ``early_stopping_patience``.
+    mu : float
+        FedProx proximal strength; 0 for every other strategy.
+    seed : int
+        Seeds shuffling and dropout, so one seed gives one update.
+    validation : tuple of np.ndarray, optional
+        Held-out rows for early stopping (used when the patience is set).
+    sample_weight : np.ndarray, optional
+        Per-row weights (class balancing).
+
+    Returns
+    -------
+    dict[str, float]
+        ``train_loss`` (including the proximal term) of the last epoch,
+        ``train_accuracy`` for a classifier, and ``train_epochs`` run.
+    """
+    model.set_weights(global_weights)
+    model.set_anchor(global_weights, mu)
+    _reset_optimizer(model.optimizer, float(settings["train.learning_rate"]))
+    _reseed(model, seed)
+    # The seed orders the rows; Keras' shuffle on top draws from TensorFlow's global seed.
+    order = np.random.default_rng(seed).permutation(len(y))
+    X, y = X[order], y[order]
+    if sample_weight is not None:
+        sample_weight = sample_weight[order]
+    callbacks = []
+    patience = int(settings["train.early_stopping_patience"])
+    if patience > 0 and validation is not None and len(validation[1]):
+        callbacks = [
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=patience, restore_best_weights=True
+            )
+        ]
+    else:
+        validation = None
+    history = model.fit(
+        X,
+        y,
+        sample_weight=sample_weight,
+        epochs=int(settings["train.local_epochs"]),
+        batch_size=int(settings["train.batch_size"]),
+        validation_data=validation,
+        callbacks=callbacks,
+        shuffle=True,
+        verbose=0,
+    ).history
+    out = {"train_loss": float(history["loss"][-1]), "train_epochs": float(len(history["loss"]))}
+    if "accuracy" in history:
+        out["train_accuracy"] = float(history["accuracy"][-1])
+    return out
+
+
+def predict(model: keras.Model, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Return ``model``'s class probabilities for ``X``, scored ``batch_size`` rows at a time.
+
+    Unlike ``model.predict``, this builds no tf.data pipeline, which costs
+    several times more than scoring a site's test slice.
+    """
+    if len(X) == 0:
+        return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+    batches = [model.predict_on_batch(X[i : i + batch_size]) for i in range(0, len(X), batch_size)]
+    return np.concatenate(batches)
+
+
+def global_model(settings: Settings) -> keras.Model:
+    """Build and compile the server's copy of the model the sites train, from ``settings``.
+
+    Parameters
+    ----------
+    settings : Mapping
+        Flat run settings with ``model.*``, ``num-features``, ``class-names``,
+        ``train.learning_rate`` and ``train.optimizer``.
+
+    Returns
+    -------
+    keras.Model
+        Fresh weights drawn from Keras's current random state.
+    """
+    return build_model(
+        section(settings, "model"),
+        int(settings["num-features"]),
+        len(json.loads(str(settings["class-names"]))),
+        float(settings["train.learning_rate"]),
+        str(settings["train.optimizer"]),
+    )
+
+
+def _reset_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float) -> None:
+    # Zeroed slots and step count are what a fresh optimizer starts from; the
+    # cached model is shared by many sites, so no site inherits another's moments.
+    for variable in optimizer.variables:
+        variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
+    optimizer.learning_rate = learning_rate
+
+
+def _reseed(model: keras.Model, seed: int) -> None:
+    # Dropout draws from a per-layer seed state that advances with every step;
+    # resetting it makes the update independent of which sites the actor ran before.
+    for i, layer in enumerate(model.layers):
+        generator = getattr(layer, "seed_generator", None)
+        if isinstance(generator, keras.random.SeedGenerator):
+            state = np.array([(seed + i) % 2**32, 0])
+            generator.state.assign(state.astype(generator.state.dtype))
+
+
+def init_runtime(settings: Settings) -> None:
+    """Size TensorFlow's thread pools to the actor's CPUs and fix its global seed.
+
+    Must run before any TF op. Keras' shuffle draws from the global seed
+    afresh in every fit, so one fixed seed gives each fit the same draws and
+    :func:`train_local`'s seed alone decides the row order. Setting it once
+    matters: setting it clears TensorFlow's caches, and every traced
+    function then has to be instantiated again, which costs more than a
+    small site's training.
+    """
+    global _RUNTIME_READY
+    if _RUNTIME_READY:
+        return
+    threads = int(settings.get("client-threads", 1))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    tf.config.experimental.enable_op_determinism()
+    tf.random.set_seed(int(settings.get("seed", 0)))
+    _RUNTIME_READY = True
