@@ -100,12 +100,14 @@ class RootConfig:
     baselines: Any = MISSING
     attack: Any = MISSING
     privacy: Any = MISSING
+    tracking: Any = MISSING
     seed: int = 0
     data_dir: str = "./data"
     task: str = "binary"
     federated: bool = True
     baselines_cache: str | None = "auto"
     explain: bool = True
+    eda: bool = True
     resume: str | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
@@ -417,6 +419,7 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 # matters only when fraction_train * num_clients is below it.
 RUNTIME_KEYS = (
     "resume",
+    "tracking",
     "data_dir",
     # Detectors are written from the finished models: they never change the training.
     "detector",

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.inspection import permutation_importance
 
-from fedad import rundir
+from fedad import progress, rundir
 from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
 from fedad.metrics import macro_f1
@@ -166,20 +166,22 @@ def explain(
     if supervised:
         chosen.append(max(supervised, key=lambda m: m.metrics.get("macro_f1") or 0.0))
     tables = {}
-    for m in chosen:
-        # An anomaly score is one column, flagged at the model's threshold (binary view).
-        threshold = getattr(m.model, "threshold", None)
-        y_test = data.y_test if threshold is None else (data.y_test != 0).astype(np.int64)
-        table = permutation_importance_table(
-            m.model.predict_scores,
-            X_test,
-            y_test,
-            data.feature_names,
-            seed=seed,
-            threshold=threshold,
-        )
-        table.to_csv(run_dir / rundir.importance_csv(m.name), index=False)
-        tables[m.name] = table
+    with progress.steps("permutation importance", len(chosen)) as bar:
+        for m in chosen:
+            # An anomaly score is one column, flagged at the model's threshold (binary view).
+            threshold = getattr(m.model, "threshold", None)
+            y_test = data.y_test if threshold is None else (data.y_test != 0).astype(np.int64)
+            with bar.step(m.name):
+                table = permutation_importance_table(
+                    m.model.predict_scores,
+                    X_test,
+                    y_test,
+                    data.feature_names,
+                    seed=seed,
+                    threshold=threshold,
+                )
+            table.to_csv(run_dir / rundir.importance_csv(m.name), index=False)
+            tables[m.name] = table
     if tables:
         plot_importance_side_by_side(tables, run_dir / rundir.IMPORTANCE_PNG)
     return {name: t["feature"].head(10).tolist() for name, t in tables.items()}

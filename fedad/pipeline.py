@@ -10,7 +10,7 @@ import numpy as np
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
-from fedad import rundir
+from fedad import progress, rundir
 from fedad.data.partition import label_skew, partition, summarize
 from fedad.data.prepare import prepare
 from fedad.data.prepared import PreparedData
@@ -54,16 +54,20 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> RunData:
     -------
     RunData
     """
-    data = prepare(
-        cfg.dataset, cfg.preprocess, cfg.task, to_absolute_path(cfg.data_dir), int(cfg.seed)
-    )
-    parts = partition(
-        cfg.partition,
-        skew_labels(cfg, data),
-        int(cfg.simulation.num_clients),
-        int(cfg.seed),
-        groups=data.groups_train,
-    )
+    with progress.step(f"data: reading and preparing {cfg.dataset.name}") as step:
+        data = prepare(
+            cfg.dataset, cfg.preprocess, cfg.task, to_absolute_path(cfg.data_dir), int(cfg.seed)
+        )
+        n_train, n_test = len(data.y_train), len(data.y_test)
+        step.note = f"{n_train + n_test:,} rows: {n_train:,} train + {n_test:,} test"
+    with progress.step(f"data: partitioning over {cfg.simulation.num_clients} sites"):
+        parts = partition(
+            cfg.partition,
+            skew_labels(cfg, data),
+            int(cfg.simulation.num_clients),
+            int(cfg.seed),
+            groups=data.groups_train,
+        )
     summary = summarize(parts, data.y_train, data.class_names)
     summary.to_csv(Path(run_dir) / rundir.PARTITION_CSV, index=False)
     plot_partition(

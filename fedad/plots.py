@@ -1,4 +1,4 @@
-"""Figures of one run: the partition heatmap, ROC curves and confusion matrices."""
+"""Figures of one run: the partition heatmap, ROC curves, confusion matrices and the data view."""
 
 from __future__ import annotations
 
@@ -152,3 +152,98 @@ def plot_partition(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
+
+
+def plot_eda(
+    X: np.ndarray,
+    attack: np.ndarray,
+    feature_names: Sequence[str],
+    path: str | os.PathLike,
+    seed: int = 0,
+    top: int = 8,
+    max_rows: int = 20_000,
+) -> list[str]:
+    """Draw the features that best separate normal from attack traffic, and their correlations.
+
+    Features are ranked by the standardized difference of their means between
+    the two classes (``|mean_attack - mean_normal| / pooled std``). Left: each
+    top feature's distribution for normal and attack rows; right: their
+    correlation heatmap. Pass training rows only: the test set stays unseen.
+
+    Parameters
+    ----------
+    X : np.ndarray
+        Training features, shape ``(n, n_features)``.
+    attack : np.ndarray
+        True for the attack rows of ``X``.
+    feature_names : Sequence[str]
+        One name per column.
+    path : str or PathLike
+        Image file to write.
+    seed : int
+        Seed of the row sample.
+    top : int
+        Features shown.
+    max_rows : int
+        Rows drawn at random (without replacement) to bound the cost.
+
+    Returns
+    -------
+    list[str]
+        The features shown, best separating first.
+    """
+    attack = np.asarray(attack, dtype=bool)
+    if len(X) > max_rows:
+        rows = np.random.default_rng(seed).choice(len(X), size=max_rows, replace=False)
+        X, attack = X[rows], attack[rows]
+    X = np.asarray(X, dtype=np.float64)
+    normal_rows, attack_rows = X[~attack], X[attack]
+    separation = np.zeros(X.shape[1])
+    if len(normal_rows) and len(attack_rows):
+        gap = np.abs(attack_rows.mean(axis=0) - normal_rows.mean(axis=0))
+        spread = np.sqrt((normal_rows.var(axis=0) + attack_rows.var(axis=0)) / 2)
+        np.divide(gap, spread, out=separation, where=spread > 0)
+    best = np.argsort(-separation, kind="stable")[: min(top, X.shape[1])]
+    names = [str(feature_names[i]) for i in best]
+
+    cols = 4
+    hist_rows = -(-len(best) // cols)
+    fig = plt.figure(figsize=(4 * cols + 7, 3 * max(hist_rows, 2)))
+    grid = fig.add_gridspec(max(hist_rows, 2), cols + 2)
+    for k, i in enumerate(best):
+        ax = fig.add_subplot(grid[k // cols, k % cols])
+        bins = np.histogram_bin_edges(X[:, i], bins=30)
+        for part, label, color in (
+            (normal_rows, "normal", "tab:blue"),
+            (attack_rows, "attack", "tab:red"),
+        ):
+            if len(part):
+                ax.hist(
+                    part[:, i],
+                    bins=bins,
+                    density=True,
+                    histtype="stepfilled",
+                    alpha=0.5,
+                    label=label,
+                    color=color,
+                )
+        ax.set_title(f"{names[k]} (d={separation[i]:.2f})", fontsize=9)
+        ax.tick_params(labelsize=7)
+        if k == 0:
+            ax.legend(fontsize=8)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant column has no correlation
+        corr = np.corrcoef(X[:, best], rowvar=False)
+    corr = np.nan_to_num(corr, nan=0.0).reshape(len(best), -1)
+    ax = fig.add_subplot(grid[:, cols:])
+    image = ax.imshow(corr, cmap="coolwarm", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_title("correlation of the top features")
+    fig.colorbar(image, ax=ax, shrink=0.7)
+    fig.suptitle(
+        f"Training rows ({len(X):,} shown): the features that best separate normal from attack"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return names

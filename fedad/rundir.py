@@ -24,6 +24,7 @@ COMPARISON_CSV = "comparison.csv"
 COMPARISON_MD = "comparison.md"
 ROC_PNG = "roc.png"
 IMPORTANCE_PNG = "importance.png"
+EDA_PNG = "eda.png"
 MODEL_FILE = "global_model.keras"
 SCALING_FILE = "scaling.npz"
 # The federated autoencoder's threshold; the federated booster's model.
@@ -57,6 +58,16 @@ def confusion_png(model: str) -> str:
 def importance_csv(model: str) -> str:
     """File name of a model's permutation-importance table."""
     return f"importance_{model}.csv"
+
+
+def shap_csv(model: str) -> str:
+    """File name of a model's SHAP table (mean absolute SHAP value per feature)."""
+    return f"shap_{model}.csv"
+
+
+def shap_png(model: str) -> str:
+    """File name of a model's SHAP beeswarm figure."""
+    return f"shap_{model}.png"
 
 
 @contextmanager

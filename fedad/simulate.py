@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from fedad import __version__, cache, commandline, comparison, rundir
+from fedad import cache, commandline, comparison, rundir
 from fedad.baselines.runner import run_baselines, with_twin
 from fedad.comparison import ModelResult
 from fedad.config import CONF_DIR, CONFIG_NAME, available_options, load_option
@@ -23,9 +22,11 @@ from fedad.errors import FedadError, JobSkipped, exit_with
 from fedad.explain import explain
 from fedad.models.catalog import TWINS
 from fedad.pipeline import RunData, prepare_run
-from fedad.plots import plot_confusion, plot_roc
+from fedad.plots import plot_confusion, plot_eda, plot_roc
 from fedad.resume import Decision, decide
+from fedad.shapley import explain_shap
 from fedad.validate import validate
+from fedad.versions import versions
 
 log = logging.getLogger("fedad")
 # Flower's import sets up alembic, whose INFO lines would bury the run's own.
@@ -62,11 +63,20 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     # An earlier attempt's failure no longer describes this folder.
     (run_dir / rundir.FAILED_FILE).unlink(missing_ok=True)
     rundir.write_text(run_dir / rundir.CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-    results: dict = {"status": rundir.RUNNING, "settings": _settings(cfg), "versions": _versions()}
+    results: dict = {"status": rundir.RUNNING, "settings": _settings(cfg), "versions": versions()}
     rundir.save_results(run_dir, results)
 
     prepared = prepare_run(cfg, run_dir)
     results.update(prepared.facts)
+    if cfg.eda:
+        data = prepared.data  # training rows only: the test set stays unseen
+        results["eda_features"] = plot_eda(
+            data.X_train,
+            data.y_train != 0,
+            data.feature_names,
+            run_dir / rundir.EDA_PNG,
+            int(cfg.seed),
+        )
     rundir.save_results(run_dir, results)
 
     models: list[ModelResult] = []
@@ -79,6 +89,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         _figures(models, prepared, run_dir)
         if cfg.explain:
             results["importance"] = explain(models, prepared.data, run_dir, int(cfg.seed))
+            results["shap"] = explain_shap(models, prepared.data, run_dir, int(cfg.seed))
     if cfg.detector.write and models:
         results["detectors"] = write_detectors(cfg, prepared.data, prepared.parts, models, run_dir)
 
@@ -217,18 +228,6 @@ def _settings(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
         "attack": cfg.get("attack", {}).get("name", "none"),
         "privacy": cfg.get("privacy", {}).get("name", "none"),
-    }
-
-
-def _versions() -> dict:
-    import flwr
-    import sklearn
-
-    return {
-        "fedad": __version__,
-        "python": platform.python_version(),
-        "flwr": flwr.__version__,
-        "scikit-learn": sklearn.__version__,
     }
 
 

@@ -23,6 +23,7 @@ from fedad.federated.strategies import check_config as check_strategy
 from fedad.models import OPTIMIZERS
 from fedad.models import check_config as check_model
 from fedad.resolvers import sampled_sites
+from fedad.tracking import check_config as check_tracking
 
 
 def validate(cfg: DictConfig) -> None:
@@ -30,7 +31,7 @@ def validate(cfg: DictConfig) -> None:
 
     The schema (:mod:`fedad.config`) has already checked types at compose
     time; this checks ranges, each option's own parameters (dataset,
-    partition, model, strategy, attack, privacy, baselines) and the relations
+    partition, model, strategy, attack, privacy, baselines, tracking) and the relations
     between values (``min_clients`` against the sites, local CPUs against the
     resources each site asks for, an attack or DP against the model and strategy).
 
@@ -89,6 +90,7 @@ def validate(cfg: DictConfig) -> None:
     problems += check_dataset(values["dataset"])
     problems += check_partition(values["partition"])
     problems += check_baselines(values["baselines"])
+    problems += check_tracking(values["tracking"])
     problems += check_detector(values["detector"])
     bound = None
     if values["federated"]:

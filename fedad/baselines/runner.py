@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from fedad import checks
+from fedad import checks, progress
 from fedad.baselines.supervised import SUPERVISED_DEFAULTS, fit_supervised
 from fedad.baselines.unsupervised import (
     FIT_ON,
@@ -133,16 +133,19 @@ def run_baselines(
         return fit
 
     results = []
-    for name, params in models.items():
-        kind = "supervised" if name in SUPERVISED_DEFAULTS else "unsupervised"
-        fit = (fit_sup if kind == "supervised" else fit_unsup)(name, params)
-        result = _run_one(name, kind, fit, data, X_train, X_test, seed, cv_folds)
-        result.info["params"] = params
-        if validate and kind == "supervised":
-            held = _hold_out(fit, X_train, data, val_fraction, seed, target_fpr)
-            result.info["validation_macro_f1"] = held.pop("macro_f1")
-            result.info["validation"] = held
-        results.append(result)
+    with progress.steps("baselines", len(models)) as bar:
+        for name, params in models.items():
+            kind = "supervised" if name in SUPERVISED_DEFAULTS else "unsupervised"
+            fit = (fit_sup if kind == "supervised" else fit_unsup)(name, params)
+            with bar.step(name) as step:
+                result = _run_one(name, kind, fit, data, X_train, X_test, seed, cv_folds)
+                result.info["params"] = params
+                if validate and kind == "supervised":
+                    held = _hold_out(fit, X_train, data, val_fraction, seed, target_fpr)
+                    result.info["validation_macro_f1"] = held.pop("macro_f1")
+                    result.info["validation"] = held
+                step.note = f"macro-F1 {result.metrics['macro_f1']:.3f}"
+            results.append(result)
     return results
 
 

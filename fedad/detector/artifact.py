@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import platform
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from fedad import __version__, rundir
 from fedad.data.preprocess import Preprocessor, preprocessor_to_dict
 from fedad.detector.adapters import ADAPTERS, adapter_for
 from fedad.errors import FedadError
+from fedad.versions import versions
 
 log = logging.getLogger("fedad")
 
@@ -21,21 +20,6 @@ log = logging.getLogger("fedad")
 FORMAT_VERSION = 1
 # Libraries every detector needs (reading, preprocessing); each model kind adds its own.
 COMMON_LIBRARIES = ("numpy", "pandas", "scikit-learn")
-
-
-def library_versions(names: tuple[str, ...]) -> dict[str, str]:
-    """Installed versions of ``names`` (``absent`` when not installed), with fedad and Python."""
-    found = {"fedad": __version__, "python": platform.python_version()}
-    for name in names:
-        found[name] = "absent"
-        # TensorFlow installs as tensorflow-cpu on x86-64 (see pyproject.toml).
-        for dist in (name, f"{name}-cpu"):
-            try:
-                found[name] = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return found
 
 
 def write(
@@ -79,7 +63,7 @@ def write(
             "format_version": FORMAT_VERSION,
             **manifest,
             "model": {**manifest["model"], "kind": adapter.kind, "file": adapter.file},
-            "versions": library_versions((*COMMON_LIBRARIES, *adapter.libraries)),
+            "versions": versions((*COMMON_LIBRARIES, *adapter.libraries)),
             "files": {name: _checksum(tmp / name) for name in files},
         }
         rundir.write_json(tmp / rundir.DETECTOR_MANIFEST, full)
@@ -147,11 +131,13 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def _warn_versions(recorded: dict, folder: Path) -> None:
-    installed = library_versions(tuple(k for k in recorded if k not in ("fedad", "python")))
+    found = versions(k for k in recorded if k not in ("fedad", "python"))
+    # Not installed: None, or "absent" in detectors written before fedad.versions.
+    installed = {name: found.get(name) or "absent" for name in recorded}
     changed = [
-        f"{name} {was} -> {installed.get(name, 'absent')}"
+        f"{name} {was or 'absent'} -> {installed[name]}"
         for name, was in recorded.items()
-        if name != "python" and installed.get(name) != was
+        if name != "python" and installed[name] != (was or "absent")
     ]
     if changed:
         log.warning(

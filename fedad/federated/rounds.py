@@ -17,6 +17,7 @@ from fedad.errors import FedadError
 from fedad.federated import checkpoint
 from fedad.federated.family import Family
 from fedad.federated.grid import SiteGrid
+from fedad.progress import clock
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class ServerEvaluator:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedad-evaluate")
         self._pending: list[Future] = []
         self._queued: int | None = None
+        self._round_seconds: list[float] = []
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Take the round's row, then score ``arrays`` on the test set in the background."""
@@ -214,8 +216,12 @@ class ServerEvaluator:
         # The metrics come first in the row, as they always have.
         row = {"round": row["round"], **metrics, **row}
         self.rows.append(row)
+        if row["round"] > 0:  # round 0 scores the initial model: no training to time
+            self._round_seconds.append(row["seconds"])
+        left = self.num_rounds - row["round"]
+        eta = np.mean(self._round_seconds) * left if self._round_seconds else None
         log.info(
-            "round %d/%d  loss %.3f  macro-F1 %.3f  ROC-AUC %.3f  failures %d  %.1f s%s",
+            "round %d/%d  loss %.3f  macro-F1 %.3f  ROC-AUC %.3f  failures %d  %.1f s%s  ETA %s",
             row["round"],
             self.num_rounds,
             metrics["loss"],
@@ -228,5 +234,6 @@ class ServerEvaluator:
                 for key, name in (("attack_success", "attack success"), ("epsilon", "ε"))
                 if key in row
             ),
+            "?" if eta is None else clock(eta),
         )
         self.checkpointer.round_done(row["round"], weights, self.rows)
