@@ -19,7 +19,11 @@ from fedad.errors import FedadError, exit_with
 log = logging.getLogger("fedad")
 
 FORMATS = ("tflite", "onnx")
-# Largest difference allowed between the exported model's scores and the Keras model's.
+# Model kinds held as Keras models, which export: the classifiers and the autoencoder.
+EXPORTABLE = ("keras", "autoencoder")
+# Largest difference allowed between the scores the exported model gives and the detector's,
+# relative where a score is above 1: probabilities are checked to 1e-5 absolute, an
+# autoencoder's reconstruction errors (hundreds for outliers) relatively.
 TOLERANCE = 1e-5
 
 
@@ -28,12 +32,16 @@ def export(detector: Detector, fmt: str, out: str | Path, rows: str | Path | Non
 
     The exported model takes the preprocessed vector (the encoded features of
     ``schema.encoded_features``, before standardization: the standardization
-    is inside it) and returns the class probabilities.
+    is inside it) and returns what the Keras model returns: the class
+    probabilities, or the autoencoder's reconstruction of the standardized
+    row. The check compares scores: the probabilities, or the reconstruction
+    error computed from the exported model's reconstruction as the detector
+    computes it from the Keras model's.
 
     Parameters
     ----------
     detector : Detector
-        A loaded detector holding a Keras model.
+        A loaded detector holding a Keras model (a classifier or the autoencoder).
     fmt : str
         ``tflite`` (run with the LiteRT interpreter) or ``onnx`` (run with ONNX Runtime).
     out : str or Path
@@ -44,19 +52,23 @@ def export(detector: Detector, fmt: str, out: str | Path, rows: str | Path | Non
     Returns
     -------
     dict
-        ``path``, ``kb`` (file size), ``rows`` checked and ``max_difference``.
+        ``path``, ``kb`` (file size), ``rows`` checked, ``max_difference`` (relative
+        where a score is above 1, see :data:`TOLERANCE`), ``output`` (what was
+        compared) and ``within`` (the bound, in words).
     """
     if fmt not in FORMATS:
         raise FedadError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'.")
     model_info = detector.manifest["model"]
-    if model_info["kind"] != "keras":
+    if model_info["kind"] not in EXPORTABLE:
         raise FedadError(
             f"The detector {detector.name} holds a {model_info['kind']} model; only Keras models "
-            "(the federated CNN or logistic model, the central Keras baselines) export to "
-            f"{fmt}. Export the run's federated detector instead."
+            "(the federated CNN, logistic, MLP or autoencoder, the central Keras baselines) "
+            f"export to {fmt}. Export the run's federated detector instead."
         )
     rows = rows or _test_file(detector)
     import keras
+
+    from fedad.federated.autoencoder_family import reconstruction_error
 
     model = load_keras(detector.folder / model_info["file"])
     inputs = keras.Input(shape=(len(detector.mean),), name="features")
@@ -70,18 +82,24 @@ def export(detector: Detector, fmt: str, out: str | Path, rows: str | Path | Non
 
     source = open_input(detector, rows)
     X = np.concatenate([detector.preprocessor.transform(f) for f in chunks(detector, source)])
-    expected = detector.predict_model(detector.standardize(X))
+    standardized = detector.standardize(X)
+    expected = detector.predict_model(standardized)
     edge(X[:1])  # the ONNX exporter needs a model that has been called once
     out = Path(out)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
         edge.export(str(staged), format="litert" if fmt == "tflite" else "onnx", verbose=False)
         got = _run_tflite(staged, X) if fmt == "tflite" else _run_onnx(staged, X)
-        difference = float(np.abs(got - expected).max())
+        if detector.anomaly:
+            # Compared as scores: a reconstruction differs by float32 steps of its inputs,
+            # which reach hundreds of standard deviations for outliers.
+            got = reconstruction_error(standardized, got)
+        difference = float((np.abs(got - expected) / np.maximum(1.0, np.abs(expected))).max())
         if difference > TOLERANCE:
             raise FedadError(
-                f"The {fmt} model's scores differ from the Keras model's by up to {difference:.2e} "
-                f"on the {len(X)} rows of {rows} (allowed: {TOLERANCE:g}); nothing was written."
+                f"The {fmt} model's {_output(detector)} differ from the Keras model's by up to "
+                f"{difference:.2e} on the {len(X)} rows of {rows} (allowed: {TOLERANCE:g}, "
+                "relative where a score is above 1); nothing was written."
             )
         os.replace(staged, out)
     return {
@@ -90,7 +108,14 @@ def export(detector: Detector, fmt: str, out: str | Path, rows: str | Path | Non
         "rows": len(X),
         "max_difference": difference,
         "checked_on": str(rows),
+        "output": _output(detector),
+        # Probabilities never pass 1, so their check is an absolute one.
+        "within": f"{TOLERANCE:g}" + (" (relative where above 1)" if detector.anomaly else ""),
     }
+
+
+def _output(detector: Detector) -> str:
+    return "reconstruction errors" if detector.anomaly else "scores"
 
 
 def _run_tflite(path: Path, X: np.ndarray) -> np.ndarray:
@@ -126,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m fedad.export",
         description="Export a detector's Keras model for edge devices, checked against the "
         "Keras model on real rows. The exported model takes the encoded feature vector "
-        "(preprocessing.json of the detector) and returns class probabilities.",
+        "(preprocessing.json of the detector) and returns class probabilities, or an "
+        "autoencoder's reconstruction of the standardized row.",
     )
     parser.add_argument("detector", help="a detector folder: <run>/detector/<model>")
     parser.add_argument("--format", default="tflite", help="tflite (default) or onnx")
@@ -144,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_with(err)
     print(
         f"{done['path']}: {done['kb']:.1f} KB; on {done['rows']} rows of {done['checked_on']} "
-        f"its scores match the Keras model's within {TOLERANCE:g} (largest difference "
+        f"its {done['output']} match the Keras model's within {done['within']} (largest difference "
         f"{done['max_difference']:.1e})"
     )
 

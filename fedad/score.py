@@ -14,7 +14,7 @@ import numpy as np
 
 from fedad import rundir
 from fedad.detector.inputs import CHUNK_ROWS, chunks, open_input
-from fedad.detector.scorer import DEFAULT_RULE, Detector
+from fedad.detector.scorer import Detector
 from fedad.errors import FedadError, exit_with
 from fedad.metrics import compute_metrics
 
@@ -27,7 +27,7 @@ def score_file(
     detector: Detector,
     source: str | Path,
     out: str | Path | None,
-    rule: str = DEFAULT_RULE,
+    rule: str | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> dict:
     """Score every row of ``source`` into a CSV; nothing is written unless all rows score.
@@ -40,17 +40,19 @@ def score_file(
         Raw rows in the training file's format; the label is optional.
     out : str or Path or None
         Output CSV (one row per input row); None writes it to standard output.
-    rule : str
-        Decision rule: ``argmax`` or ``target_fpr``.
+    rule : str, optional
+        Decision rule (``argmax``, ``target_fpr``, ``threshold``); default: the
+        detector's default rule.
     chunk_rows : int
         Rows read, scored and written at a time (memory stays flat in the file size).
 
     Returns
     -------
     dict
-        ``rows``, ``ignored_columns``, ``unseen_categories`` and, when the
-        input holds labels, ``labelled_rows`` and ``metrics``.
+        ``rows``, ``rule``, ``ignored_columns``, ``unseen_categories`` and, when
+        the input holds labels, ``labelled_rows`` and ``metrics``.
     """
+    rule = rule or detector.default_rule
     detector.check_rule(rule)
     found = open_input(detector, source)
     target = Path(out) if out is not None else None
@@ -101,7 +103,12 @@ def score_file(
             os.unlink(tmp.name)
     else:
         os.replace(tmp.name, target)
-    summary: dict = {"rows": rows, "ignored_columns": found.ignored, "unseen_categories": unseen}
+    summary: dict = {
+        "rows": rows,
+        "rule": rule,
+        "ignored_columns": found.ignored,
+        "unseen_categories": unseen,
+    }
     if labelled:
         y, scores, predicted = (np.concatenate(parts) for parts in zip(*labelled, strict=True))
         summary["labelled_rows"] = int(len(y))
@@ -115,17 +122,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m fedad.score",
         description="Score raw rows (in the training file's own format) with a saved detector: "
-        "one output row per input row, with class probabilities, the attack score, the "
-        "predicted class and the threshold used. With a label column, prints the metrics.",
+        "one output row per input row, with the class probabilities (classifiers), the attack "
+        "score (1 - p(normal), or an autoencoder's reconstruction error), the predicted class "
+        "and the threshold used. With a label column, prints the metrics.",
     )
     parser.add_argument("detector", help="a detector folder: <run>/detector/<model>")
     parser.add_argument("input", help="CSV of raw rows, as the dataset's own files")
     parser.add_argument("-o", "--output", help="output CSV (default: standard output)")
     parser.add_argument(
         "--rule",
-        default=DEFAULT_RULE,
-        help="decision rule: argmax (default) or target_fpr (the threshold chosen on "
-        "validation rows for detector.target_fpr, where the detector has one)",
+        help="decision rule: argmax (a classifier's default), target_fpr (the threshold chosen "
+        "on validation rows for detector.target_fpr, where the detector has one) or threshold "
+        "(an autoencoder's, its default: the threshold its federated run chose)",
     )
     parser.add_argument("--metrics-json", help="also write every metric to this JSON file")
     args = parser.parse_args(argv)
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _describe(detector: Detector, summary: dict, args: argparse.Namespace) -> str:
     lines = [
-        f"{summary['rows']} rows scored by {detector.name} (rule {args.rule})"
+        f"{summary['rows']} rows scored by {detector.name} (rule {summary['rule']})"
         + (f" -> {args.output}" if args.output else "")
     ]
     if summary["ignored_columns"]:

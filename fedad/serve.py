@@ -22,7 +22,6 @@ from typing_extensions import TypedDict
 
 from fedad import __version__
 from fedad.detector import FORMAT_VERSION, Detector
-from fedad.detector.scorer import DEFAULT_RULE
 from fedad.errors import FedadError, exit_with
 
 log = logging.getLogger("fedad")
@@ -43,7 +42,7 @@ class Refused(Exception):
         self.status, self.message, self.problems = status, message, problems or []
 
 
-def create_app(detector: Detector, max_batch: int = MAX_BATCH, rule: str = DEFAULT_RULE) -> FastAPI:
+def create_app(detector: Detector, max_batch: int = MAX_BATCH, rule: str | None = None) -> FastAPI:
     """The FastAPI app: ``POST /score``, ``GET /schema``, ``GET /health``.
 
     Parameters
@@ -52,13 +51,15 @@ def create_app(detector: Detector, max_batch: int = MAX_BATCH, rule: str = DEFAU
         The loaded detector.
     max_batch : int
         Most rows one request may carry (more: 413).
-    rule : str
-        Decision rule used unless a request names another (``?rule=``).
+    rule : str, optional
+        Decision rule used unless a request names another (``?rule=``); default:
+        the detector's default rule.
 
     Returns
     -------
     FastAPI
     """
+    rule = rule or detector.default_rule
     detector.check_rule(rule)
     schema = detector.manifest["schema"]
     kinds = {f["name"]: Number if f["type"] == "number" else Category for f in schema["features"]}
@@ -87,6 +88,7 @@ def create_app(detector: Detector, max_batch: int = MAX_BATCH, rule: str = DEFAU
             "max_batch": max_batch,
             "default_rule": rule,
             "rules": detector.rules,
+            "attack_score": detector.manifest["decision"].get("attack_score", "1 - p(normal)"),
             "test_metrics": {
                 k: v for k, v in detector.manifest["test_metrics"].items() if k != "confusion"
             },
@@ -142,12 +144,13 @@ def create_app(detector: Detector, max_batch: int = MAX_BATCH, rule: str = DEFAU
             # One list per field, row i at position i: cheap to build and to read in bulk.
             "predicted": np.asarray(detector.class_names)[scored.predicted].tolist(),
             "attack_score": scored.attack_score.tolist(),
-            "probabilities": {
-                name: scored.scores[:, i].tolist() for i, name in enumerate(detector.class_names)
-            },
-            "unseen_categories": scored.unseen,
-            "ignored_columns": sorted(extra),
         }
+        if not detector.anomaly:  # an anomaly score has no class probabilities
+            answer["probabilities"] = {
+                name: scored.scores[:, i].tolist() for i, name in enumerate(detector.class_names)
+            }
+        answer["unseen_categories"] = scored.unseen
+        answer["ignored_columns"] = sorted(extra)
         # Serialised here: FastAPI's own encoder walks every value in Python.
         return Response(json.dumps(answer), media_type="application/json")
 
@@ -220,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (8000)")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most rows a request")
-    parser.add_argument("--rule", default=DEFAULT_RULE, help="decision rule: argmax, target_fpr")
+    parser.add_argument(
+        "--rule", help="decision rule: argmax, target_fpr, threshold (default: the detector's)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="fedad: %(levelname)s: %(message)s")
     try:

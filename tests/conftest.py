@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real datasets are, and the composed Hydra config."""
+"""Shared fixtures: the real datasets, a sample of NSL-KDD, one autoencoder run, the config."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from kdd_sample import run_small, write_sample
 
 from fedad.config import compose
 
@@ -22,6 +23,19 @@ def data_dir() -> Path:
             "nsl_kdd/, ton_iot/ and nbaiot/"
         )
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def kdd_dir(data_dir, tmp_path_factory) -> Path:
+    """A data folder whose ``nsl_kdd/`` holds seeded samples of the train and test files."""
+    return write_sample(data_dir, tmp_path_factory.mktemp("kdd"))
+
+
+@pytest.fixture(scope="session")
+def autoencoder_run(kdd_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """One small federated autoencoder run on the sample, shared: its folder and results."""
+    run_dir = tmp_path_factory.mktemp("autoencoder")
+    return run_dir, run_small(kdd_dir, run_dir, "model=autoencoder")
 
 
 @pytest.fixture()

@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from detector_helpers import expected_scores, raw_rows, synthetic_run
+from detector_helpers import (
+    assert_score_reproduces_run,
+    expected_scores,
+    raw_rows,
+    synthetic_run,
+)
 
 from fedad import rundir, score
 from fedad.config import compose
@@ -236,34 +241,13 @@ def test_scoring_the_raw_test_file_reproduces_the_run_metrics(
 ):
     cfg, run_dir, results = nsl_kdd_run
     (name,) = [n for n in results["detectors"] if results["models"][n]["kind"] == kind]
-    folder = run_dir / results["detectors"][name]["folder"]
-    test_file = data_dir / cfg.dataset.test_file
-    out = tmp_path / "scores.csv"
-    score.main([str(folder), str(test_file), "-o", str(out)])
-    table = pd.read_csv(out)
-    raw = pd.read_csv(test_file, header=None, names=list(cfg.dataset.columns))
-    assert len(table) == len(raw)  # one row per input row, duplicates included
-    detector = Detector.load(folder)
-    # The run dropped exact duplicates (features and class) within the test file: so do we.
-    kept = ~raw[detector.features].assign(_class=table["true_class"]).duplicated().to_numpy()
-    names = pd.Index(detector.class_names)
-    metrics = compute_metrics(
-        names.get_indexer(table["true_class"])[kept],
-        table[[f"p_{c}" for c in detector.class_names]].to_numpy()[kept],
-        detector.class_names,
-        names.get_indexer(table["predicted"])[kept],
+    assert_score_reproduces_run(
+        run_dir / results["detectors"][name]["folder"],
+        data_dir / cfg.dataset.test_file,
+        list(cfg.dataset.columns),
+        results,
+        tmp_path / "scores.csv",
     )
-    recorded = results["models"][name]
-    assert metrics["n"] == recorded["n"] == results["data"]["n_test"]
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            assert round(value, 4) == round(recorded[key], 4), key
-        elif key == "per_class_recall":
-            assert {k: round(v, 4) for k, v in value.items()} == {
-                k: round(v, 4) for k, v in recorded[key].items()
-            }
-        else:
-            assert value == recorded[key], key
 
 
 @pytest.mark.slow
@@ -282,3 +266,96 @@ def test_the_federated_model_exports_with_the_same_scores(nsl_kdd_run, capsys, t
     assert out.is_file() and f"{out.stat().st_size / 1024:.1f} KB" in printed
     assert "its scores match the Keras model's within 1e-05" in printed
     assert "on 22544 rows" in printed
+
+
+# --- the federated autoencoder: an anomaly score, flagged at its run's threshold --------------
+
+
+@pytest.fixture(scope="module")
+def autoencoder_detector(autoencoder_run, kdd_dir) -> tuple[Path, dict, Path]:
+    """The shared autoencoder run's detector folder, its results and its raw test file."""
+    run_dir, results = autoencoder_run
+    cfg = compose(["dataset=nsl_kdd"])
+    folder = run_dir / results["detectors"]["federated_autoencoder"]["folder"]
+    return folder, results, kdd_dir / cfg.dataset.test_file
+
+
+@pytest.mark.slow
+def test_the_federated_autoencoder_detector_reproduces_its_run(
+    autoencoder_run, autoencoder_detector, tmp_path, capsys
+):
+    from fedad.federated.autoencoder_family import AutoencoderScorer
+    from fedad.federated.scaling import standardize
+
+    run_dir, _ = autoencoder_run
+    folder, results, test_file = autoencoder_detector
+    columns = list(compose(["dataset=nsl_kdd"]).dataset.columns)
+    detector, table = assert_score_reproduces_run(
+        folder, test_file, columns, results, tmp_path / "scores.csv"
+    )
+    assert "rows scored by federated_autoencoder (rule threshold)" in capsys.readouterr().out
+    # The run's own threshold and the rule that chose it are the default, and only, rule.
+    saved = rundir.read_json(run_dir / rundir.THRESHOLD_FILE)
+    decision = detector.manifest["decision"]
+    assert decision["default"] == "threshold" and list(decision["rules"]) == ["threshold"]
+    assert decision["rules"]["threshold"]["threshold"] == saved["threshold"]
+    assert decision["rules"]["threshold"]["chosen_by"] == saved["rule"]
+    assert detector.manifest["model"]["kind"] == "autoencoder"
+    assert not any(c.startswith("p_") for c in table.columns)
+    assert (table["rule"] == "threshold").all() and (table["threshold"] == saved["threshold"]).all()
+    np.testing.assert_array_equal(
+        table["predicted"] == "attack", table["attack_score"] >= saved["threshold"]
+    )
+    # The attack score is the run's reconstruction error, bit for bit.
+    frame = pd.read_csv(test_file, header=None, names=columns, nrows=300)
+    with np.load(run_dir / rundir.SCALING_FILE) as stats:
+        X = standardize(detector.preprocessor.transform(frame), stats["mean"], stats["std"])
+    np.testing.assert_array_equal(
+        detector.score(frame).attack_score, AutoencoderScorer(run_dir).predict_scores(X)
+    )
+
+
+@pytest.mark.slow
+def test_the_autoencoder_has_no_probability_rule_and_says_why(autoencoder_detector, capsys):
+    folder, _, test_file = autoencoder_detector
+    err = _fails(capsys, str(folder), str(test_file), "--rule", "argmax")
+    assert "no decision rule 'argmax'; it has: threshold" in err
+    assert "anomaly score, not class probabilities" in err
+
+
+@pytest.mark.slow
+def test_the_service_answers_the_autoencoder_score_and_class(autoencoder_detector):
+    from fastapi.testclient import TestClient
+
+    from fedad.serve import create_app
+
+    folder, _, test_file = autoencoder_detector
+    detector = Detector.load(folder)
+    columns = list(compose(["dataset=nsl_kdd"]).dataset.columns)
+    frame = pd.read_csv(test_file, header=None, names=columns, nrows=20)
+    records = frame[detector.features].to_dict("records")
+    with TestClient(create_app(detector)) as client:
+        answer = client.post("/score", json={"records": records}).json()
+        schema = client.get("/schema").json()
+    want = detector.score(frame)
+    threshold = detector.rules["threshold"]["threshold"]
+    assert answer["rule"] == "threshold" and answer["threshold"] == threshold
+    assert "probabilities" not in answer
+    np.testing.assert_allclose(answer["attack_score"], want.attack_score, rtol=1e-12)
+    assert answer["predicted"] == [detector.class_names[c] for c in want.predicted]
+    assert "reconstruction error" in schema["attack_score"]
+
+
+@pytest.mark.slow
+def test_the_autoencoder_exports_with_the_same_reconstructions(
+    autoencoder_detector, capsys, tmp_path
+):
+    from fedad import export
+
+    folder, _, _ = autoencoder_detector
+    out = tmp_path / "autoencoder.tflite"
+    export.main([str(folder), "--format", "tflite", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert out.is_file() and f"{out.stat().st_size / 1024:.1f} KB" in printed
+    assert "on 2000 rows" in printed
+    assert "its reconstruction errors match the Keras model's within 1e-05 (relative" in printed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xgboost as xgb
+from kdd_sample import SMALL, run_small
 
 from fedad import rundir
 from fedad.config import compose
@@ -30,39 +30,6 @@ from fedad.federated.simulation import make_settings
 from fedad.federated.task import CLIENT_METRICS, load_site, local_split
 from fedad.models import booster
 from fedad.simulate import run
-
-# A seeded sample of NSL-KDD: small enough for a few rounds on 3 sites in seconds.
-TRAIN_ROWS, TEST_ROWS = 4000, 2000
-SMALL = [
-    "dataset=nsl_kdd",
-    "simulation.num_clients=3",
-    "simulation.num_rounds=3",
-    "simulation.local_sites=0",
-    "partition=iid",
-    "baselines=none",
-    "explain=false",
-    "seed=3",
-]
-
-
-@pytest.fixture(scope="module")
-def kdd_dir(data_dir, tmp_path_factory) -> Path:
-    """``nsl_kdd/`` with seeded samples of the train and test files, in their own format."""
-    out = tmp_path_factory.mktemp("kdd")
-    (out / "nsl_kdd").mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in (("KDDTrain+_20Percent.txt.gz", TRAIN_ROWS), ("KDDTest+.txt.gz", TEST_ROWS)):
-        with gzip.open(data_dir / "nsl_kdd" / name, "rt") as f:
-            lines = f.read().splitlines()
-        keep = np.sort(rng.choice(len(lines), size=n, replace=False))
-        with gzip.open(out / "nsl_kdd" / name, "wt") as f:
-            f.write("\n".join(lines[i] for i in keep) + "\n")
-    return out
-
-
-def _run(kdd_dir: Path, run_dir: Path, *overrides: str) -> dict:
-    return run(compose([*SMALL, f"data_dir={kdd_dir}", *overrides]), run_dir)
-
 
 # --- the booster's trees --------------------------------------------------------------------
 
@@ -91,7 +58,7 @@ def test_merging_keeps_every_tree_and_weights_the_sites():
 @pytest.mark.slow
 def test_federated_xgboost_learns_is_saved_whole_and_resumes_exactly(kdd_dir, tmp_path):
     whole = tmp_path / "whole"
-    results = _run(kdd_dir, whole, "model=xgboost", "model.local_rounds=2")
+    results = run_small(kdd_dir, whole, "model=xgboost", "model.local_rounds=2")
     history = pd.read_csv(whole / rundir.HISTORY_FILE)
     # Round 0 is the empty model (every row at the base score); training beats it.
     assert history["roc_auc"].iloc[-1] > history["roc_auc"].iloc[0] + 0.2
@@ -114,7 +81,7 @@ def test_federated_xgboost_learns_is_saved_whole_and_resumes_exactly(kdd_dir, tm
     np.testing.assert_array_equal(predict(X_test), scorer.predict_scores(X_test))
     # Cut after round 2, then resumed to 3: the same trees, the same history.
     cut = tmp_path / "cut"
-    _run(kdd_dir, cut, "model=xgboost", "model.local_rounds=2", "simulation.num_rounds=2")
+    run_small(kdd_dir, cut, "model=xgboost", "model.local_rounds=2", "simulation.num_rounds=2")
     run(
         compose(
             [
@@ -138,7 +105,7 @@ def test_federated_xgboost_learns_is_saved_whole_and_resumes_exactly(kdd_dir, tm
 
 @pytest.mark.slow
 def test_cyclic_xgboost_trains_one_site_a_round(kdd_dir, tmp_path):
-    _run(kdd_dir, tmp_path, "model=xgboost", "strategy=fedxgb_cyclic")
+    run_small(kdd_dir, tmp_path, "model=xgboost", "strategy=fedxgb_cyclic")
     history = pd.read_csv(tmp_path / rundir.HISTORY_FILE)
     # One site a round, 1 local boosting round each: 3 trees after 3 rounds.
     assert booster.load((tmp_path / rundir.BOOSTER_FILE).read_bytes()).num_boosted_rounds() == 3
@@ -149,16 +116,18 @@ def test_cyclic_xgboost_trains_one_site_a_round(kdd_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_federated_autoencoder_detects_with_a_threshold_from_validation_rows(kdd_dir, tmp_path):
-    results = _run(kdd_dir, tmp_path, "model=autoencoder")
+def test_federated_autoencoder_detects_with_a_threshold_from_validation_rows(
+    kdd_dir, autoencoder_run
+):
+    run_dir, results = autoencoder_run
     assert results["models"]["federated_autoencoder"]["roc_auc"] > 0.5
-    scorer = AutoencoderScorer(tmp_path)
+    scorer = AutoencoderScorer(run_dir)
     cfg = compose([*SMALL, f"data_dir={kdd_dir}", "model=autoencoder"])
-    with np.load(tmp_path / rundir.SCALING_FILE) as stats:
+    with np.load(run_dir / rundir.SCALING_FILE) as stats:
         config = {"scale-mean": stats["mean"].tolist(), "scale-std": stats["std"].tolist()}
     flat = {
         **{f"train.{k}": v for k, v in cfg.train.items()},
-        "run-dir": str(tmp_path),
+        "run-dir": str(run_dir),
         "seed": int(cfg.seed),
     }
     normal, attack = np.zeros(len(ERROR_EDGES) - 1), np.zeros(len(ERROR_EDGES) - 1)
@@ -168,7 +137,7 @@ def test_federated_autoencoder_detects_with_a_threshold_from_validation_rows(kdd
         normal += np.histogram(errors[site.y_val == 0], ERROR_EDGES)[0]
         attack += np.histogram(errors[site.y_val != 0], ERROR_EDGES)[0]
         # The validation rows are a slice of the site's training shard, apart from its test slice.
-        n = len(shards.read_shard(shards.shard_path(tmp_path, pid), "test")[1])
+        n = len(shards.read_shard(shards.shard_path(run_dir, pid), "test")[1])
         train, val, test = local_split(
             n, float(cfg.train.test_fraction), float(cfg.train.val_fraction), (3, pid)
         )

@@ -18,6 +18,9 @@ from fedad.errors import FedadError
 # What a saved scikit-learn model may hold beyond the types skops trusts by itself; anything
 # else in a .skops file is refused rather than loaded.
 SKOPS_TRUSTED = ("sklearn.tree._tree.Tree",)
+# What a model's ``predict`` returns: class probabilities ``(n, n_classes)``, or one anomaly
+# score per row (higher = more attack-like), which only a threshold turns into a class.
+PROBABILITIES, ANOMALY_SCORE = "probabilities", "anomaly_score"
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -29,7 +32,8 @@ class Adapter:
     Attributes
     ----------
     kind : str
-        Name recorded in the detector's manifest (``keras``, ``sklearn``, ``xgboost``).
+        Name recorded in the detector's manifest (``keras``, ``sklearn``, ``xgboost``,
+        ``booster``, ``autoencoder``).
     file : str
         The model's file name inside the detector folder.
     libraries : tuple[str, ...]
@@ -40,7 +44,9 @@ class Adapter:
         ``save(model, path)``: write the model to ``path``.
     load : callable
         ``load(path) -> predict``, where ``predict(X)`` returns the model's
-        class probabilities for scaled rows ``X``.
+        output for scaled rows ``X``, as ``output`` says.
+    output : str
+        :data:`PROBABILITIES` (``(n, n_classes)``) or :data:`ANOMALY_SCORE` (``(n,)``).
     """
 
     kind: str
@@ -49,24 +55,37 @@ class Adapter:
     accepts: Callable[[object], bool]
     save: Callable[[object, Path], None]
     load: Callable[[Path], Predict]
+    output: str = PROBABILITIES
 
 
 def _module(model: object) -> str:
     return type(model).__module__
 
 
+def _run_scorer(module: str, name: str) -> Callable[[object], bool]:
+    """Accepts a federated run's scorer of exactly this class (not one derived from it)."""
+    return lambda model: (_module(model), type(model).__name__) == (module, name)
+
+
+def _copy_run_file(model: object, path: Path) -> None:
+    # A federated run's scorer: the model file the run saved, byte for byte.
+    shutil.copyfile(model.path, path)
+
+
+# The federated classifier arrives as its run's scorer (exactly that class: the
+# autoencoder's scorer derives from it, but its outputs are no class probabilities).
+_keras_scorer = _run_scorer("fedad.federated.keras_family", "KerasScorer")
+
+
 def _keras_accepts(model: object) -> bool:
-    # The federated classifier arrives as its run's scorer (exactly that class: the
-    # autoencoder's scorer derives from it, but its outputs are no class probabilities).
-    kind = (_module(model), type(model).__name__)
-    return kind == ("fedad.federated.keras_family", "KerasScorer") or kind[0].startswith("keras")
+    return _keras_scorer(model) or _module(model).startswith("keras")
 
 
 def _keras_save(model: object, path: Path) -> None:
     if _module(model).startswith("keras"):
         model.save(path)
-    else:  # the federated run's scorer: its saved file, byte for byte
-        shutil.copyfile(model.path, path)
+    else:
+        _copy_run_file(model, path)
 
 
 def load_keras(path: Path):
@@ -116,18 +135,6 @@ def _xgboost_load(path: Path) -> Predict:
     return model.predict_proba
 
 
-def _booster_accepts(model: object) -> bool:
-    # The federated booster arrives as its run's scorer.
-    return (_module(model), type(model).__name__) == (
-        "fedad.federated.booster_family",
-        "BoosterScorer",
-    )
-
-
-def _booster_save(model: object, path: Path) -> None:
-    shutil.copyfile(model.path, path)
-
-
 def _booster_load(path: Path) -> Predict:
     import json
 
@@ -137,6 +144,15 @@ def _booster_load(path: Path) -> Predict:
     classes = int(json.loads(raw)["learner"]["learner_model_param"]["num_class"]) or 2
     model = booster.load(raw)
     return lambda X: booster.probabilities(model, X, classes)
+
+
+def _autoencoder_load(path: Path) -> Predict:
+    from fedad.federated.autoencoder_family import reconstruction_error
+    from fedad.federated.keras_family import SERVER_BATCH, predict
+
+    model = load_keras(path)
+    # The error as the run computed it: the reconstruction of SERVER_BATCH rows a call.
+    return lambda X: reconstruction_error(X, predict(model, X, batch_size=SERVER_BATCH))
 
 
 ADAPTERS: dict[str, Adapter] = {
@@ -170,9 +186,18 @@ ADAPTERS: dict[str, Adapter] = {
             "booster",
             rundir.DETECTOR_BOOSTER,
             ("xgboost",),
-            _booster_accepts,
-            _booster_save,
+            _run_scorer("fedad.federated.booster_family", "BoosterScorer"),
+            _copy_run_file,
             _booster_load,
+        ),
+        Adapter(
+            "autoencoder",
+            rundir.DETECTOR_KERAS,
+            ("keras", "tensorflow"),
+            _run_scorer("fedad.federated.autoencoder_family", "AutoencoderScorer"),
+            _copy_run_file,
+            _autoencoder_load,
+            ANOMALY_SCORE,
         ),
     )
 }

@@ -62,7 +62,12 @@ def write(
         full = {
             "format_version": FORMAT_VERSION,
             **manifest,
-            "model": {**manifest["model"], "kind": adapter.kind, "file": adapter.file},
+            "model": {
+                **manifest["model"],
+                "kind": adapter.kind,
+                "file": adapter.file,
+                "output": adapter.output,
+            },
             "versions": versions((*COMMON_LIBRARIES, *adapter.libraries)),
             "files": {name: _checksum(tmp / name) for name in files},
         }

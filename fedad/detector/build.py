@@ -14,9 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from fedad import checks, rundir
 from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
-from fedad.detector.adapters import find_adapter
+from fedad.detector.adapters import ANOMALY_SCORE, adapter_for, find_adapter
 from fedad.detector.artifact import write
-from fedad.detector.scorer import DEFAULT_RULE, POOLED_SITES, TRAIN_ROWS
+from fedad.detector.scorer import ARGMAX_RULE, POOLED_SITES, THRESHOLD_RULE, TRAIN_ROWS
 from fedad.federated.checkpoint import data_fingerprint
 
 log = logging.getLogger("fedad")
@@ -117,7 +117,8 @@ def write_detector(
     model : ModelResult
         A federated or supervised model of the run.
     run_dir : Path
-        The run folder (a federated model's ``scaling.npz`` is read from it).
+        The run folder (a federated model's ``scaling.npz`` is read from it, and
+        the federated autoencoder's ``threshold.json``).
 
     Returns
     -------
@@ -142,7 +143,7 @@ def write_detector(
             else "a centralized supervised model"
         )
     folder = run_dir / rundir.DETECTOR_DIR / model.name
-    manifest = _manifest(cfg, data, model, classes, scaling, why, fingerprint)
+    manifest = _manifest(cfg, data, model, classes, scaling, why, fingerprint, run_dir)
     write(folder, manifest, _saved(model), data.preprocessor, mean, std)
     return {"folder": str(folder.relative_to(run_dir)), "chosen_as": why}
 
@@ -155,6 +156,7 @@ def _manifest(
     scaling: str,
     why: str,
     fingerprint: str,
+    run_dir: Path,
 ) -> dict:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     pre = data.preprocessor
@@ -197,7 +199,7 @@ def _manifest(
             "log_transform": pre.log_transform,
         },
         "scaling": {"rule": scaling},
-        "decision": _decision(model, data),
+        "decision": _decision(model, data, run_dir),
         "data": {
             "dataset": dataset["name"],
             "train_file": dataset.get("train_file") or dataset.get("path"),
@@ -212,10 +214,12 @@ def _manifest(
     }
 
 
-def _decision(model: ModelResult, data: PreparedData) -> dict:
+def _decision(model: ModelResult, data: PreparedData, run_dir: Path) -> dict:
+    if adapter_for(_saved(model)).output == ANOMALY_SCORE:
+        return _threshold_decision(run_dir)
     binary = data.n_classes == 2
     rules = {
-        DEFAULT_RULE: {
+        ARGMAX_RULE: {
             "threshold": None,
             "description": "the most probable class"
             + (" (attack when its probability passes 0.5)" if binary else ""),
@@ -240,4 +244,35 @@ def _decision(model: ModelResult, data: PreparedData) -> dict:
         )
     else:
         note = "no target_fpr rule: detector.target_fpr was null"
-    return {"default": DEFAULT_RULE, "rules": rules, "note": note}
+    return {
+        "default": ARGMAX_RULE,
+        "attack_score": "1 - p(normal)",
+        "rules": rules,
+        "note": note,
+    }
+
+
+def _threshold_decision(run_dir: Path) -> dict:
+    """The federated autoencoder's one rule: the threshold its run chose (``threshold.json``)."""
+    saved = rundir.read_json(run_dir / rundir.THRESHOLD_FILE)
+    return {
+        "default": THRESHOLD_RULE,
+        "attack_score": (
+            "the reconstruction error: the mean squared difference between the standardized "
+            "row and the autoencoder's reconstruction of it"
+        ),
+        "rules": {
+            THRESHOLD_RULE: {
+                "threshold": saved["threshold"],
+                "chosen_by": saved["rule"],
+                "description": (
+                    "attack when the reconstruction error is at least the threshold, which the "
+                    f"federated run chose by {saved['rule']}"
+                ),
+            }
+        },
+        "note": (
+            "no argmax or target_fpr rule: the autoencoder gives an anomaly score, not class "
+            "probabilities, and the sites' validation rows stayed at the sites"
+        ),
+    }

@@ -1,4 +1,4 @@
-"""A loaded detector: raw feature columns in, class probabilities and a decision out."""
+"""A loaded detector: raw feature columns in, scores (probabilities or an anomaly score) out."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sklearn.preprocessing import StandardScaler
 from fedad import rundir
 from fedad.data.labels import classify
 from fedad.data.preprocess import preprocessor_from_dict
-from fedad.detector.adapters import ADAPTERS
+from fedad.detector.adapters import ADAPTERS, ANOMALY_SCORE
 from fedad.detector.artifact import read_manifest
 from fedad.errors import FedadError
 from fedad.federated.scaling import standardize
@@ -21,7 +21,9 @@ from fedad.federated.scaling import standardize
 # How the model's inputs were standardized: with the training rows' StandardScaler
 # (centralized models) or the sites' pooled statistics (federated ones).
 TRAIN_ROWS, POOLED_SITES = "train_rows", "pooled_sites"
-DEFAULT_RULE = "argmax"
+# The decision rules: the most probable class (a classifier's default), and the anomaly
+# score's threshold its run chose (an anomaly detector's default and only rule).
+ARGMAX_RULE, THRESHOLD_RULE = "argmax", "threshold"
 
 
 @dataclass
@@ -31,9 +33,12 @@ class Scored:
     Attributes
     ----------
     scores : np.ndarray
-        Class probabilities, ``(n, n_classes)``, class 0 = normal.
+        Class probabilities, ``(n, n_classes)``, class 0 = normal; for an
+        anomaly detector its score, ``(n,)`` (the same as ``attack_score``).
     attack_score : np.ndarray
-        ``1 - p(normal)`` per row.
+        ``1 - p(normal)`` per row, or the anomaly score (the autoencoder's
+        reconstruction error); a threshold rule flags rows where it reaches
+        the threshold.
     predicted : np.ndarray
         Class codes under the rule used.
     unseen : dict[str, int]
@@ -66,7 +71,9 @@ class Detector:
         self.scaler.mean_, self.scaler.scale_, self.scaler.var_ = self.mean, self.std, self.std**2
         self.scaler.n_features_in_ = len(self.mean)
         model = manifest["model"]
-        self.predict_model = ADAPTERS[model["kind"]].load(folder / model["file"])
+        adapter = ADAPTERS[model["kind"]]
+        self.predict_model = adapter.load(folder / model["file"])
+        self.anomaly = adapter.output == ANOMALY_SCORE
         self.columns = np.asarray(model["classes"], dtype=np.int64)
         # The preprocessor counts unseen categories as it goes: one batch at a time.
         self._lock = threading.Lock()
@@ -103,11 +110,24 @@ class Detector:
 
     @property
     def rules(self) -> dict[str, dict]:
-        """Decision rules by name: ``argmax`` always, ``target_fpr`` when one was chosen."""
+        """Decision rules by name.
+
+        A classifier has ``argmax``, and ``target_fpr`` when one was chosen; an
+        anomaly detector has ``threshold``.
+        """
         return self.manifest["decision"]["rules"]
 
-    def check_rule(self, rule: str) -> float | None:
-        """The attack-score threshold of ``rule`` (None for argmax); FedadError if it has none."""
+    @property
+    def default_rule(self) -> str:
+        """The rule used when none is named (``argmax``, or ``threshold`` for an anomaly score)."""
+        return self.manifest["decision"]["default"]
+
+    def check_rule(self, rule: str | None) -> float | None:
+        """The attack-score threshold of ``rule`` (None for argmax); FedadError if it has none.
+
+        ``None`` stands for :attr:`default_rule`.
+        """
+        rule = rule or self.default_rule
         if rule not in self.rules:
             raise FedadError(
                 f"The detector {self.name} has no decision rule '{rule}'; it has: "
@@ -115,7 +135,7 @@ class Detector:
             )
         return self.rules[rule].get("threshold")
 
-    def threshold_used(self, rule: str) -> float | None:
+    def threshold_used(self, rule: str | None) -> float | None:
         """The attack-score threshold of ``rule`` (argmax: 0.5 for two classes, else None)."""
         threshold = self.check_rule(rule)
         if threshold is None and len(self.class_names) == 2:
@@ -126,15 +146,15 @@ class Detector:
         """Why a rule may be missing: what the manifest says of the target-FPR threshold."""
         return self.manifest["decision"].get("note", "")
 
-    def score(self, frame: pd.DataFrame, rule: str = DEFAULT_RULE) -> Scored:
+    def score(self, frame: pd.DataFrame, rule: str | None = None) -> Scored:
         """Score raw rows: encode, standardize, run the model once per batch, decide.
 
         Parameters
         ----------
         frame : pd.DataFrame
             Holds every column of :attr:`features` (numeric ones already checked).
-        rule : str
-            ``argmax`` (the default: the most probable class) or ``target_fpr``.
+        rule : str, optional
+            A rule of :attr:`rules`; default :attr:`default_rule`.
 
         Returns
         -------
@@ -150,6 +170,9 @@ class Detector:
                 if n > before.get(col, 0)
             }
         X = self.standardize(X)
+        if self.anomaly:
+            attack = np.asarray(self.predict_model(X), dtype=np.float64)
+            return Scored(attack, attack, (attack >= threshold).astype(np.int64), unseen)
         full = np.zeros((len(X), len(self.class_names)), dtype=np.float64)
         full[:, self.columns] = self.predict_model(X)
         attack = 1.0 - full[:, 0]
@@ -160,10 +183,18 @@ class Detector:
             predicted = np.where(attack >= threshold, top_attack, 0)
         return Scored(full, attack, predicted, unseen)
 
-    def table(self, scored: Scored, rule: str = DEFAULT_RULE) -> pd.DataFrame:
-        """One output row per scored row: probabilities, attack score, class, rule, threshold."""
+    def table(self, scored: Scored, rule: str | None = None) -> pd.DataFrame:
+        """One output row per scored row: probabilities, attack score, class, rule, threshold.
+
+        An anomaly detector has no probabilities: its attack score is its anomaly score.
+        """
+        rule = rule or self.default_rule
         threshold = self.threshold_used(rule)
-        columns = {f"p_{name}": scored.scores[:, i] for i, name in enumerate(self.class_names)}
+        columns = {
+            f"p_{name}": scored.scores[:, i]
+            for i, name in enumerate(self.class_names)
+            if not self.anomaly
+        }
         columns["attack_score"] = scored.attack_score
         columns["predicted"] = np.asarray(self.class_names, dtype=object)[scored.predicted]
         columns["rule"] = rule
