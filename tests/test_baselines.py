@@ -206,6 +206,23 @@ def test_scalable_paths_are_recorded(binary_data):
     assert lof["fit_rows"] > 200
 
 
+def test_supervised_fit_row_cap_keeps_every_class_and_is_recorded():
+    X, y = blobs(1600, 10, seed=3)
+    X_tr, X_te, y_tr, y_te = split(X, y)
+    # Class 3 down to two training rows: the cap's draw must keep it.
+    rare = np.flatnonzero(y_tr == 3)[2:]
+    keep = np.setdiff1d(np.arange(len(y_tr)), rare)
+    data = prepared(X_tr[keep], y_tr[keep], X_te, y_te, ["normal", "a", "b", "c"], "multiclass")
+    cfg = {"models": {"logistic_regression": {"max_fit_rows": 300}, "xgboost": {}}}
+    results = by_name(run_baselines(cfg, data, TRAIN_CFG, 1, seed=0))
+    capped = results["logistic_regression"]
+    assert capped.info["fit_rows"] == len(keep) > 300
+    assert 300 <= capped.info["fit_rows_used"] <= 304
+    assert capped.model.classes.tolist() == [0, 1, 2, 3]
+    assert capped.info["params"]["max_fit_rows"] == 300
+    assert results["xgboost"].info["fit_rows_used"] == len(keep)
+
+
 def test_one_class_svm_scales_to_150k_rows():
     X, y = blobs(155_000, 60, seed=5)
     y = (y > 0).astype(int)

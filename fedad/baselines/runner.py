@@ -289,6 +289,8 @@ def _run_one(
         info.update(fit_info)
     else:
         model = fitted
+        info["fit_rows"] = int(len(y_train))
+        info["fit_rows_used"] = int(model.fit_rows)
     scores = model.predict_scores(X_test)
     metrics = compute_metrics(y_test, scores, class_names, y_pred=model.decide(scores))
     if cv_folds:

@@ -17,9 +17,19 @@ from fedad.errors import FedadError
 
 # Settings each model accepts, with their defaults; the config overrides them.
 SUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
-    "logistic_regression": {"C": 1.0, "max_iter": 1000, "class_weight": "balanced"},
-    "random_forest": {"n_estimators": 200, "max_depth": None, "min_samples_leaf": 1},
-    "xgboost": {"n_estimators": 300, "max_depth": 6, "learning_rate": 0.1},
+    "logistic_regression": {
+        "C": 1.0,
+        "max_iter": 1000,
+        "class_weight": "balanced",
+        "max_fit_rows": 200_000,
+    },
+    "random_forest": {
+        "n_estimators": 200,
+        "max_depth": None,
+        "min_samples_leaf": 1,
+        "max_fit_rows": 200_000,
+    },
+    "xgboost": {"n_estimators": 300, "max_depth": 6, "learning_rate": 0.1, "max_fit_rows": 200_000},
     # ``model`` names the entry of the federated model configs to copy.
     "central_cnn": {"model": "cnn"},
     "central_logistic": {"model": "logistic"},
@@ -42,11 +52,15 @@ class FittedClassifier:
         absent from the training rows has no column there).
     n_classes : int
         Number of classes of the task.
+    fit_rows : int
+        Training rows the estimator was fitted on (fewer than given above
+        ``max_fit_rows``).
     """
 
     estimator: Any
     classes: np.ndarray
     n_classes: int
+    fit_rows: int = 0
 
     def predict_scores(self, X: np.ndarray) -> np.ndarray:
         """Return class probabilities of shape ``(n, n_classes)``."""
@@ -115,6 +129,8 @@ def fit_supervised(
     FittedClassifier
     """
     classes = np.unique(y)
+    if params.get("max_fit_rows") is not None:
+        X, y = capped_rows(X, y, int(params["max_fit_rows"]), seed)
     if name == "logistic_regression":
         est = LogisticRegression(
             C=float(params["C"]),
@@ -140,7 +156,40 @@ def fit_supervised(
         raise FedadError(
             f"Unknown supervised baseline '{name}'. Valid names: {', '.join(SUPERVISED_DEFAULTS)}."
         )
-    return FittedClassifier(estimator=est, classes=classes, n_classes=n_classes)
+    return FittedClassifier(estimator=est, classes=classes, n_classes=n_classes, fit_rows=len(y))
+
+
+def capped_rows(
+    X: np.ndarray, y: np.ndarray, max_rows: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """At most about ``max_rows`` rows, drawn per class in proportion, every class kept.
+
+    Parameters
+    ----------
+    X, y : np.ndarray
+        Training features and class codes.
+    max_rows : int
+        The cap; at or below it the rows come back unchanged.
+    seed : int
+        Seed of the draw.
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
+        The kept rows in their original order. A class keeps at least one row,
+        so a long tail can add up to one row per class over the cap.
+    """
+    if len(y) <= max_rows:
+        return X, y
+    rng = np.random.default_rng(seed)
+    share = max_rows / len(y)
+    keep = []
+    for code in np.unique(y):
+        rows = np.flatnonzero(y == code)
+        take = max(1, int(round(share * rows.size)))
+        keep.append(rng.choice(rows, size=take, replace=False))
+    kept = np.sort(np.concatenate(keep))
+    return X[kept], y[kept]
 
 
 def _fit_xgboost(

@@ -333,8 +333,13 @@ def init_runtime(settings: Settings) -> None:
     if _RUNTIME_READY:
         return
     threads = int(settings.get("client-threads", 1))
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        # TensorFlow already ran in this process (the driver, a test session): its
+        # pools are fixed for the process's life, and only their size differs.
+        pass
     tf.config.experimental.enable_op_determinism()
     tf.random.set_seed(int(settings.get("seed", 0)))
     _RUNTIME_READY = True
