@@ -22,49 +22,228 @@ _OTHER_PROTOCOLS, _OTHER_P = np.array(["icmp", "tcp", "udp"]), np.array([0.5, 0.
 # (syn ack fin rst psh urg). The first _N_LOG traits mix and vary on a log scale (heavy tails).
 _N_LOG = 11
 _NOISE = np.array([0.5, 0.5, 0.3, 0.3, 0.7, 0.3, 0.3, 0.2, 0.3, 0.3, 0.5, 2.0] + [0.04] * 6)
-_DEVICE_TRAITS = np.array([
-    # fwd  bwd  fpay  bpay dur  iat  pcv  win    prt ip  conn ttl syn  ack  fin  rst  psh urg
-    [400, 100, 1100, 60, 30, 0.5, 0.3, 29200, 1, 1, 0.5, 64, .01, .95, .01, .002, .3, 0],  # camera
-    [6, 5, 80, 60, 0.5, 0.2, 0.2, 14600, 1, 1, 0.2, 64, .15, .8, .1, .01, .4, 0],  # thermostat
-    [8, 6, 120, 90, 1, 0.3, 0.2, 14600, 1, 1, 0.3, 64, .12, .8, .1, .01, .4, 0],  # smart_plug
-    [150, 40, 700, 80, 10, 0.6, 0.4, 29200, 1, 1, 0.5, 64, .02, .9, .02, .005, .3, 0],  # doorbell
-    [40, 40, 300, 300, 5, 0.8, 0.6, 64240, 3, 3, 5, 64, .05, .9, .04, .01, .4, 0],  # hub
-    [60, 300, 200, 900, 20, 0.5, 0.4, 29200, 1, 2, 1, 64, .02, .95, .01, .005, .3, 0],  # speaker
-    [3, 2, 40, 20, 0.1, 0.2, 0.2, 5840, 1, 1, 0.2, 64, .3, .6, .2, .02, .3, 0],  # sensor
-])
-_FAMILY_TRAITS = np.array([
-    [1100, 2, 20, 10, 5, 0.1, 0.05, 1024, 1, 1, 200, 50, .9, .05, 0, .05, 0, .02],  # ddos
-    [2, 1, 5, 5, 0.01, 0.1, 0.05, 1024, 100, 20, 80, 52, .9, .1, .05, .6, 0, .01],  # port_scan
-    [10, 10, 90, 110, 60, 0.05, 0.1, 8192, 1, 1, 0.5, 48, .05, .9, .05, .02, .5, 0],  # botnet_c2
-    [15, 12, 60, 70, 2, 0.3, 0.2, 14600, 1, 1, 30, 50, .1, .8, .1, .15, .5, 0],  # brute_force
-    [800, 20, 1300, 50, 90, 1.0, 0.15, 64240, 1, 1, 1, 64, .01, .95, .01, .005, .4, 0],  # exfil
-])
-_SERVICE_MIX = np.array([
-    # http https dns mqtt coap ssh telnet rtsp ntp other
-    [.10, .25, .10, 0, 0, 0, 0, .45, .05, .05],  # camera
-    [0, .30, .10, .50, 0, 0, 0, 0, .10, 0],  # thermostat
-    [.10, .20, .15, .40, .10, 0, 0, 0, .05, 0],  # smart_plug
-    [.10, .45, .15, 0, 0, 0, 0, .25, .05, 0],  # doorbell
-    [.10, .25, .10, .25, .15, .05, 0, 0, .05, .05],  # hub
-    [.10, .60, .20, 0, 0, 0, 0, 0, .05, .05],  # smart_speaker
-    [0, 0, .10, .30, .50, 0, 0, 0, .05, .05],  # sensor
-    [.35, .15, .20, 0, 0, 0, 0, 0, .10, .20],  # ddos
-    [.10, .10, 0, .05, 0, .10, .15, .10, 0, .40],  # port_scan
-    [.20, .30, .15, .20, 0, 0, 0, 0, 0, .15],  # botnet_c2
-    [.15, 0, 0, .05, 0, .40, .40, 0, 0, 0],  # brute_force
-    [.10, .50, .30, 0, 0, 0, 0, 0, 0, .10],  # exfiltration
-])
+_DEVICE_TRAITS = np.array(
+    [
+        # fwd  bwd  fpay  bpay dur  iat  pcv  win    prt ip  conn ttl syn  ack  fin  rst  psh urg
+        [
+            400,
+            100,
+            1100,
+            60,
+            30,
+            0.5,
+            0.3,
+            29200,
+            1,
+            1,
+            0.5,
+            64,
+            0.01,
+            0.95,
+            0.01,
+            0.002,
+            0.3,
+            0,
+        ],  # camera
+        [
+            6,
+            5,
+            80,
+            60,
+            0.5,
+            0.2,
+            0.2,
+            14600,
+            1,
+            1,
+            0.2,
+            64,
+            0.15,
+            0.8,
+            0.1,
+            0.01,
+            0.4,
+            0,
+        ],  # thermostat
+        [
+            8,
+            6,
+            120,
+            90,
+            1,
+            0.3,
+            0.2,
+            14600,
+            1,
+            1,
+            0.3,
+            64,
+            0.12,
+            0.8,
+            0.1,
+            0.01,
+            0.4,
+            0,
+        ],  # smart_plug
+        [
+            150,
+            40,
+            700,
+            80,
+            10,
+            0.6,
+            0.4,
+            29200,
+            1,
+            1,
+            0.5,
+            64,
+            0.02,
+            0.9,
+            0.02,
+            0.005,
+            0.3,
+            0,
+        ],  # doorbell
+        [40, 40, 300, 300, 5, 0.8, 0.6, 64240, 3, 3, 5, 64, 0.05, 0.9, 0.04, 0.01, 0.4, 0],  # hub
+        [
+            60,
+            300,
+            200,
+            900,
+            20,
+            0.5,
+            0.4,
+            29200,
+            1,
+            2,
+            1,
+            64,
+            0.02,
+            0.95,
+            0.01,
+            0.005,
+            0.3,
+            0,
+        ],  # speaker
+        [3, 2, 40, 20, 0.1, 0.2, 0.2, 5840, 1, 1, 0.2, 64, 0.3, 0.6, 0.2, 0.02, 0.3, 0],  # sensor
+    ]
+)
+_FAMILY_TRAITS = np.array(
+    [
+        [1100, 2, 20, 10, 5, 0.1, 0.05, 1024, 1, 1, 200, 50, 0.9, 0.05, 0, 0.05, 0, 0.02],  # ddos
+        [
+            2,
+            1,
+            5,
+            5,
+            0.01,
+            0.1,
+            0.05,
+            1024,
+            100,
+            20,
+            80,
+            52,
+            0.9,
+            0.1,
+            0.05,
+            0.6,
+            0,
+            0.01,
+        ],  # port_scan
+        [
+            10,
+            10,
+            90,
+            110,
+            60,
+            0.05,
+            0.1,
+            8192,
+            1,
+            1,
+            0.5,
+            48,
+            0.05,
+            0.9,
+            0.05,
+            0.02,
+            0.5,
+            0,
+        ],  # botnet_c2
+        [
+            15,
+            12,
+            60,
+            70,
+            2,
+            0.3,
+            0.2,
+            14600,
+            1,
+            1,
+            30,
+            50,
+            0.1,
+            0.8,
+            0.1,
+            0.15,
+            0.5,
+            0,
+        ],  # brute_force
+        [
+            800,
+            20,
+            1300,
+            50,
+            90,
+            1.0,
+            0.15,
+            64240,
+            1,
+            1,
+            1,
+            64,
+            0.01,
+            0.95,
+            0.01,
+            0.005,
+            0.4,
+            0,
+        ],  # exfil
+    ]
+)
+_SERVICE_MIX = np.array(
+    [
+        # http https dns mqtt coap ssh telnet rtsp ntp other
+        [0.10, 0.25, 0.10, 0, 0, 0, 0, 0.45, 0.05, 0.05],  # camera
+        [0, 0.30, 0.10, 0.50, 0, 0, 0, 0, 0.10, 0],  # thermostat
+        [0.10, 0.20, 0.15, 0.40, 0.10, 0, 0, 0, 0.05, 0],  # smart_plug
+        [0.10, 0.45, 0.15, 0, 0, 0, 0, 0.25, 0.05, 0],  # doorbell
+        [0.10, 0.25, 0.10, 0.25, 0.15, 0.05, 0, 0, 0.05, 0.05],  # hub
+        [0.10, 0.60, 0.20, 0, 0, 0, 0, 0, 0.05, 0.05],  # smart_speaker
+        [0, 0, 0.10, 0.30, 0.50, 0, 0, 0, 0.05, 0.05],  # sensor
+        [0.35, 0.15, 0.20, 0, 0, 0, 0, 0, 0.10, 0.20],  # ddos
+        [0.10, 0.10, 0, 0.05, 0, 0.10, 0.15, 0.10, 0, 0.40],  # port_scan
+        [0.20, 0.30, 0.15, 0.20, 0, 0, 0, 0, 0, 0.15],  # botnet_c2
+        [0.15, 0, 0, 0.05, 0, 0.40, 0.40, 0, 0, 0],  # brute_force
+        [0.10, 0.50, 0.30, 0, 0, 0, 0, 0, 0, 0.10],  # exfiltration
+    ]
+)
 # Which devices each family tends to hit (row 0: normal traffic, no preference). Attackers favour
 # devices exposing telnet/ssh/rtsp; exfiltration needs something worth stealing.
-_AFFINITY = np.array([
-    # cam therm plug bell hub spk sensor
-    [1, 1, 1, 1, 1, 1, 1],  # normal
-    [2, 1, 2, 2, 1, 1, 1],  # ddos (compromised bots flood out)
-    [1, 1, 1, 1, 2, 1, 1],  # port_scan
-    [3, 1, 1, 2, 1, 1, 0.5],  # botnet_c2
-    [3, 0.5, 0.5, 2, 2, 0.5, 0.5],  # brute_force
-    [3, 0.5, 0.5, 2, 2, 2, 0.5],  # exfiltration
-])
+_AFFINITY = np.array(
+    [
+        # cam therm plug bell hub spk sensor
+        [1, 1, 1, 1, 1, 1, 1],  # normal
+        [2, 1, 2, 2, 1, 1, 1],  # ddos (compromised bots flood out)
+        [1, 1, 1, 1, 2, 1, 1],  # port_scan
+        [3, 1, 1, 2, 1, 1, 0.5],  # botnet_c2
+        [3, 0.5, 0.5, 2, 2, 0.5, 0.5],  # brute_force
+        [3, 0.5, 0.5, 2, 2, 2, 0.5],  # exfiltration
+    ]
+)
 _MTU_PAYLOAD = 1460.0
 
 
@@ -173,8 +352,14 @@ def _is_real(value: object) -> bool:
     return _is_int(value) or isinstance(value, (float, np.floating))
 
 
-def check_arguments(n_rows: object, n_sites: object, attack_share: object, overlap: object,
-                    concentration: object = 0.5, profile: object = "iot") -> list[str]:
+def check_arguments(
+    n_rows: object,
+    n_sites: object,
+    attack_share: object,
+    overlap: object,
+    concentration: object = 0.5,
+    profile: object = "iot",
+) -> list[str]:
     """What is wrong with the generator's settings; empty when it can generate.
 
     Returns
@@ -185,16 +370,31 @@ def check_arguments(n_rows: object, n_sites: object, attack_share: object, overl
     rules = (
         ("n_rows", n_rows, _is_int(n_rows) and n_rows >= 1, "an integer of at least 1"),
         ("n_sites", n_sites, _is_int(n_sites) and n_sites >= 1, "an integer of at least 1"),
-        ("attack_share", attack_share, _is_real(attack_share) and 0 <= attack_share < 1,
-         "a number in [0, 1)"),
+        (
+            "attack_share",
+            attack_share,
+            _is_real(attack_share) and 0 <= attack_share < 1,
+            "a number in [0, 1)",
+        ),
         ("overlap", overlap, _is_real(overlap) and 0 <= overlap <= 1, "a number in [0, 1]"),
-        ("concentration", concentration, _is_real(concentration) and concentration > 0,
-         "a number greater than 0"),
-        ("profile", profile, isinstance(profile, str) and profile in PROFILES,
-         f"one of {', '.join(PROFILES)}"),
+        (
+            "concentration",
+            concentration,
+            _is_real(concentration) and concentration > 0,
+            "a number greater than 0",
+        ),
+        (
+            "profile",
+            profile,
+            isinstance(profile, str) and profile in PROFILES,
+            f"one of {', '.join(PROFILES)}",
+        ),
     )
-    return [f"dataset.{name} must be {valid}, got {value!r}" for name, value, ok, valid in rules
-            if not ok]
+    return [
+        f"dataset.{name} must be {valid}, got {value!r}"
+        for name, value, ok, valid in rules
+        if not ok
+    ]
 
 
 def class_counts(n_attack: int, profile: str = "ciciot") -> np.ndarray:
@@ -219,9 +419,15 @@ def class_counts(n_attack: int, profile: str = "ciciot") -> np.ndarray:
     return counts
 
 
-def generate(n_rows: int = 30000, n_sites: int = 8, attack_share: float = 0.84,
-             overlap: float = 0.35, seed: int = 0, concentration: float = 0.5,
-             profile: str = "iot") -> pd.DataFrame:
+def generate(
+    n_rows: int = 30000,
+    n_sites: int = 8,
+    attack_share: float = 0.84,
+    overlap: float = 0.35,
+    seed: int = 0,
+    concentration: float = 0.5,
+    profile: str = "iot",
+) -> pd.DataFrame:
     """Generate labelled IoT flows from several sites with different devices and attacks.
 
     Parameters
@@ -306,13 +512,21 @@ def generate(n_rows: int = 30000, n_sites: int = 8, attack_share: float = 0.84,
         "protocol": protocol.astype(object),
         "service": np.array(SERVICES, dtype=object)[svc],
     }
-    labels = {"attack_type": names.astype(object)[family + 1],
-              "is_attack": (family >= 0).astype(np.int64)}
+    labels = {
+        "attack_type": names.astype(object)[family + 1],
+        "is_attack": (family >= 0).astype(np.int64),
+    }
     return pd.DataFrame({**meta, **f, **labels})
 
 
-def _traits(rng: np.random.Generator, spec: _Profile, overlap: float, shift: np.ndarray,
-            device: np.ndarray, family: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _traits(
+    rng: np.random.Generator,
+    spec: _Profile,
+    overlap: float,
+    shift: np.ndarray,
+    device: np.ndarray,
+    family: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Latent traits, service and protocol of flows with known device and class (-1: normal)."""
     n_rows = len(family)
     is_attack = family >= 0
@@ -329,8 +543,7 @@ def _traits(rng: np.random.Generator, spec: _Profile, overlap: float, shift: np.
 
     w = weight[:, None]
     base = _DEVICE_LATENT[device]
-    latent = (base + w * (spec.latent[target] - base) + shift
-              + rng.normal(size=base.shape) * _NOISE)
+    latent = base + w * (spec.latent[target] - base) + shift + rng.normal(size=base.shape) * _NOISE
     svc = _categorical(rng, (1 - w) * _DEVICE_SERVICES[device] + w * spec.services[target])
     protocol = _SERVICE_PROTOCOL[svc]
     other = protocol == ""
@@ -338,8 +551,15 @@ def _traits(rng: np.random.Generator, spec: _Profile, overlap: float, shift: np.
     return latent, svc, protocol
 
 
-def _numeric_frame(rng: np.random.Generator, spec: _Profile, overlap: float, site: np.ndarray,
-                   site_shift: np.ndarray, device: np.ndarray, family: np.ndarray) -> pd.DataFrame:
+def _numeric_frame(
+    rng: np.random.Generator,
+    spec: _Profile,
+    overlap: float,
+    site: np.ndarray,
+    site_shift: np.ndarray,
+    device: np.ndarray,
+    family: np.ndarray,
+) -> pd.DataFrame:
     """The ``ciciot`` profile's frame, built ``_CHUNK`` rows at a time into one float32 block."""
     n_rows = len(family)
     block, names = None, []
@@ -365,12 +585,13 @@ def _numeric_frame(rng: np.random.Generator, spec: _Profile, overlap: float, sit
     return frame
 
 
-def _features(rng: np.random.Generator, latent: np.ndarray,
-              protocol: np.ndarray) -> dict[str, np.ndarray]:
+def _features(
+    rng: np.random.Generator, latent: np.ndarray, protocol: np.ndarray
+) -> dict[str, np.ndarray]:
     """Turn latent traits into observable, mutually consistent flow features."""
     n = len(latent)
     t = np.exp(latent[:, :_N_LOG])
-    ttl, flag_p = latent[:, _N_LOG], np.clip(latent[:, _N_LOG + 1:], 0.0, 1.0)
+    ttl, flag_p = latent[:, _N_LOG], np.clip(latent[:, _N_LOG + 1 :], 0.0, 1.0)
     tcp = np.isin(protocol, ["tcp", "mqtt"])
     header = np.where(tcp, 40.0, 28.0)
 
@@ -402,8 +623,9 @@ def _features(rng: np.random.Generator, latent: np.ndarray,
         "bwd_payload_std": np.where(bwd > 1, bwd_pay * pay_cv, 0.0),
         "payload_min": np.minimum(fwd_pay, np.where(bwd > 0, bwd_pay, fwd_pay))
         * np.clip(1 - pay_cv * spread / 3, 0.0, 1.0),
-        "payload_max": np.minimum(np.maximum(fwd_pay, bwd_pay) * (1 + pay_cv * spread / 3),
-                                  _MTU_PAYLOAD),
+        "payload_max": np.minimum(
+            np.maximum(fwd_pay, bwd_pay) * (1 + pay_cv * spread / 3), _MTU_PAYLOAD
+        ),
         "avg_packet_size": (fwd_bytes + bwd_bytes) / total,
         "iat_mean": iat_mean,
         "iat_std": iat_mean * iat_cv,
