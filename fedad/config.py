@@ -75,6 +75,7 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 0.003
     optimizer: str = "adam"
+    keep_optimizer: bool = True
     class_weights: bool = False
     early_stopping_patience: int = 0
     val_fraction: float = 0.1
@@ -283,6 +284,7 @@ FLOWER_KEYS = (
     "train.batch_size",
     "train.learning_rate",
     "train.optimizer",
+    "train.keep_optimizer",
     "train.class_weights",
     "train.early_stopping_patience",
     "train.val_fraction",

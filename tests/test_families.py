@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xgboost as xgb
+from flwr.app import RecordDict
 from kdd_sample import SMALL, run_small
 
 from fedad import rundir
@@ -25,6 +26,7 @@ from fedad.federated.autoencoder_family import (
 )
 from fedad.federated.booster_family import BoosterFamily, BoosterScorer
 from fedad.federated.grid import PAYLOAD
+from fedad.federated.keras_family import OPTIMIZER_STATE, KerasFamily
 from fedad.federated.shards import write_shards
 from fedad.federated.simulation import make_settings
 from fedad.federated.task import CLIENT_METRICS, load_site, local_split
@@ -202,3 +204,28 @@ def test_a_site_sends_the_model_and_its_counts_never_a_row(tiny, model):
         # The booster's bytes are trees: split thresholds, no training row.
         trees = json.loads(booster.from_array(arrays[0]))
         assert len(trees["learner"]["gradient_booster"]["model"]["trees"]) == 1
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_keras_site_keeps_its_optimizer_between_rounds(tiny, keep):
+    data, parts, run_dir = tiny
+    cfg = compose(["model=mlp", "simulation.num_clients=2", f"train.keep_optimizer={keep}"])
+    settings = {**make_settings(cfg, data, 2, run_dir), "resume": False, "fingerprint": "{}"}
+    family = KerasFamily(settings)
+    family.init_runtime()
+    family.seed_initial(0)
+    start = family.initial_arrays()
+    # The ClientApp hands the site Flower's context.state, kept per node for the run.
+    state = RecordDict()
+    steps = []
+    for server_round in (1, 2):
+        site = load_site(settings, 0, {}, family.val_fraction(), state=state)
+        family.fit(start, site, {"server-round": server_round}, seed=server_round)
+        if keep:
+            steps.append(int(state[OPTIMIZER_STATE].to_numpy_ndarrays()[0]))
+    if keep:
+        # Adam's step count goes on from round 1's: its moments were restored, not zeroed.
+        per_round = math.ceil(len(site.y_train) / cfg.train.batch_size)
+        assert steps == [per_round, 2 * per_round]
+    else:
+        assert OPTIMIZER_STATE not in state

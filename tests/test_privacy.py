@@ -291,6 +291,8 @@ def test_no_attack_no_privacy_is_bit_identical_to_the_code_before_them(data, par
             "simulation.num_rounds=2",
             "simulation.local_sites=0",
             "seed=11",
+            # The code before them started a fresh optimizer every round.
+            "train.keep_optimizer=false",
         ]
     )
     assert cfg.attack.name == "none" and cfg.privacy.name == "none"

@@ -72,6 +72,7 @@ class AutoencoderFamily(KerasFamily):
             mu=float(config.get("proximal-mu", 0.0)),
             seed=seed,
             validation=(held_out, held_out),
+            state=site.state if self.settings["train.keep_optimizer"] else None,
         )
         weights = local_model(self.settings).get_weights()
         return weights, {**history, "skipped": 0.0, "num-examples": len(normal)}

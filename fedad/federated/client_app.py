@@ -77,7 +77,7 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     if faults.fails(settings, context, config):
         detail = faults.act_out_failure(settings, pid, server_round)
         return faults.failure_reply(msg, pid, server_round, detail)
-    site = load_site(settings, pid, config, family.val_fraction())
+    site = load_site(settings, pid, config, family.val_fraction(), state=context.state)
     arrays, metrics = attacks.train_site(
         family,
         msg.content["arrays"].to_numpy_ndarrays(),

@@ -10,6 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from flwr.app import ArrayRecord, RecordDict
 
 from fedad import rundir
 from fedad.config import Settings, section
@@ -23,6 +24,8 @@ _RUNTIME_READY = False
 _MODELS: dict[str, ProximalModel] = {}
 # The server scores the global test set this many rows at a time.
 SERVER_BATCH = 4096
+# Key of the optimizer's variables in a site's state between rounds.
+OPTIMIZER_STATE = "optimizer"
 
 
 class KerasFamily(Family):
@@ -60,6 +63,7 @@ class KerasFamily(Family):
             seed=seed,
             validation=(site.X_val, site.y_val),
             sample_weight=balanced_weights(y) if self.settings["train.class_weights"] else None,
+            state=site.state if self.settings["train.keep_optimizer"] else None,
         )
         return model.get_weights(), {**history, "num-examples": len(site.y_train)}
 
@@ -201,6 +205,7 @@ def train_local(
     seed: int,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     sample_weight: np.ndarray | None = None,
+    state: RecordDict | None = None,
 ) -> dict[str, float]:
     """Train ``model`` from ``global_weights`` on one site's rows.
 
@@ -223,6 +228,10 @@ def train_local(
         Held-out rows for early stopping (used when the patience is set).
     sample_weight : np.ndarray, optional
         Per-row weights (class balancing).
+    state : RecordDict, optional
+        The site's memory between rounds: the optimizer starts from the state
+        kept there (fresh when there is none) and leaves its new state there.
+        Without it every call starts a fresh optimizer.
 
     Returns
     -------
@@ -233,6 +242,8 @@ def train_local(
     model.set_weights(global_weights)
     model.set_anchor(global_weights, mu)
     _reset_optimizer(model.optimizer, float(settings["train.learning_rate"]))
+    if state is not None and OPTIMIZER_STATE in state:
+        _restore_optimizer(model, state[OPTIMIZER_STATE].to_numpy_ndarrays())
     _reseed(model, seed)
     # The seed orders the rows; Keras' shuffle on top draws from TensorFlow's global seed.
     order = np.random.default_rng(seed).permutation(len(y))
@@ -260,6 +271,8 @@ def train_local(
         shuffle=True,
         verbose=0,
     ).history
+    if state is not None:
+        state[OPTIMIZER_STATE] = ArrayRecord([np.asarray(v) for v in model.optimizer.variables])
     out = {"train_loss": float(history["loss"][-1]), "train_epochs": float(len(history["loss"]))}
     if "accuracy" in history:
         out["train_accuracy"] = float(history["accuracy"][-1])
@@ -306,6 +319,17 @@ def _reset_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float
     # cached model is shared by many sites, so no site inherits another's moments.
     for variable in optimizer.variables:
         variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
+    optimizer.learning_rate = learning_rate
+
+
+def _restore_optimizer(model: keras.Model, values: list[np.ndarray]) -> None:
+    optimizer = model.optimizer
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    learning_rate = float(optimizer.learning_rate)
+    for variable, value in zip(optimizer.variables, values, strict=True):
+        variable.assign(value)
+    # The rate is the run's setting, whatever the kept state says.
     optimizer.learning_rate = learning_rate
 
 

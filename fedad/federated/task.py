@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, UserConfigValue
+from flwr.app import ConfigRecord, RecordDict, UserConfigValue
 
 from fedad.config import Settings
 from fedad.federated import scaling, shards
@@ -33,7 +33,12 @@ CLIENT_METRICS = (
 
 @dataclass
 class Site:
-    """One client's shard, scaled and split into local train, validation and test."""
+    """One client's shard, scaled and split into local train, validation and test.
+
+    ``state`` is what the site keeps from one round to its next: the ClientApp
+    passes Flower's ``context.state``, which the engine keeps per node for the
+    run (a Keras site keeps its optimizer's moments there).
+    """
 
     X_train: np.ndarray
     y_train: np.ndarray
@@ -41,6 +46,7 @@ class Site:
     y_val: np.ndarray
     X_test: np.ndarray
     y_test: np.ndarray
+    state: RecordDict = field(default_factory=RecordDict)
 
 
 def run_settings(defaults: Settings, run_config: Settings) -> dict[str, UserConfigValue]:
@@ -120,7 +126,11 @@ def cross_entropy(y: np.ndarray, scores: np.ndarray) -> float:
 
 
 def load_site(
-    settings: Settings, partition_id: int, config: ConfigRecord, val_fraction: float = 0.0
+    settings: Settings,
+    partition_id: int,
+    config: ConfigRecord,
+    val_fraction: float = 0.0,
+    state: RecordDict | None = None,
 ) -> Site:
     """Read this client's shard, scale it and split it into train/validation/test.
 
@@ -129,7 +139,8 @@ def load_site(
     The split depends only on the seed and the partition id, so a site keeps
     the same local test slice in every round. ``val_fraction`` of the rows
     left after the test slice are held out for validation (the family says
-    how many: early stopping, the autoencoder's threshold).
+    how many: early stopping, the autoencoder's threshold). ``state`` is the
+    site's memory between rounds (``context.state``); a fresh one by default.
     """
     X, y = shards.read_shard(
         shards.shard_path(settings["run-dir"], partition_id), shards.site_reader(partition_id)
@@ -142,7 +153,10 @@ def load_site(
         val_fraction,
         seed=(int(settings["seed"]), partition_id),
     )
-    return Site(X[train], y[train], X[val], y[val], X[test], y[test])
+    site = Site(X[train], y[train], X[val], y[val], X[test], y[test])
+    if state is not None:
+        site.state = state
+    return site
 
 
 def site_scaling(X: np.ndarray, config: ConfigRecord) -> tuple[np.ndarray, np.ndarray]:
