@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvgM
 from omegaconf import OmegaConf
 from sklearn.datasets import make_classification
@@ -22,7 +23,7 @@ from fedad import rundir
 from fedad.config import content
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.federated import checkpoint
+from fedad.federated import checkpoint, shards, site_state
 from fedad.federated.grid import PAYLOAD
 from fedad.federated.rounds import Rounds
 from fedad.federated.simulation import run_federated
@@ -183,6 +184,29 @@ def test_a_folder_is_done_resumable_or_fresh(make_cfg, tmp_path):
     assert decide(longer, tmp_path) is Decision.RESUME
     with pytest.raises(FedadError, match=r"model\.name"):
         decide(make_cfg(*BASE, "model=cnn"), tmp_path)
+
+
+def test_a_site_keeps_on_its_disk_the_states_a_resume_may_need(tmp_path):
+    shards.shard_path(tmp_path, 0).mkdir(parents=True)
+
+    def state_of(server_round: int) -> RecordDict:
+        return RecordDict({"optimizer": ArrayRecord([np.full(3, server_round), np.array(7)])})
+
+    for server_round in (1, 2, 3, 5, 6):  # round 4 sampled other sites
+        site_state.save(tmp_path, 0, server_round, state_of(server_round), checkpoint_every=2)
+    files = sorted(p.name for p in shards.shard_path(tmp_path, 0).glob("state-*"))
+    # A checkpoint is at most 2 rounds behind round 6: rounds 5 and 6, and the newest before.
+    assert files == ["state-round0003.npz", "state-round0005.npz", "state-round0006.npz"]
+    for resumed_at, expected in ((7, 6), (6, 5), (5, 3)):
+        state = RecordDict()
+        site_state.restore(tmp_path, 0, resumed_at, state)
+        arrays = state["optimizer"].to_numpy_ndarrays()
+        assert arrays[0].tolist() == [expected] * 3 and int(arrays[1]) == 7
+    kept = state_of(9)
+    site_state.restore(tmp_path, 0, 7, kept)  # a state in memory wins over the disk
+    assert kept["optimizer"].to_numpy_ndarrays()[0].tolist() == [9] * 3
+    site_state.clear(tmp_path)
+    assert not list(shards.shard_path(tmp_path, 0).glob("state-*"))
 
 
 @pytest.mark.parametrize("damage", ["meta_cut", "meta_fields", "state_cut"])

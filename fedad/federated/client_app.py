@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedad.federated import attacks, faults, privacy, scaling, shards
+from fedad.federated import attacks, faults, privacy, scaling, shards, site_state
 from fedad.federated.families import family_for
 from fedad.federated.task import Settings, load_site, run_settings
 
@@ -77,6 +77,8 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     if faults.fails(settings, context, config):
         detail = faults.act_out_failure(settings, pid, server_round)
         return faults.failure_reply(msg, pid, server_round, detail)
+    if settings.get("resume", False):
+        site_state.restore(settings["run-dir"], pid, server_round, context.state)
     site = load_site(settings, pid, config, family.val_fraction(), state=context.state)
     arrays, metrics = attacks.train_site(
         family,
@@ -87,6 +89,13 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
         pid,
         int(context.node_config["num-partitions"]),
         seed=int(settings["seed"]) + 1000 * server_round + pid,
+    )
+    site_state.save(
+        settings["run-dir"],
+        pid,
+        server_round,
+        context.state,
+        int(settings["simulation.checkpoint_every"]),
     )
     reply = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)

@@ -18,7 +18,7 @@ from fedad.comparison import ModelResult
 from fedad.config import Scalar, content, group_settings
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.federated import attacks, checkpoint, privacy, scaling, shards
+from fedad.federated import attacks, checkpoint, privacy, scaling, shards, site_state
 from fedad.federated.client_app import client_app
 from fedad.federated.families import load_scorer
 from fedad.federated.family import Scorer
@@ -227,6 +227,7 @@ def prepare_sites(
         checkpoint.require_same_data(checkpoint.read_meta(run_dir), fingerprint["data"], run_dir)
     else:
         checkpoint.clear(run_dir)
+        site_state.clear(run_dir)
     shards.write_shards(data, partitions, run_dir)
     settings = make_settings(cfg, data, len(partitions), run_dir)
     settings["resume"] = resume
