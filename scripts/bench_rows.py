@@ -106,7 +106,8 @@ class Steps:
     """Intervals of the functions a run calls, recorded by wrapping them where they are looked up.
 
     Each baseline runs from its first fit call to the creation of its result, so
-    its prediction on the test set and any cross-validation count with it.
+    its prediction on the test set and any cross-validation count with it; so
+    does its validation refit, which follows its result.
     """
 
     def __init__(self) -> None:
@@ -159,18 +160,28 @@ class Steps:
         try:
             return original(*args, **kwargs)
         finally:
+            if label == BASELINES:
+                self._close_baseline()
             self.record(label, start, time.time())
 
     def _baseline_started(self, original: Callable, *args: object, **kwargs: object) -> object:
+        label = f"baseline {args[0]}"
+        # A baseline's validation refit (detector selection) comes after its result and
+        # counts with it, up to the next baseline's first fit.
+        if self._baseline is not None and self._baseline[0] != label:
+            self._close_baseline()
         if self._baseline is None:
-            self._baseline = (f"baseline {args[0]}", time.time())
+            self._baseline = (label, time.time())
         return original(*args, **kwargs)
 
     def _baseline_ended(self, original: Callable, *args: object, **kwargs: object) -> object:
+        self._close_baseline()
+        return original(*args, **kwargs)
+
+    def _close_baseline(self) -> None:
         if self._baseline is not None:
             self.record(*self._baseline, time.time())
             self._baseline = None
-        return original(*args, **kwargs)
 
 
 def report(sizes: dict[int, dict]) -> None:

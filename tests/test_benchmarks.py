@@ -14,6 +14,9 @@ from fedad.config import compose
 # What the benchmarks fit: the baselines of conf/baselines/all.yaml.
 BASELINES = tuple(compose(["baselines=all"]).baselines.models)
 
+# Each script end to end: minutes each, so `pytest -m long` runs them, the default run does not.
+pytestmark = [pytest.mark.slow, pytest.mark.long]
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -28,7 +31,6 @@ def run_quick(script: str, *extra: str) -> str:
     return done.stdout
 
 
-@pytest.mark.slow
 def test_overhead_benchmark_prints_both_runs_and_the_targets():
     out = run_quick("bench_overhead.py")
     for label in (
@@ -54,7 +56,6 @@ def test_overhead_benchmark_prints_both_runs_and_the_targets():
     assert header.split() == ["fedad", "limit"]
 
 
-@pytest.mark.slow
 def test_scale_benchmark_prints_every_size_and_the_targets():
     out = run_quick("bench_scale.py")
     lines = out.splitlines()
@@ -74,7 +75,6 @@ def test_scale_benchmark_prints_every_size_and_the_targets():
         assert label in out
 
 
-@pytest.mark.slow
 def test_baselines_benchmark_prints_every_baseline():
     out = run_quick("bench_baselines.py")
     assert "fit s" in out and "peak MB" in out
@@ -83,7 +83,6 @@ def test_baselines_benchmark_prints_every_baseline():
     assert all(len(row) == 7 for row in rows)
 
 
-@pytest.mark.slow
 def test_serve_benchmark_prints_every_figure(data_dir):
     out = run_quick("bench_serve.py", "--data-dir", str(data_dir))
     for clients in (1, 8):

@@ -23,6 +23,7 @@ from fedad.pipeline import prepare_run
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.long,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc"),
     pytest.mark.skipif(shutil.which("ray") is None, reason="Ray's `ray` command is not on PATH"),
 ]

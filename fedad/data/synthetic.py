@@ -7,254 +7,23 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fedad.data.traffic_traits import (
+    AFFINITY,
+    DEVICE_LATENT,
+    DEVICE_SERVICES,
+    DEVICES,
+    FAMILIES,
+    FAMILY_LATENT,
+    FAMILY_SERVICES,
+    MTU_PAYLOAD,
+    N_LOG,
+    NOISE,
+    OTHER_P,
+    OTHER_PROTOCOLS,
+    SERVICE_PROTOCOL,
+    SERVICES,
+)
 from fedad.errors import FedadError
-
-DEVICES = ("camera", "thermostat", "smart_plug", "doorbell", "hub", "smart_speaker", "sensor")
-FAMILIES = ("ddos", "port_scan", "botnet_c2", "brute_force", "exfiltration")
-SERVICES = ("http", "https", "dns", "mqtt", "coap", "ssh", "telnet", "rtsp", "ntp", "other")
-# Transport of each service; "other" is drawn from _OTHER_PROTOCOLS.
-_SERVICE_PROTOCOL = np.array(["tcp", "tcp", "udp", "mqtt", "coap", "tcp", "tcp", "tcp", "udp", ""])
-_OTHER_PROTOCOLS, _OTHER_P = np.array(["icmp", "tcp", "udp"]), np.array([0.5, 0.3, 0.2])
-
-# Latent traits of a flow in natural units: packets and payload bytes per direction, duration (s),
-# inter-arrival and payload coefficients of variation, TCP window, distinct ports and hosts and
-# connections/s of the source in its window, ttl, then per-packet TCP flag probabilities
-# (syn ack fin rst psh urg). The first _N_LOG traits mix and vary on a log scale (heavy tails).
-_N_LOG = 11
-_NOISE = np.array([0.5, 0.5, 0.3, 0.3, 0.7, 0.3, 0.3, 0.2, 0.3, 0.3, 0.5, 2.0] + [0.04] * 6)
-_DEVICE_TRAITS = np.array(
-    [
-        # fwd  bwd  fpay  bpay dur  iat  pcv  win    prt ip  conn ttl syn  ack  fin  rst  psh urg
-        [
-            400,
-            100,
-            1100,
-            60,
-            30,
-            0.5,
-            0.3,
-            29200,
-            1,
-            1,
-            0.5,
-            64,
-            0.01,
-            0.95,
-            0.01,
-            0.002,
-            0.3,
-            0,
-        ],  # camera
-        [
-            6,
-            5,
-            80,
-            60,
-            0.5,
-            0.2,
-            0.2,
-            14600,
-            1,
-            1,
-            0.2,
-            64,
-            0.15,
-            0.8,
-            0.1,
-            0.01,
-            0.4,
-            0,
-        ],  # thermostat
-        [
-            8,
-            6,
-            120,
-            90,
-            1,
-            0.3,
-            0.2,
-            14600,
-            1,
-            1,
-            0.3,
-            64,
-            0.12,
-            0.8,
-            0.1,
-            0.01,
-            0.4,
-            0,
-        ],  # smart_plug
-        [
-            150,
-            40,
-            700,
-            80,
-            10,
-            0.6,
-            0.4,
-            29200,
-            1,
-            1,
-            0.5,
-            64,
-            0.02,
-            0.9,
-            0.02,
-            0.005,
-            0.3,
-            0,
-        ],  # doorbell
-        [40, 40, 300, 300, 5, 0.8, 0.6, 64240, 3, 3, 5, 64, 0.05, 0.9, 0.04, 0.01, 0.4, 0],  # hub
-        [
-            60,
-            300,
-            200,
-            900,
-            20,
-            0.5,
-            0.4,
-            29200,
-            1,
-            2,
-            1,
-            64,
-            0.02,
-            0.95,
-            0.01,
-            0.005,
-            0.3,
-            0,
-        ],  # speaker
-        [3, 2, 40, 20, 0.1, 0.2, 0.2, 5840, 1, 1, 0.2, 64, 0.3, 0.6, 0.2, 0.02, 0.3, 0],  # sensor
-    ]
-)
-_FAMILY_TRAITS = np.array(
-    [
-        [1100, 2, 20, 10, 5, 0.1, 0.05, 1024, 1, 1, 200, 50, 0.9, 0.05, 0, 0.05, 0, 0.02],  # ddos
-        [
-            2,
-            1,
-            5,
-            5,
-            0.01,
-            0.1,
-            0.05,
-            1024,
-            100,
-            20,
-            80,
-            52,
-            0.9,
-            0.1,
-            0.05,
-            0.6,
-            0,
-            0.01,
-        ],  # port_scan
-        [
-            10,
-            10,
-            90,
-            110,
-            60,
-            0.05,
-            0.1,
-            8192,
-            1,
-            1,
-            0.5,
-            48,
-            0.05,
-            0.9,
-            0.05,
-            0.02,
-            0.5,
-            0,
-        ],  # botnet_c2
-        [
-            15,
-            12,
-            60,
-            70,
-            2,
-            0.3,
-            0.2,
-            14600,
-            1,
-            1,
-            30,
-            50,
-            0.1,
-            0.8,
-            0.1,
-            0.15,
-            0.5,
-            0,
-        ],  # brute_force
-        [
-            800,
-            20,
-            1300,
-            50,
-            90,
-            1.0,
-            0.15,
-            64240,
-            1,
-            1,
-            1,
-            64,
-            0.01,
-            0.95,
-            0.01,
-            0.005,
-            0.4,
-            0,
-        ],  # exfil
-    ]
-)
-_SERVICE_MIX = np.array(
-    [
-        # http https dns mqtt coap ssh telnet rtsp ntp other
-        [0.10, 0.25, 0.10, 0, 0, 0, 0, 0.45, 0.05, 0.05],  # camera
-        [0, 0.30, 0.10, 0.50, 0, 0, 0, 0, 0.10, 0],  # thermostat
-        [0.10, 0.20, 0.15, 0.40, 0.10, 0, 0, 0, 0.05, 0],  # smart_plug
-        [0.10, 0.45, 0.15, 0, 0, 0, 0, 0.25, 0.05, 0],  # doorbell
-        [0.10, 0.25, 0.10, 0.25, 0.15, 0.05, 0, 0, 0.05, 0.05],  # hub
-        [0.10, 0.60, 0.20, 0, 0, 0, 0, 0, 0.05, 0.05],  # smart_speaker
-        [0, 0, 0.10, 0.30, 0.50, 0, 0, 0, 0.05, 0.05],  # sensor
-        [0.35, 0.15, 0.20, 0, 0, 0, 0, 0, 0.10, 0.20],  # ddos
-        [0.10, 0.10, 0, 0.05, 0, 0.10, 0.15, 0.10, 0, 0.40],  # port_scan
-        [0.20, 0.30, 0.15, 0.20, 0, 0, 0, 0, 0, 0.15],  # botnet_c2
-        [0.15, 0, 0, 0.05, 0, 0.40, 0.40, 0, 0, 0],  # brute_force
-        [0.10, 0.50, 0.30, 0, 0, 0, 0, 0, 0, 0.10],  # exfiltration
-    ]
-)
-# Which devices each family tends to hit (row 0: normal traffic, no preference). Attackers favour
-# devices exposing telnet/ssh/rtsp; exfiltration needs something worth stealing.
-_AFFINITY = np.array(
-    [
-        # cam therm plug bell hub spk sensor
-        [1, 1, 1, 1, 1, 1, 1],  # normal
-        [2, 1, 2, 2, 1, 1, 1],  # ddos (compromised bots flood out)
-        [1, 1, 1, 1, 2, 1, 1],  # port_scan
-        [3, 1, 1, 2, 1, 1, 0.5],  # botnet_c2
-        [3, 0.5, 0.5, 2, 2, 0.5, 0.5],  # brute_force
-        [3, 0.5, 0.5, 2, 2, 2, 0.5],  # exfiltration
-    ]
-)
-_MTU_PAYLOAD = 1460.0
-
-
-def _to_latent(traits: np.ndarray) -> np.ndarray:
-    latent = traits.astype(float)
-    latent[:, :_N_LOG] = np.log(latent[:, :_N_LOG])
-    return latent
-
-
-_DEVICE_LATENT, _FAMILY_LATENT = _to_latent(_DEVICE_TRAITS), _to_latent(_FAMILY_TRAITS)
-_DEVICE_SERVICES, _FAMILY_SERVICES = _SERVICE_MIX[: len(DEVICES)], _SERVICE_MIX[len(DEVICES) :]
 
 # The CICIoT2023 profile: its 33 attack labels, largest class first, each drawn as one of the
 # families above, hitting one service more than the family does, with a trait offset of its own.
@@ -317,19 +86,19 @@ def _ciciot_profile() -> _Profile:
     service = np.array([SERVICES.index(s) for _, _, s in _CICIOT_CLASSES])
     # Fixed offsets (not the run's seed), so the classes are the same in every run; at 1.5 noise
     # units a random forest on 60,000 rows reaches a macro-F1 of about 0.6 over the 34 classes.
-    offset = np.random.default_rng(2023).normal(0.0, 1.5, (len(family), len(_NOISE))) * _NOISE
+    offset = np.random.default_rng(2023).normal(0.0, 1.5, (len(family), len(NOISE))) * NOISE
     shares = CICIOT_TAIL ** np.arange(len(family))
     return _Profile(
         classes=tuple(name for name, _, _ in _CICIOT_CLASSES),
-        latent=_FAMILY_LATENT[family] + offset,
-        services=0.5 * _FAMILY_SERVICES[family] + 0.5 * np.eye(len(SERVICES))[service],
-        affinity=np.vstack([_AFFINITY[0], _AFFINITY[family + 1]]),
+        latent=FAMILY_LATENT[family] + offset,
+        services=0.5 * FAMILY_SERVICES[family] + 0.5 * np.eye(len(SERVICES))[service],
+        affinity=np.vstack([AFFINITY[0], AFFINITY[family + 1]]),
         shares=shares / shares.sum(),
     )
 
 
 PROFILES = {
-    "iot": _Profile(FAMILIES, _FAMILY_LATENT, _FAMILY_SERVICES, _AFFINITY),
+    "iot": _Profile(FAMILIES, FAMILY_LATENT, FAMILY_SERVICES, AFFINITY),
     "ciciot": _ciciot_profile(),
 }
 # The ciciot profile's features: the flow features, then one 0/1 column per named service and
@@ -485,7 +254,7 @@ def generate(
     family_mix = rng.dirichlet(np.full(n_fam, concentration), size=n_sites) + 0.02
     attack_bias = rng.normal(0.0, 0.8, n_sites)
     # Sites sit on different networks (hop counts, link speeds): a small shift of every trait.
-    site_shift = rng.normal(0.0, 0.3, (n_sites, len(_NOISE))) * _NOISE
+    site_shift = rng.normal(0.0, 0.3, (n_sites, len(NOISE))) * NOISE
 
     site = rng.choice(n_sites, size=n_rows, p=site_size)
     # Top-k of bias plus logistic noise: exactly the requested number of attacks, and a site's
@@ -542,12 +311,12 @@ def _traits(
     target = np.maximum(target, 0)
 
     w = weight[:, None]
-    base = _DEVICE_LATENT[device]
-    latent = base + w * (spec.latent[target] - base) + shift + rng.normal(size=base.shape) * _NOISE
-    svc = _categorical(rng, (1 - w) * _DEVICE_SERVICES[device] + w * spec.services[target])
-    protocol = _SERVICE_PROTOCOL[svc]
+    base = DEVICE_LATENT[device]
+    latent = base + w * (spec.latent[target] - base) + shift + rng.normal(size=base.shape) * NOISE
+    svc = _categorical(rng, (1 - w) * DEVICE_SERVICES[device] + w * spec.services[target])
+    protocol = SERVICE_PROTOCOL[svc]
     other = protocol == ""
-    protocol[other] = rng.choice(_OTHER_PROTOCOLS, size=other.sum(), p=_OTHER_P)
+    protocol[other] = rng.choice(OTHER_PROTOCOLS, size=other.sum(), p=OTHER_P)
     return latent, svc, protocol
 
 
@@ -590,16 +359,16 @@ def _features(
 ) -> dict[str, np.ndarray]:
     """Turn latent traits into observable, mutually consistent flow features."""
     n = len(latent)
-    t = np.exp(latent[:, :_N_LOG])
-    ttl, flag_p = latent[:, _N_LOG], np.clip(latent[:, _N_LOG + 1 :], 0.0, 1.0)
+    t = np.exp(latent[:, :N_LOG])
+    ttl, flag_p = latent[:, N_LOG], np.clip(latent[:, N_LOG + 1 :], 0.0, 1.0)
     tcp = np.isin(protocol, ["tcp", "mqtt"])
     header = np.where(tcp, 40.0, 28.0)
 
     fwd = np.maximum(1, np.rint(t[:, 0])).astype(np.int64)
     bwd = np.floor(t[:, 1]).astype(np.int64)
     total = fwd + bwd
-    fwd_pay = np.minimum(t[:, 2], _MTU_PAYLOAD)
-    bwd_pay = np.where(bwd > 0, np.minimum(t[:, 3], _MTU_PAYLOAD), 0.0)
+    fwd_pay = np.minimum(t[:, 2], MTU_PAYLOAD)
+    bwd_pay = np.where(bwd > 0, np.minimum(t[:, 3], MTU_PAYLOAD), 0.0)
     pay_cv, iat_cv = t[:, 6], t[:, 5]
     # Extremes of k draws sit about sqrt(2 ln k) standard deviations from the mean.
     spread = np.sqrt(2 * np.log1p(total))
@@ -624,7 +393,7 @@ def _features(
         "payload_min": np.minimum(fwd_pay, np.where(bwd > 0, bwd_pay, fwd_pay))
         * np.clip(1 - pay_cv * spread / 3, 0.0, 1.0),
         "payload_max": np.minimum(
-            np.maximum(fwd_pay, bwd_pay) * (1 + pay_cv * spread / 3), _MTU_PAYLOAD
+            np.maximum(fwd_pay, bwd_pay) * (1 + pay_cv * spread / 3), MTU_PAYLOAD
         ),
         "avg_packet_size": (fwd_bytes + bwd_bytes) / total,
         "iat_mean": iat_mean,

@@ -16,6 +16,8 @@ from fedad.federated.task import load_site, site_scaling
 from fedad.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
+# How the driver names itself in the shards' access log when it trains a site alone.
+LOCAL_READER = "local_only"
 
 
 def train_alone(
@@ -57,12 +59,12 @@ def train_alone(
         family = family_for(alone)
         family.seed_initial(seed)
         arrays = family.initial_arrays()
-        site = load_site(alone, int(pid), {}, family.val_fraction())
+        site = load_site(alone, int(pid), {}, family.val_fraction(), reader=LOCAL_READER)
         for server_round in range(1, rounds + 1):
             arrays, _ = family.fit(arrays, site, {}, seed=seed + 1000 * server_round + int(pid))
         family.after_evaluate(family.site_metrics(arrays, site, family.evaluate_config()))
         X_site, _ = shards.read_shard(
-            shards.shard_path(settings["run-dir"], int(pid)), "local_only"
+            shards.shard_path(settings["run-dir"], int(pid)), LOCAL_READER
         )
         mean, std = site_scaling(X_site, {})
         scores = family.scores(arrays, scaling.standardize(data.X_test, mean, std))

@@ -131,6 +131,7 @@ def load_site(
     config: ConfigRecord,
     val_fraction: float = 0.0,
     state: RecordDict | None = None,
+    reader: str | None = None,
 ) -> Site:
     """Read this client's shard, scale it and split it into train/validation/test.
 
@@ -141,9 +142,11 @@ def load_site(
     left after the test slice are held out for validation (the family says
     how many: early stopping, the autoencoder's threshold). ``state`` is the
     site's memory between rounds (``context.state``); a fresh one by default.
+    ``reader`` names who reads in the shards' access log (the site by default).
     """
     X, y = shards.read_shard(
-        shards.shard_path(settings["run-dir"], partition_id), shards.site_reader(partition_id)
+        shards.shard_path(settings["run-dir"], partition_id),
+        reader or shards.site_reader(partition_id),
     )
     mean, std = site_scaling(X, config)
     X = scaling.standardize(X, mean, std)
