@@ -439,7 +439,12 @@ def hung(tmp_path_factory):
     survivors = first.survivors()
     again = [*args, f"resume={run_dir}", f"hydra.run.dir={root / 'again'}"]
     refused = _cli(*again, "seed=3", "simulation.num_clients=4", cwd=root)
-    resumed = _cli(*again, "simulation.failure_mode=crash", cwd=root)
+    # A crashed site's actor restarts (a TensorFlow import) before it can reply: give the
+    # round time for that on a busy machine; the timeout is a runtime setting.
+    crash = [arg for arg in again if not arg.startswith("simulation.round_timeout=")]
+    resumed = _cli(
+        *crash, "simulation.failure_mode=crash", "simulation.round_timeout=120", cwd=root
+    )
     return SimpleNamespace(
         dir=run_dir,
         code=code,
