@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,6 +28,9 @@ from fedad.resume import Decision, decide
 from fedad.shapley import explain_shap
 from fedad.validate import validate
 from fedad.versions import versions
+
+if TYPE_CHECKING:
+    from fedad.federated.engine import EngineStart
 
 log = logging.getLogger("fedad")
 # Flower's import sets up alembic, whose INFO lines would bury the run's own.
@@ -66,23 +70,28 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     results: dict = {"status": rundir.RUNNING, "settings": _settings(cfg), "versions": versions()}
     rundir.save_results(run_dir, results)
 
-    prepared = prepare_run(cfg, run_dir)
-    results.update(prepared.facts)
-    if cfg.eda:
-        data = prepared.data  # training rows only: the test set stays unseen
-        results["eda_features"] = plot_eda(
-            data.X_train,
-            data.y_train != 0,
-            data.feature_names,
-            run_dir / rundir.EDA_PNG,
-            int(cfg.seed),
-        )
-    rundir.save_results(run_dir, results)
-
     models: list[ModelResult] = []
-    if cfg.federated:
-        models += _federated(cfg, prepared, run_dir, resume)
-        _record(results, models, run_dir)
+    # Ray and the actors start while the data is prepared; a failure on the way ends them.
+    engine = _start_engine(cfg) if cfg.federated else None
+    try:
+        prepared = prepare_run(cfg, run_dir)
+        results.update(prepared.facts)
+        if cfg.eda:
+            data = prepared.data  # training rows only: the test set stays unseen
+            results["eda_features"] = plot_eda(
+                data.X_train,
+                data.y_train != 0,
+                data.feature_names,
+                run_dir / rundir.EDA_PNG,
+                int(cfg.seed),
+            )
+        rundir.save_results(run_dir, results)
+        if cfg.federated:
+            models += _federated(cfg, prepared, run_dir, resume, engine)
+            _record(results, models, run_dir)
+    finally:
+        if engine is not None:
+            engine.close()
     models += _baselines(cfg, prepared)
     _record(results, models, run_dir)
     if models:
@@ -106,12 +115,12 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
 
 
 def _federated(
-    cfg: DictConfig, prepared: RunData, run_dir: Path, resume: bool
+    cfg: DictConfig, prepared: RunData, run_dir: Path, resume: bool, started: EngineStart
 ) -> list[ModelResult]:
     """The federated model, then each site alone."""
     from fedad.federated.simulation import run_federated
 
-    fed = run_federated(cfg, prepared.data, prepared.parts, run_dir, resume=resume)
+    fed = run_federated(cfg, prepared.data, prepared.parts, run_dir, resume, started)
     validation = fed.history["client_macro_f1"].dropna()
     federated = ModelResult(
         name=f"federated_{cfg.model.name}",
@@ -138,6 +147,14 @@ def _federated(
         },
     )
     return [federated, *fed.alone]
+
+
+def _start_engine(cfg: DictConfig) -> EngineStart:
+    # Imported here, not with the module: Flower and Ray take seconds, which a
+    # run without federated training (or a bad setting) does not need.
+    from fedad.federated.simulation import start_engine
+
+    return start_engine(cfg)
 
 
 def _baselines(cfg: DictConfig, prepared: RunData) -> list[ModelResult]:

@@ -16,12 +16,13 @@ from sklearn.datasets import make_classification
 from fedad.config import compose
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
+from fedad.federated import server_app
 from fedad.federated.faults import injected_failure
 from fedad.federated.keras_family import local_model, train_local
 from fedad.federated.scaling import pooled_moments, site_sums, standardize
-from fedad.federated.server_app import final_evaluation_sites
+from fedad.federated.server_app import final_evaluation_sites, sample_sites
 from fedad.federated.shards import read_access_log, write_shards
-from fedad.federated.simulation import make_settings, run_federated, validate
+from fedad.federated.simulation import make_settings, run_federated, start_engine, validate
 from fedad.federated.strategies import STRATEGIES, build_strategy, weighted_mean
 from fedad.federated.task import load_site, local_split
 from fedad.validate import validate as validate_all
@@ -87,9 +88,17 @@ def make_cfg(**simulation):
 @pytest.fixture(scope="module")
 def twin_runs(data, partitions, tmp_path_factory):
     cfg = make_cfg(**{"simulation.client_failure_rate": 0.34})
-    return [
-        run_federated(cfg, data, partitions, tmp_path_factory.mktemp(f"run{i}")) for i in range(2)
-    ]
+    first = run_federated(cfg, data, partitions, tmp_path_factory.mktemp("run0"))
+    # The second twin as `python -m fedad.simulate` runs it: Ray and the actors started
+    # before the data is at hand (start_engine); the results must not tell them apart.
+    started = start_engine(cfg)
+    try:
+        second = run_federated(
+            cfg, data, partitions, tmp_path_factory.mktemp("run1"), False, started
+        )
+    finally:
+        started.close()
+    return [first, second]
 
 
 @pytest.mark.slow
@@ -187,7 +196,9 @@ def test_outputs_are_written_and_the_saved_model_reproduces_the_scores(twin_runs
 
 
 @pytest.mark.slow
-def test_local_scaling_fedprox_and_partial_sampling_run(data, partitions, tmp_path):
+def test_local_scaling_fedprox_and_partial_sampling_run(data, partitions, tmp_path, monkeypatch):
+    # As a run past SCALING_SITES sites does: the pooled statistics come from a sample.
+    monkeypatch.setattr(server_app, "SCALING_SITES", 2)
     cfg = make_cfg(
         **{
             "simulation.scaling": "local",
@@ -210,6 +221,13 @@ def test_local_scaling_fedprox_and_partial_sampling_run(data, partitions, tmp_pa
     assert clients.loc[clients["evaluated"], "client"].tolist() == chosen
     assert clients.loc[clients["evaluated"], "macro_f1"].notna().all()
     assert clients.loc[~clients["evaluated"], "macro_f1"].isna().all()
+    # The scaling query asked the 2 sites the seed picks, and no other.
+    asked = sample_sites(NUM_CLIENTS, 2, seed=7, stream=server_app.SCALING_STREAM)
+    assert result.info["scaling_sites"] == 2 and asked != chosen
+    assert clients.loc[clients["n_examples"].notna(), "client"].tolist() == asked
+    rows = np.concatenate([partitions[i] for i in asked])
+    with np.load(tmp_path / "scaling.npz") as stats:
+        np.testing.assert_allclose(stats["mean"], data.X_train[rows].astype(np.float64).mean(0))
 
 
 def test_fedprox_term_keeps_the_client_update_near_the_global_model(data, partitions, tmp_path):

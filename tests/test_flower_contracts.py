@@ -14,10 +14,11 @@ import random
 import numpy as np
 import pytest
 from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
-from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
 from flwr_datasets.partitioner import DirichletPartitioner
 
 from fedad.federated import checkpoint
@@ -34,6 +35,11 @@ def test_engine_loop():
         f"flwr...vce_api.add_messages_to_queue(state, queue, nodes_mapping, f_stop) is {params}",
         "fedad.federated.engine._pickup_from_waiting_nodes replaces it",
     )
+    _contract(
+        "nodes_mapping[node_id] = i" in inspect.getsource(vce_api._register_nodes),
+        "vce_api._register_nodes maps each node id to its partition id (nodes_mapping)",
+        "fedad.federated.engine._pickup_from_waiting_nodes hands that map to the ServerApp",
+    )
 
 
 def test_in_memory_state():
@@ -46,10 +52,17 @@ def test_in_memory_state():
         "InMemoryLinkState.store_message_ins",
         needed,
     )
-    params = inspect.signature(InMemoryLinkState.get_message_ins).parameters
+    handed_out = inspect.getsource(InMemoryLinkState.get_message_ins)
+    for step in ("self._check_stored_messages(", 'delivered_at == ""', "delivered_at = "):
+        _contract(
+            step in handed_out,
+            f"InMemoryLinkState.get_message_ins no longer does `{step}`",
+            needed + " (it hands messages out the same way)",
+        )
+    params = list(inspect.signature(InMemoryLinkState._check_stored_messages).parameters)
     _contract(
-        {"node_id", "limit"} <= set(params),
-        f"InMemoryLinkState.get_message_ins(node_id, limit) takes {list(params)}",
+        params[:2] == ["self", "message_ids"],
+        f"InMemoryLinkState._check_stored_messages(message_ids) takes {params}",
         needed,
     )
 
@@ -63,6 +76,35 @@ def test_actor_pool():
         callable(getattr(BasicActorPool, "terminate_all_actors", None)),
         "BasicActorPool.terminate_all_actors",
         needed,
+    )
+
+
+def test_ray_backend():
+    needed = (
+        "fedad.federated.engine.EngineStart builds the pool early; _backend_adopts hands it over"
+    )
+    build = inspect.getsource(RayBackend.build)
+    _contract(
+        "self.pool = BasicActorPool(" in build and "self.app_fn = app_fn" in build,
+        "RayBackend.build sets self.pool (a BasicActorPool) and self.app_fn",
+        needed,
+    )
+    params = list(inspect.signature(BasicActorPool.__init__).parameters)
+    _contract(
+        params == ["self", "actor_type", "client_resources", "actor_kwargs"],
+        f"BasicActorPool(actor_type, client_resources, actor_kwargs) takes {params[1:]}",
+        needed,
+    )
+    _contract(
+        "actors_capacity" in inspect.getsource(BasicActorPool.__init__),
+        "BasicActorPool.actors_capacity",
+        needed,
+    )
+    init = inspect.getsource(ClientAppActor.__ray_metadata__.modified_class.__init__)
+    _contract(
+        "on_actor_init_fn()" in init,
+        "ClientAppActor(on_actor_init_fn) calls it as the actor starts",
+        needed + " (each actor imports the model's framework as it starts)",
     )
 
 

@@ -7,18 +7,37 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 
 import ray
 from flwr.clientapp import ClientApp
 from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
-from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
+from flwr.supercore.date import now
 
 log = logging.getLogger(__name__)
+# Ray's notice of a future default, printed by every ray.init.
+warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# EngineStart's thread starts Ray; simulate() sets the signal handlers (see _Interrupts).
+logging.getLogger("ray._private.worker").addFilter(_DropMessage("SIGTERM handler is not set"))
 # How often Ray retries a client task whose actor died or was restarting.
 ACTOR_TASK_RETRIES = 2
 
@@ -31,6 +50,8 @@ def simulate(
     ray_init_args: Mapping | None = None,
     address: str | None = None,
     stop: threading.Event | None = None,
+    started: EngineStart | None = None,
+    partitions: Future | None = None,
 ) -> None:
     """Run ``server_app`` against ``num_clients`` virtual sites on Ray, then stop Ray.
 
@@ -52,6 +73,12 @@ def simulate(
     stop : threading.Event, optional
         Set on the first SIGINT (Ctrl-C) or SIGTERM, and when the simulation
         ends; the ServerApp watches it (see ``server_app.SiteGrid``).
+    started : EngineStart, optional
+        Ray and the actors, started earlier with the same settings (while the
+        data was prepared); without it, both start here.
+    partitions : concurrent.futures.Future, optional
+        Given the engine's ``{node id: partition id}`` as soon as it has
+        registered the sites, so the ServerApp need not ask each site.
 
     Raises
     ------
@@ -70,6 +97,161 @@ def simulate(
     clean. An actor whose process dies (a crashed site) is restarted by Ray;
     the message it was running comes back as an error reply.
     """
+    init_args, resources = ray_options(client_resources, ray_init_args, address)
+    backend_config = {"client_resources": resources, "init_args": init_args}
+    # Flower logs every step at INFO (the per-round line comes from the ServerApp),
+    # and alembic, which it uses for its state, logs its plugins.
+    quiet = {name: logging.getLogger(name) for name in ("flwr", "alembic")}
+    levels = {name: logger.level for name, logger in quiet.items()}
+    for logger in quiet.values():
+        logger.setLevel(logging.WARNING)
+    deprecation = _DropMessage("DEPRECATED FEATURE")  # run_simulation will give way to `flwr run`
+    quiet["flwr"].addFilter(deprecation)
+    if stop is None:
+        stop = threading.Event()
+    interrupts = _Interrupts(stop)
+    try:
+        pool = started.take() if started is not None else None
+        _start_ray(init_args)
+        # After ray.init, which sets a SIGTERM handler of its own (kill Ray, exit).
+        interrupts.install()
+        with (
+            _pickup_from_waiting_nodes(partitions),
+            _actors_killed_at_the_end(),
+            _backend_adopts(pool),
+        ):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_clients,
+                backend_config=backend_config,
+            )
+    except Exception:
+        if not interrupts.count:
+            raise
+        raise KeyboardInterrupt(f"{interrupts.name}: the simulation stopped") from None
+    finally:
+        stop.set()
+        interrupts.uninstall()
+        quiet["flwr"].removeFilter(deprecation)
+        for name, logger in quiet.items():
+            logger.setLevel(levels[name])
+        ray.shutdown()
+        if interrupts.count > 1:
+            sys.stdout.flush()
+            logging.shutdown()
+            os._exit(130)
+
+
+class EngineStart:
+    """Ray and the actor pool, started in a thread while the driver prepares the run's data.
+
+    Starting Ray and an actor per CPU, each importing the model's framework
+    (TensorFlow: seconds), need nothing of the data: started first, they
+    overlap its preparation, and :func:`simulate` hands the ready pool to
+    Flower's Ray backend instead of letting it build one. :meth:`close` ends
+    them when no simulation does (the preparation failed).
+
+    Parameters
+    ----------
+    client_resources, ray_init_args, address
+        As :func:`simulate` gets them.
+    warm_up : callable, optional
+        Run by each actor as it starts (Flower's ``on_actor_init_fn``): the
+        imports its first message would otherwise wait for.
+    """
+
+    def __init__(
+        self,
+        client_resources: Mapping[str, float],
+        ray_init_args: Mapping | None = None,
+        address: str | None = None,
+        warm_up: Callable[[], object] | None = None,
+    ) -> None:
+        self.init_args, self.resources = ray_options(client_resources, ray_init_args, address)
+        self.warm_up = warm_up
+        self.pool: BasicActorPool | None = None
+        self.error: BaseException | None = None
+        self.taken = False
+        self.started_at = time.perf_counter()
+        self._started = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fedad-engine-start", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            _start_ray(self.init_args)
+            # flower-internal: test_ray_backend
+            pool = BasicActorPool(
+                ClientAppActor,
+                client_resources=self.resources,
+                actor_kwargs={"on_actor_init_fn": self.warm_up} if self.warm_up else {},
+            )
+            pool.add_actors_to_pool(pool.actors_capacity)
+            self.pool = pool
+        except BaseException as error:  # raised in the driver's thread by take()
+            self.error = error
+        finally:
+            self._started.set()
+        # Ray's daemons are started to die with the thread that started them
+        # (PR_SET_PDEATHSIG), not with the process: this one lives until close().
+        self._closed.wait()
+
+    def take(self) -> BasicActorPool:
+        """Wait for the start; the pool for :func:`simulate` (an error in the start is raised)."""
+        self._started.wait()
+        if self.error is not None:
+            raise self.error
+        self.taken = True
+        return self.pool
+
+    def wait_ready(self) -> float:
+        """Wait until every actor has started; seconds since this start began (benchmarks)."""
+        self._started.wait()
+        if self.error is not None:
+            raise self.error
+        ray.get([actor.__ray_ready__.remote() for actor in self.pool.pool])
+        return time.perf_counter() - self.started_at
+
+    def close(self) -> None:
+        """End the actors and Ray unless a simulation took them (it ends them itself)."""
+        self._started.wait()
+        if not self.taken:
+            if self.pool is not None:
+                for actor in self.pool.pool:
+                    ray.kill(actor, no_restart=True)
+            ray.shutdown()
+        self._closed.set()
+        self._thread.join()
+
+
+@contextmanager
+def _backend_adopts(pool: BasicActorPool | None) -> Iterator[None]:
+    """Let Flower's Ray backend use ``pool`` (an :class:`EngineStart`'s) instead of building one."""
+    if pool is None:
+        yield
+        return
+    flower_build = RayBackend.build
+
+    def adopt(backend: RayBackend, app_fn) -> None:
+        # flower-internal: test_ray_backend
+        backend.pool = pool
+        backend.app_fn = app_fn
+
+    RayBackend.build = adopt
+    try:
+        yield
+    finally:
+        RayBackend.build = flower_build
+
+
+def ray_options(
+    client_resources: Mapping[str, float],
+    ray_init_args: Mapping | None = None,
+    address: str | None = None,
+) -> tuple[dict, dict]:
+    """``ray.init``'s arguments and each actor's options, for :func:`simulate` and its start."""
     init_args = dict(ray_init_args or {})
     if address:
         init_args["address"] = address
@@ -93,50 +275,11 @@ def simulate(
     # that was running when it died is retried too (see client_app's crash mode).
     resources["max_restarts"] = -1
     resources["max_task_retries"] = ACTOR_TASK_RETRIES
-    backend_config = {"client_resources": resources, "init_args": init_args}
-    # Flower logs every step at INFO (the per-round line comes from the ServerApp),
-    # and alembic, which it uses for its state, logs its plugins.
-    quiet = {name: logging.getLogger(name) for name in ("flwr", "alembic")}
-    levels = {name: logger.level for name, logger in quiet.items()}
-    for logger in quiet.values():
-        logger.setLevel(logging.WARNING)
-    deprecation = _DropDeprecationNotice()
-    quiet["flwr"].addFilter(deprecation)
-    if stop is None:
-        stop = threading.Event()
-    interrupts = _Interrupts(stop)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
-            _start_ray(init_args)
-            # After ray.init, which sets a SIGTERM handler of its own (kill Ray, exit).
-            interrupts.install()
-            with _pickup_from_waiting_nodes(), _actors_killed_at_the_end():
-                run_simulation(
-                    server_app=server_app,
-                    client_app=client_app,
-                    num_supernodes=num_clients,
-                    backend_config=backend_config,
-                )
-    except Exception:
-        if not interrupts.count:
-            raise
-        raise KeyboardInterrupt(f"{interrupts.name}: the simulation stopped") from None
-    finally:
-        stop.set()
-        interrupts.uninstall()
-        quiet["flwr"].removeFilter(deprecation)
-        for name, logger in quiet.items():
-            logger.setLevel(levels[name])
-        ray.shutdown()
-        if interrupts.count > 1:
-            sys.stdout.flush()
-            logging.shutdown()
-            os._exit(130)
+    return init_args, resources
 
 
 @contextmanager
-def _pickup_from_waiting_nodes() -> Iterator[None]:
+def _pickup_from_waiting_nodes(partitions: Future | None = None) -> Iterator[None]:
     """Let Flower's engine hand a message to the actors as soon as the ServerApp stores it.
 
     Flower's loop (``vce_api.add_messages_to_queue``, internal to flwr 1.42)
@@ -144,13 +287,17 @@ def _pickup_from_waiting_nodes() -> Iterator[None]:
     message: with 1,000 sites it about doubled the driver's CPU per round,
     however few sites were sampled, and a message waited 50 ms on average
     before an actor saw it, twice a round. This loop wakes when the ServerApp
-    stores messages (at the latest every 0.1 s, as Flower's does) and asks
-    only the sites that have one waiting. For a state it does not know,
-    Flower's loop runs instead.
+    stores messages (at the latest every 0.1 s, as Flower's does) and hands
+    out each site's oldest waiting message in one pass over the store. For a
+    state it does not know, Flower's loop runs instead. The loop is the one
+    place that gets the engine's ``{node id: partition id}``: it goes to
+    ``partitions``.
     """
     flower_loop = vce_api.add_messages_to_queue
 
     def loop(state, queue, nodes_mapping, f_stop) -> None:
+        if partitions is not None and not partitions.done():
+            partitions.set_result(dict(nodes_mapping))
         if not hasattr(state, "message_ins_store"):  # not the in-memory state it reads
             log.warning(
                 "Flower's state %s holds no message_ins_store: using Flower's own message loop, "
@@ -174,14 +321,22 @@ def _pickup_from_waiting_nodes() -> Iterator[None]:
             # Cleared before the scan, so a message stored during it wakes the next wait.
             stored.clear()
             with state.lock:
-                waiting = {
-                    m.metadata.dst_node_id
-                    for m in state.message_ins_store.values()
-                    if m.metadata.delivered_at == ""
-                }
-            for node_id in waiting & nodes_mapping.keys():
-                for message in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(message)
+                # One pass over the stored messages for every site's oldest undelivered one,
+                # the one get_message_ins(node, limit=1) would hand out: a call per site scans
+                # them all, and a query to 10,000 sites took minutes that way.
+                oldest: dict[int, str] = {}
+                for message_id, message in state.message_ins_store.items():
+                    node = message.metadata.dst_node_id
+                    if message.metadata.delivered_at == "" and node in nodes_mapping:
+                        oldest.setdefault(node, message_id)
+                # Deletes the expired ones, as get_message_ins does before handing one out.
+                # flower-internal: test_in_memory_state
+                state._check_stored_messages(set(oldest.values()))
+                delivered_at = now().isoformat()
+                for message_id in oldest.values():
+                    if (message := state.message_ins_store.get(message_id)) is not None:
+                        message.metadata.delivered_at = delivered_at
+                        queue.put(message)
             stored.wait(0.1)
 
     vce_api.add_messages_to_queue = loop
@@ -257,10 +412,3 @@ class _Interrupts:
             "checkpointed. Send it again to stop at once.",
             self.name,
         )
-
-
-class _DropDeprecationNotice(logging.Filter):
-    """Drop Flower's notice that `run_simulation` will give way to `flwr run`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in record.getMessage()

@@ -14,18 +14,27 @@ from fedad.models.catalog import family
 
 def family_for(settings: Settings) -> Family:
     """The :class:`Family` of the run's model (``model.name``)."""
-    kind = family(str(settings["model.name"]))
+    return family_class(str(settings["model.name"]))(settings)
+
+
+def family_class(model_name: str) -> type[Family]:
+    """The :class:`Family` implementation of ``model_name``, its framework imported.
+
+    An actor calls it as it starts (:func:`fedad.federated.simulation.start_engine`),
+    so its first message does not wait for the import.
+    """
+    kind = family(model_name)
     if kind == "booster":
         from fedad.federated.booster_family import BoosterFamily
 
-        return BoosterFamily(settings)
+        return BoosterFamily
     if kind == "autoencoder":
         from fedad.federated.autoencoder_family import AutoencoderFamily
 
-        return AutoencoderFamily(settings)
+        return AutoencoderFamily
     from fedad.federated.keras_family import KerasFamily
 
-    return KerasFamily(settings)
+    return KerasFamily
 
 
 def load_scorer(model_name: str, run_dir: Path, n_classes: int) -> Scorer:

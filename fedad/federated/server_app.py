@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,22 @@ DEFAULT_ROUND_TIMEOUT = 3600.0
 MB = 1e6
 # The final model is evaluated at every site up to this many, else at a sample of this many.
 FINAL_EVAL_SITES = 100
+# The pooled scaling statistics come from every site up to this many, else from a sample of
+# this many, once the engine has said which node holds which partition (the Simulation
+# Engine does): a query costs milliseconds a site, minutes at 10,000 sites, and a sample of
+# 1,000 sites' sums pins the mean and spread down as well as all of them.
+SCALING_SITES = 1000
+# Seed streams of the two samples of sites.
+FINAL_EVAL_STREAM, SCALING_STREAM = 0, 1
+# How long the ServerApp waits for the engine's node-to-partition map before asking the sites.
+PARTITIONS_WAIT = 60.0
 
 
-def server_app(settings: Settings | None = None, stop: threading.Event | None = None) -> ServerApp:
+def server_app(
+    settings: Settings | None = None,
+    stop: threading.Event | None = None,
+    partitions: Future | None = None,
+) -> ServerApp:
     """Return the ServerApp, configured by ``settings`` and the run config.
 
     Parameters
@@ -46,6 +60,9 @@ def server_app(settings: Settings | None = None, stop: threading.Event | None = 
     stop : threading.Event, optional
         Set when the simulation is interrupted; the ServerApp then stops
         waiting for replies, saves its checkpoint and ends (see :class:`SiteGrid`).
+    partitions : concurrent.futures.Future, optional
+        The engine's ``{node id: partition id}``, once it has registered the
+        sites (:func:`fedad.federated.engine.simulate`); see :func:`run_server`.
 
     Returns
     -------
@@ -67,7 +84,7 @@ def server_app(settings: Settings | None = None, stop: threading.Event | None = 
                 "`python -m fedad.deployment` and pass the run_config.toml it writes to "
                 "`flwr run --run-config` (see docs/deployment.md)."
             )
-        run_server(grid, values, stop)
+        run_server(grid, values, stop, partitions)
 
     return app
 
@@ -85,12 +102,19 @@ def _log_to_stderr() -> None:
 app = server_app()
 
 
-def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = None) -> None:
+def run_server(
+    grid: Grid,
+    settings: Settings,
+    stop: threading.Event | None = None,
+    partitions: Future | None = None,
+) -> None:
     """Run the whole federated job and write its outputs to ``run-dir``.
 
     Steps: a ``query`` round collects each site's row count and feature sums
     and pools them into a global mean and standard deviation (no raw row
-    leaves a site); the strategy then runs ``num_rounds`` rounds of training,
+    leaves a site; past :data:`SCALING_SITES` sites, a seeded sample of that
+    many answers, when ``partitions`` says which node holds which
+    partition); the strategy then runs ``num_rounds`` rounds of training,
     client evaluation and server evaluation on the global test set; a final
     evaluation pass over every site measures the final model per site.
 
@@ -128,6 +152,9 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
         stored with each checkpoint).
     stop : threading.Event, optional
         See :class:`SiteGrid`.
+    partitions : concurrent.futures.Future, optional
+        The engine's ``{node id: partition id}``; without it (``flwr run``),
+        every site is asked, which also says which node holds which partition.
 
     Notes
     -----
@@ -144,8 +171,10 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     sites = SiteGrid(grid, stop)
 
     node_ids = _wait_for_nodes(sites, int(settings["num-clients"]))
-    counts, mean, std = _pooled_statistics(sites, node_ids)
-    np.savez(run_dir / rundir.SCALING_FILE, mean=mean, std=std)
+    if partitions is not None:
+        sites.partition_of.update(_engine_partitions(partitions, sites))
+    counts, mean, std = _pooled_statistics(sites, node_ids, seed)
+    np.savez(run_dir / rundir.SCALING_FILE, mean=mean, std=std, sites=len(counts))
     config = ConfigRecord()
     if settings["simulation.scaling"] == "federated":
         config = ConfigRecord({"scale-mean": mean.tolist(), "scale-std": std.tolist()})
@@ -226,9 +255,11 @@ def run_server(grid: Grid, settings: Settings, stop: threading.Event | None = No
     )
     fraction = settings.get("simulation.final_eval_fraction")
     chosen = final_evaluation_sites(
-        len(counts), None if fraction in (None, "") else float(fraction), seed
+        len(node_ids), None if fraction in (None, "") else float(fraction), seed
     )
-    clients = _final_site_metrics(sites, evaluator.arrays, final_config, counts, timeout, chosen)
+    clients = _final_site_metrics(
+        sites, evaluator.arrays, final_config, counts, len(node_ids), timeout, chosen
+    )
     clients.to_csv(run_dir / rundir.CLIENTS_FILE, index=False)
     # The final pass over every site is the last exchange: counted with the last round.
     for key, value in sites.take_payload().items():
@@ -257,23 +288,44 @@ def _wait_for_nodes(sites: SiteGrid, expected: int, timeout: float = 300.0) -> l
     return node_ids
 
 
-def _pooled_statistics(
-    sites: SiteGrid, node_ids: list[int]
-) -> tuple[dict[int, int], np.ndarray, np.ndarray]:
-    """Query every site's sums; return rows per partition, pooled mean and std.
+def _engine_partitions(partitions: Future, sites: SiteGrid) -> dict[int, int]:
+    """The engine's ``{node id: partition id}``; empty if it has not come within the wait."""
+    deadline = time.monotonic() + PARTITIONS_WAIT
+    while time.monotonic() < deadline:
+        sites.check_stop()
+        try:
+            return partitions.result(timeout=POLL_SECONDS)
+        except TimeoutError:
+            continue
+    log.warning("the engine did not say which node holds which partition: asking every site")
+    return {}
 
-    Also teaches ``sites`` which node holds which partition. No timeout: the
-    replies wait for the sites' start-up (Ray actors importing TensorFlow).
+
+def _pooled_statistics(
+    sites: SiteGrid, node_ids: list[int], seed: int
+) -> tuple[dict[int, int], np.ndarray, np.ndarray]:
+    """Query the sites' sums; return rows per partition asked, pooled mean and std.
+
+    Every site is asked unless ``sites`` already knows every node's partition
+    and there are more than :data:`SCALING_SITES`: then a seeded sample of that
+    many is. Also teaches ``sites`` which node holds which partition. No
+    timeout: the replies wait for the sites' start-up (Ray actors importing
+    TensorFlow).
     """
+    asked = node_ids
+    if len(node_ids) > SCALING_SITES and set(node_ids) <= sites.partition_of.keys():
+        node_of = {pid: node for node, pid in sites.partition_of.items()}
+        sample = sample_sites(len(node_ids), SCALING_SITES, seed, SCALING_STREAM)
+        asked = [node_of[pid] for pid in sample]
     messages = [
         Message(
             RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY
         )
-        for n in node_ids
+        for n in asked
     ]
     replies = sites.send_and_receive(messages)
     errors = [m.error.reason for m in replies if m.has_error()]
-    if errors or len(replies) != len(node_ids):
+    if errors or len(replies) != len(asked):
         raise RuntimeError(f"the scaling-statistics query failed at some sites: {errors}")
     counts, sums = {}, []
     for reply in replies:
@@ -304,11 +356,21 @@ def final_evaluation_sites(n_sites: int, fraction: float | None, seed: int) -> l
     list[int]
         Sorted partition ids; at least one.
     """
-    count = min(n_sites, FINAL_EVAL_SITES) if fraction is None else round(fraction * n_sites)
-    count = max(1, min(n_sites, count))
-    if count == n_sites:
+    count = FINAL_EVAL_SITES if fraction is None else round(fraction * n_sites)
+    return sample_sites(n_sites, max(1, count), seed, FINAL_EVAL_STREAM)
+
+
+def sample_sites(n_sites: int, count: int, seed: int, stream: int) -> list[int]:
+    """``count`` of the partition ids ``0 .. n_sites-1`` (all if fewer), the same for a seed.
+
+    ``stream`` keeps the run's samples of sites (:data:`FINAL_EVAL_STREAM`,
+    :data:`SCALING_STREAM`) apart; the final evaluation's is the stream of
+    seed ``(seed, n_sites)``, as before there were two.
+    """
+    if count >= n_sites:
         return list(range(n_sites))
-    chosen = np.random.default_rng((seed, n_sites)).permutation(n_sites)[:count]
+    key = (seed, n_sites, stream) if stream else (seed, n_sites)
+    chosen = np.random.default_rng(key).permutation(n_sites)[:count]
     return sorted(int(i) for i in chosen)
 
 
@@ -317,13 +379,15 @@ def _final_site_metrics(
     arrays: ArrayRecord,
     config: ConfigRecord,
     counts: dict[int, int],
+    n_sites: int,
     timeout: float,
     chosen: list[int],
 ) -> pd.DataFrame:
     """Evaluate the final global model at the ``chosen`` sites; one row per site of the run.
 
     Sites not chosen have ``evaluated`` False and no metrics; a chosen site
-    that failed has its ``error``.
+    that failed has its ``error``. ``n_examples`` (the shard's rows) is known
+    for the sites the scaling query asked (``counts``), empty for the others.
     """
     node_of = {pid: node for node, pid in sites.partition_of.items()}
     messages = [
@@ -334,7 +398,10 @@ def _final_site_metrics(
         )
         for pid in chosen
     ]
-    rows = {pid: {"client": pid, "n_examples": n, "evaluated": False} for pid, n in counts.items()}
+    rows = {
+        pid: {"client": pid, "n_examples": counts.get(pid), "evaluated": False}
+        for pid in range(n_sites)
+    }
     for pid in chosen:
         rows[pid]["evaluated"] = True
     for reply in sites.send_and_receive(messages, timeout=timeout):

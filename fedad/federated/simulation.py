@@ -6,8 +6,11 @@ import json
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,11 +23,14 @@ from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.federated import attacks, checkpoint, privacy, scaling, shards, site_state
 from fedad.federated.client_app import client_app
-from fedad.federated.families import load_scorer
+from fedad.federated.families import family_class, load_scorer
 from fedad.federated.family import Scorer
 from fedad.federated.local_only import train_alone
 from fedad.federated.server_app import server_app
 from fedad.metrics import attack_success_rate, compute_metrics
+
+if TYPE_CHECKING:
+    from fedad.federated.engine import EngineStart
 
 
 @dataclass
@@ -62,7 +68,9 @@ class FederatedResult:
     info : dict
         ``attack`` (its settings, the malicious sites, the attackers the strategy
         assumed), ``privacy`` (its settings and the final epsilon) and ``note``,
-        what the comparison shows beside the model (``ε = 3.2, δ = 1e-05``).
+        what the comparison shows beside the model (``ε = 3.2, δ = 1e-05``),
+        and ``scaling_sites``, how many sites' sums gave the pooled scaling
+        statistics (all, or a sample past ``server_app.SCALING_SITES``).
     """
 
     metrics: dict
@@ -81,6 +89,7 @@ def run_federated(
     partitions: Sequence[np.ndarray],
     run_dir: Path,
     resume: bool = False,
+    started: EngineStart | None = None,
 ) -> FederatedResult:
     """Train the configured model with Flower across ``len(partitions)`` simulated sites.
 
@@ -102,6 +111,9 @@ def run_federated(
         Continue from the checkpoint in ``run_dir`` (after its last complete
         round, up to ``simulation.num_rounds``) instead of starting over; a
         fresh run deletes any checkpoint there.
+    started : EngineStart, optional
+        Ray and the actors from :func:`start_engine`, started while the data
+        was prepared; without it they start here.
 
     Returns
     -------
@@ -122,28 +134,29 @@ def run_federated(
     run_dir = Path(run_dir)
     settings = prepare_sites(cfg, data, partitions, run_dir, resume)
     sim = cfg.simulation
-    resources = OmegaConf.to_container(sim.client_resources, resolve=True) or {}
     stop = threading.Event()
+    partitions_of = Future()  # the engine's {node id: partition id}, for the ServerApp
     start = time.perf_counter()
     engine.simulate(
-        server_app(settings, stop),
+        server_app(settings, stop, partitions_of),
         client_app(settings),
         len(partitions),
-        client_resources=resources,
-        ray_init_args=OmegaConf.to_container(sim.ray_init_args, resolve=True) or {},
-        address=sim.get("address"),
+        **_engine_settings(cfg),
         stop=stop,
+        started=started,
+        partitions=partitions_of,
     )
     train_seconds = time.perf_counter() - start
 
     scorer = load_scorer(str(cfg.model.name), run_dir, data.n_classes)
     with np.load(run_dir / rundir.SCALING_FILE) as stats:
         X_test = scaling.standardize(data.X_test, stats["mean"], stats["std"])
+        scaling_sites = int(stats["sites"])
     scores = scorer.predict_scores(X_test)
     y_true = data.y_test if scores.ndim == 2 else (data.y_test != 0).astype(np.int64)
     metrics = compute_metrics(y_true, scores, data.class_names, y_pred=scorer.decide(scores))
     history = pd.read_csv(run_dir / rundir.HISTORY_FILE)
-    info = run_info(cfg, settings, history, len(partitions))
+    info = {**run_info(cfg, settings, history, len(partitions)), "scaling_sites": scaling_sites}
     if "attack_success" in history:
         targets = [1] if scores.ndim == 1 else attacks.targets(settings, data.class_names)
         metrics["attack_success"] = attack_success_rate(metrics["confusion"], targets)
@@ -161,6 +174,29 @@ def run_federated(
         else [],
         info=info,
     )
+
+
+def start_engine(cfg: DictConfig) -> EngineStart:
+    """Start Ray and ``cfg``'s actors now, each importing the model's framework as it starts.
+
+    For :func:`run_federated`'s ``started``: begun before the data is
+    prepared, the start overlaps the preparation. ``close()`` it when the run
+    ends, whether or not the simulation ran.
+    """
+    from fedad.federated import engine
+
+    return engine.EngineStart(
+        **_engine_settings(cfg), warm_up=partial(family_class, str(cfg.model.name))
+    )
+
+
+def _engine_settings(cfg: DictConfig) -> dict:
+    sim = cfg.simulation
+    return {
+        "client_resources": OmegaConf.to_container(sim.client_resources, resolve=True) or {},
+        "ray_init_args": OmegaConf.to_container(sim.ray_init_args, resolve=True) or {},
+        "address": sim.get("address"),
+    }
 
 
 def run_info(
