@@ -265,6 +265,48 @@ def measure_simulation(cfg: DictConfig, data: PreparedData, parts: Sequence, run
     return summarize(rounds, called, finished, tree)
 
 
+def measure_launch(cfg: DictConfig, run_dir: Path) -> tuple[dict, RunData]:
+    """A run started as ``python -m fedad.simulate`` starts it; its figures and its data.
+
+    Ray and the actors start (:func:`fedad.federated.simulation.start_engine`)
+    while the data is prepared and partitioned, then the simulation runs:
+    start-up counts from the launch. ``prepare_s`` is the preparation's time
+    in this run (sharing the cores with the start).
+    """
+    from fedad.federated.simulation import run_federated, start_engine
+
+    with ProcessTree() as tree:
+        called = time.time()
+        started = start_engine(cfg)
+        try:
+            prepared = prepare(cfg)
+            prepared_at = time.time()
+            result = run_federated(cfg, prepared.data, prepared.parts, run_dir, started=started)
+        finally:
+            started.close()
+        finished = time.time()
+    wait_for_exit(tree)
+    rounds = result.history.set_index("round").loc[1:, ["started_at", "seconds"]]
+    return {
+        **summarize(rounds, called, finished, tree),
+        "prepare_s": prepared_at - called,
+    }, prepared
+
+
+def measure_engine_start(cfg: DictConfig) -> float:
+    """Seconds from starting Ray and ``cfg``'s actors to every actor ready, nothing else running."""
+    from fedad.federated.simulation import start_engine
+
+    with ProcessTree(interval=1.0) as tree:
+        started = start_engine(cfg)
+        try:
+            seconds = started.wait_ready()
+        finally:
+            started.close()
+    wait_for_exit(tree)
+    return seconds
+
+
 def summarize(rounds: pd.DataFrame, called: float, finished: float, tree: ProcessTree) -> dict:
     """Figures of one run from its rounds (index 1..R with ``started_at`` and ``seconds``).
 
