@@ -18,6 +18,7 @@ from fedad import cache, commandline, comparison, rundir
 from fedad.baselines.runner import run_baselines, with_twin
 from fedad.comparison import ModelResult
 from fedad.config import CONF_DIR, CONFIG_NAME, available_options, load_option
+from fedad.data.sources import check_files
 from fedad.detector.build import write_detectors
 from fedad.errors import FedadError, JobSkipped, exit_with
 from fedad.explain import explain
@@ -71,7 +72,9 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     rundir.save_results(run_dir, results)
 
     models: list[ModelResult] = []
-    # Ray and the actors start while the data is prepared; a failure on the way ends them.
+    # Ray and the actors start while the data is prepared (a failure on the way ends them),
+    # once the data files are known to be there: a missing one is reported at once.
+    check_files(cfg.dataset, to_absolute_path(cfg.data_dir))
     engine = _start_engine(cfg) if cfg.federated else None
     try:
         prepared = prepare_run(cfg, run_dir)

@@ -34,6 +34,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -278,6 +279,19 @@ def test_file_without_the_label_column(tmp_path, earlier):
         earlier,
         _run_dir(tmp_path),
     )
+
+
+def test_a_preparation_error_ends_the_engine_started_beside_it(make_cfg, tmp_path):
+    """With federated training on, Ray and the actors start while the data is read: the
+    reader's error is the one raised, and neither Ray nor the thread that started it is left."""
+    import ray
+
+    path = _write(tmp_path, "a,b,proto\n" + "".join(f"{i},{i % 7},tcp\n" for i in range(150)))
+    cfg = make_cfg(*_csv_cfg(path, "federated=true"))
+    with pytest.raises(FedadError, match="dataset.label_column"):
+        run(cfg, tmp_path / "run")
+    assert not ray.is_initialized()
+    assert not [t for t in threading.enumerate() if t.name == "fedad-engine-start"]
 
 
 def test_label_with_one_class(tmp_path, earlier):

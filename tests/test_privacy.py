@@ -307,6 +307,7 @@ def test_no_attack_no_privacy_is_bit_identical_to_the_code_before_them(data, par
     assert result.info == {
         "attack": {"name": "none", "malicious_sites": []},
         "privacy": {"name": "none"},
+        "scaling_sites": 3,
     }
 
 

@@ -144,24 +144,39 @@ def load(cfg: Mapping, data_dir: str | Path, seed: int) -> RawData:
         )
         return RawData(frame, None, f"synthetic generator (seed {seed})")
 
+    check_files(cfg, data_dir)
+    warnings: list[str] = []
+    if cfg.get("train_file"):
+        train = _read_csv(cfg, data_dir, "train_file", warnings)
+        test = _read_csv(cfg, data_dir, "test_file", warnings)
+        _check_same_columns(train, test, cfg)
+        return RawData(train, test, f"{cfg['train_file']} -> {cfg['test_file']}", warnings)
+    return RawData(_read_csv(cfg, data_dir, "path", warnings), None, str(cfg["path"]), warnings)
+
+
+def check_files(cfg: Mapping, data_dir: str | Path) -> None:
+    """Raise :class:`FedadError` unless every file the dataset names exists (none: synthetic).
+
+    Cheap, so a run checks it before it starts anything slow (Ray, the actors).
+    """
+    if cfg["name"] == "synthetic":
+        return
     if cfg.get("train_file"):
         if not cfg.get("test_file"):
             raise FedadError(
                 f"dataset '{cfg['name']}' sets dataset.train_file but no dataset.test_file. "
                 "Give both, or give a single file as dataset.path and fedad splits it."
             )
-        warnings: list[str] = []
-        train = _read_csv(cfg, data_dir, "train_file", warnings)
-        test = _read_csv(cfg, data_dir, "test_file", warnings)
-        _check_same_columns(train, test, cfg)
-        return RawData(train, test, f"{cfg['train_file']} -> {cfg['test_file']}", warnings)
-    if cfg.get("path"):
-        warnings = []
-        return RawData(_read_csv(cfg, data_dir, "path", warnings), None, str(cfg["path"]), warnings)
-    raise FedadError(
-        f"dataset '{cfg['name']}' names no file. Set dataset.path=<file.csv> (fedad splits it "
-        "into train and test), or dataset.train_file and dataset.test_file."
-    )
+        keys = ("train_file", "test_file")
+    elif cfg.get("path"):
+        keys = ("path",)
+    else:
+        raise FedadError(
+            f"dataset '{cfg['name']}' names no file. Set dataset.path=<file.csv> (fedad splits it "
+            "into train and test), or dataset.train_file and dataset.test_file."
+        )
+    for key in keys:
+        _data_file(cfg, data_dir, key)
 
 
 def resolve(data_dir: str | Path, relative: str) -> Path:
@@ -215,7 +230,8 @@ def _warn(warnings: list[str], text: str) -> None:
     warnings.append(text)
 
 
-def _read_csv(cfg: Mapping, data_dir: str | Path, key: str, warnings: list[str]) -> pd.DataFrame:
+def _data_file(cfg: Mapping, data_dir: str | Path, key: str) -> Path:
+    """The file ``dataset.<key>`` names; a :class:`FedadError` naming the fix if there is none."""
     path = resolve(data_dir, str(cfg[key]))
     if not path.is_file():
         where = cfg.get("source") or "the dataset's publisher"
@@ -237,6 +253,11 @@ def _read_csv(cfg: Mapping, data_dir: str | Path, key: str, warnings: list[str])
             f"data_dir='{data_dir}'). Download it from {where}, put it there, or point "
             "data_dir (or the FEDAD_DATA_DIR environment variable) at the folder that holds it."
         )
+    return path
+
+
+def _read_csv(cfg: Mapping, data_dir: str | Path, key: str, warnings: list[str]) -> pd.DataFrame:
+    path = _data_file(cfg, data_dir, key)
     columns = list(cfg["columns"]) if cfg.get("columns") else None
     try:
         frame = pd.read_csv(

@@ -12,15 +12,19 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import ray
 from flwr.clientapp import ClientApp
-from flwr.server.superlink.fleet.vce import vce_api
-from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
-from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
 from flwr.supercore.date import now
+
+if TYPE_CHECKING:
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+# Flower's simulation modules import TensorFlow (flwr.simulation.ray_transport.utils does, for
+# GPU memory growth): seconds that EngineStart spends in its own thread, beside the data
+# preparation, so they are imported where they are used.
 
 log = logging.getLogger(__name__)
 # Ray's notice of a future default, printed by every ray.init.
@@ -112,6 +116,8 @@ def simulate(
     interrupts = _Interrupts(stop)
     try:
         pool = started.take() if started is not None else None
+        from flwr.simulation import run_simulation
+
         _start_ray(init_args)
         # After ray.init, which sets a SIGTERM handler of its own (kill Ray, exit).
         interrupts.install()
@@ -181,6 +187,8 @@ class EngineStart:
 
     def _run(self) -> None:
         try:
+            from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
+
             _start_ray(self.init_args)
             # flower-internal: test_ray_backend
             pool = BasicActorPool(
@@ -232,9 +240,11 @@ def _backend_adopts(pool: BasicActorPool | None) -> Iterator[None]:
     if pool is None:
         yield
         return
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
     flower_build = RayBackend.build
 
-    def adopt(backend: RayBackend, app_fn) -> None:
+    def adopt(backend, app_fn) -> None:
         # flower-internal: test_ray_backend
         backend.pool = pool
         backend.app_fn = app_fn
@@ -293,6 +303,8 @@ def _pickup_from_waiting_nodes(partitions: Future | None = None) -> Iterator[Non
     place that gets the engine's ``{node id: partition id}``: it goes to
     ``partitions``.
     """
+    from flwr.server.superlink.fleet.vce import vce_api
+
     flower_loop = vce_api.add_messages_to_queue
 
     def loop(state, queue, nodes_mapping, f_stop) -> None:
@@ -359,9 +371,11 @@ def _actors_killed_at_the_end() -> Iterator[None]:
     vanished after a job's last round. ``ray.kill(no_restart=True)`` ends an
     actor, idle or still busy, without a task to retry.
     """
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
     flower_terminate = BasicActorPool.terminate_all_actors
 
-    def kill_all(pool: BasicActorPool) -> None:
+    def kill_all(pool) -> None:
         # flower-internal: test_actor_pool
         for actor in [*pool.pool, *pool._future_to_actor.values()]:
             ray.kill(actor, no_restart=True)

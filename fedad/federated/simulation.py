@@ -60,7 +60,8 @@ class FederatedResult:
         ``.json``), loaded; its inputs are standardized with ``mean``/``std``
         from ``scaling.npz`` in the same folder.
     train_seconds : float
-        Wall time of the whole simulation, Ray and actor start-up included.
+        Wall time of the whole simulation, Ray and actor start-up included
+        (what of it is left once ``started`` has overlapped the data preparation).
     alone : list[ModelResult]
         Each site alone (:func:`fedad.federated.local_only.train_alone`): the
         mean over the sites and the worst site; empty with
