@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{rows} rows: whole run {whole['seconds']:.1f} s, peak {sizes[rows]['memory']}",
             flush=True,
         )
+        if len(args.rows) > 1:
+            # Each size's steps as soon as it is done: a run cut short keeps what it measured.
+            report({rows: sizes[rows]})
+            sys.stdout.flush()
     report(sizes)
     print(load())
 

@@ -103,7 +103,10 @@ def test_rows_benchmark_prints_every_step_per_size_and_the_growth():
     out = run_quick("bench_rows.py")
     assert "dataset=synthetic_ciciot" in out and "task=multiclass" in out
     lines = out.splitlines()
-    header = next(line for line in lines if line.startswith("step "))
+    # Each size's own table as it finishes, then the table of both.
+    headers = [line for line in lines if line.startswith("step ")]
+    assert [h.split()[1:3] for h in headers[:2]] == [["3000", "|"], ["6000", "|"]]
+    header = headers[-1]
     assert header.split()[1:3] == ["3000", "6000"]
     rows = {line[:32].strip(): line[32:].split() for line in lines[lines.index(header) + 1 :]}
     steps = [
