@@ -16,6 +16,7 @@ from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.explain import permutation_importance_table, plot_importance_side_by_side
+from fedad.metrics import macro_f1
 from fedad.plots import plot_confusion, plot_roc
 
 DETECTORS = ("isolation_forest", "one_class_svm", "local_outlier_factor")
@@ -223,6 +224,35 @@ def test_supervised_fit_row_cap_keeps_every_class_and_is_recorded():
     assert results["xgboost"].info["fit_rows_used"] == len(keep)
 
 
+def test_a_capped_model_gives_its_result_and_its_validation_from_one_fit():
+    X, y = blobs(1600, 10, seed=3)
+    X_tr, X_te, y_tr, y_te = split(X, y)
+    data = prepared(X_tr, y_tr, X_te, y_te, ["normal", "a", "b", "c"], "multiclass")
+    cfg = {
+        "val_fraction": 0.25,
+        "models": {
+            "logistic_regression": {"max_fit_rows": 300},
+            "random_forest": {"n_estimators": 20},
+        },
+    }
+    results = by_name(run_baselines(cfg, data, TRAIN_CFG, 1, seed=0, validate=True))
+    capped, whole = results["logistic_regression"], results["random_forest"]
+    held = capped.info["validation"]
+    # Capped below the rows left after the validation slice: one fit, drawn from those rows.
+    assert held["refit"] is False and whole.info["validation"]["refit"] is True
+    assert capped.info["fit_rows"] == len(y_tr) - held["rows"]
+    assert whole.info["fit_rows"] == len(y_tr)
+    # The validation rows are the ones that one fit never saw: its score on them is the record.
+    fit_idx, held_idx = train_test_split(
+        np.arange(len(y_tr)), test_size=0.25, stratify=y_tr, random_state=0
+    )
+    assert held["rows"] == len(held_idx)
+    predicted = capped.model.predict(data.scaled()[0][held_idx])
+    assert capped.info["validation_macro_f1"] == pytest.approx(
+        macro_f1(y_tr[held_idx], predicted, 4)
+    )
+
+
 def test_one_class_svm_scales_to_150k_rows():
     X, y = blobs(155_000, 60, seed=5)
     y = (y > 0).astype(int)
@@ -276,14 +306,28 @@ def test_central_keras_models_train_one_epoch():
         "cnn": {"name": "cnn", "filters": 4, "kernel_size": 3, "dense_units": 8, "dropout": 0.1},
         "logistic": {"name": "logistic"},
     }
-    cfg = {"models": {"central_cnn": {}, "central_logistic": {}}}
+    # The logistic model capped below the training rows; the autoencoder's normal rows too.
+    cfg = {
+        "models": {
+            "central_cnn": {},
+            "central_logistic": {"max_fit_rows": 150},
+            "central_autoencoder": {"max_fit_rows": 20},
+        }
+    }
     train_cfg = {**TRAIN_CFG, "class_weights": True}
-    results = run_baselines(cfg, data, train_cfg, 1, seed=0, model_cfgs=model_cfgs)
-    for r in results:
+    model_cfgs["autoencoder"] = {"name": "autoencoder", "units": 8, "bottleneck": 2, "dropout": 0.0}
+    cnn, logistic, autoencoder = run_baselines(
+        cfg, data, train_cfg, 1, seed=0, model_cfgs=model_cfgs
+    )
+    for r in (cnn, logistic):
         assert r.scores.shape == (len(y_te), 4)
         np.testing.assert_allclose(r.scores.sum(axis=1), 1.0, rtol=1e-4)
         assert r.metrics["n"] == len(y_te)
-    assert len(results[0].model.estimator.layers) > len(results[1].model.estimator.layers)
+    assert len(cnn.model.estimator.layers) > len(logistic.model.estimator.layers)
+    assert cnn.info["fit_rows_used"] == cnn.info["fit_rows"] == len(y_tr)
+    assert 150 <= logistic.info["fit_rows_used"] <= 154 < len(y_tr)
+    assert autoencoder.info["fit_rows"] > 20
+    assert (autoencoder.info["method"], autoencoder.info["fit_rows_used"]) == ("subsample", 20)
 
 
 def test_nsl_kdd_every_sklearn_baseline(nsl_kdd):

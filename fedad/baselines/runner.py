@@ -138,12 +138,22 @@ def run_baselines(
             kind = "supervised" if name in SUPERVISED_DEFAULTS else "unsupervised"
             fit = (fit_sup if kind == "supervised" else fit_unsup)(name, params)
             with bar.step(name) as step:
-                result = _run_one(name, kind, fit, data, X_train, X_test, seed, cv_folds)
-                result.info["params"] = params
                 if validate and kind == "supervised":
-                    held = _hold_out(fit, X_train, data, val_fraction, seed, target_fpr)
-                    result.info["validation_macro_f1"] = held.pop("macro_f1")
-                    result.info["validation"] = held
+                    result = _run_validated(
+                        name,
+                        fit,
+                        params,
+                        data,
+                        X_train,
+                        X_test,
+                        seed,
+                        cv_folds,
+                        val_fraction,
+                        target_fpr,
+                    )
+                else:
+                    result = _run_one(name, kind, fit, data, X_train, X_test, seed, cv_folds)
+                result.info["params"] = params
                 step.note = f"macro-F1 {result.metrics['macro_f1']:.3f}"
             results.append(result)
     return results
@@ -262,8 +272,12 @@ def _run_one(
     X_test: np.ndarray,
     seed: int,
     cv_folds: int,
+    rows: np.ndarray | None = None,
 ) -> ModelResult:
-    """Fit one model on all training rows, score it on test, and cross-validate if asked."""
+    """Fit one model on all training rows (or ``rows`` of them), score it on test, cross-validate.
+
+    Cross-validation, when asked, runs over all training rows.
+    """
     unsupervised = kind == "unsupervised"
     binary_view = unsupervised and data.task != "binary"
     if unsupervised:
@@ -281,7 +295,9 @@ def _run_one(
         y_train, y_test, class_names = data.y_train, data.y_test, list(data.class_names)
 
     start = time.perf_counter()
-    fitted = fit(X_train, y_train)
+    fitted = fit(
+        X_train if rows is None else X_train[rows], y_train if rows is None else y_train[rows]
+    )
     seconds = time.perf_counter() - start
     info: dict[str, Any] = {"binary_view": binary_view}
     if unsupervised:
@@ -289,7 +305,7 @@ def _run_one(
         info.update(fit_info)
     else:
         model = fitted
-        info["fit_rows"] = int(len(y_train))
+        info["fit_rows"] = int(len(y_train) if rows is None else len(rows))
         info["fit_rows_used"] = int(model.fit_rows)
     scores = model.predict_scores(X_test)
     metrics = compute_metrics(y_test, scores, class_names, y_pred=model.decide(scores))
@@ -338,27 +354,72 @@ def _score_held(
     return metrics, held_scores
 
 
+def _run_validated(
+    name: str,
+    fit: Callable,
+    params: Mapping,
+    data: PreparedData,
+    X_train: np.ndarray,
+    X_test: np.ndarray,
+    seed: int,
+    cv_folds: int,
+    fraction: float,
+    target_fpr: float | None,
+) -> ModelResult:
+    """A supervised model's result and its validation macro-F1 on a held-out share of train.
+
+    The validation model is refit on the rest of the training rows, unless
+    the model's ``max_fit_rows`` cap leaves it fewer rows than that rest: then
+    a single capped fit, drawn from the rest, gives both the result and the
+    validation score (``validation.refit`` is false), which halves the cost of
+    a capped model and changes nothing else a capped draw would.
+    """
+    fit_idx, held_idx = _validation_rows(data.y_train, fraction, seed)
+    cap = params.get("max_fit_rows")
+    shared = cap is not None and len(fit_idx) > int(cap)
+    rows = fit_idx if shared else None
+    result = _run_one(name, "supervised", fit, data, X_train, X_test, seed, cv_folds, rows)
+    held = _hold_out(
+        fit, X_train, data, fit_idx, held_idx, target_fpr, result.model if shared else None
+    )
+    held["fraction"], held["refit"] = fraction, not shared
+    result.info["validation_macro_f1"] = held.pop("macro_f1")
+    result.info["validation"] = held
+    return result
+
+
+def _validation_rows(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows to fit on and to validate on: a stratified split of ``y``."""
+    counts = np.bincount(y)
+    # Stratify on the class when every class present can sit on both sides, else on the label.
+    strata = y if counts[counts > 0].min() >= 2 else (y != 0)
+    return train_test_split(
+        np.arange(len(y)), test_size=fraction, stratify=strata, random_state=seed
+    )
+
+
 def _hold_out(
     fit: Callable,
     X: np.ndarray,
     data: PreparedData,
-    fraction: float,
-    seed: int,
+    fit_idx: np.ndarray,
+    held_idx: np.ndarray,
     target_fpr: float | None,
+    fitted: object | None = None,
 ) -> dict:
-    """Validation macro-F1 of a supervised model refit on a stratified share of the train rows.
+    """Validation macro-F1 of a supervised model fitted on rows ``fit_idx``, scored on ``held_idx``.
 
+    ``fitted`` is that model when it exists already; else ``fit`` makes it.
     The test rows play no part, so picking the best model by this number is fair.
     """
     y = data.y_train
-    counts = np.bincount(y)
-    # Stratify on the class when every class present can sit on both sides, else on the label.
-    strata = y if counts[counts > 0].min() >= 2 else (y != 0)
-    fit_idx, held_idx = train_test_split(
-        np.arange(len(y)), test_size=fraction, stratify=strata, random_state=seed
-    )
-    metrics, scores = _score_held(fit, X, y, fit_idx, held_idx, list(data.class_names))
-    held = {"macro_f1": metrics["macro_f1"], "rows": int(len(held_idx)), "fraction": fraction}
+    class_names = list(data.class_names)
+    if fitted is None:
+        metrics, scores = _score_held(fit, X, y, fit_idx, held_idx, class_names)
+    else:
+        scores = fitted.predict_scores(X[held_idx])
+        metrics = compute_metrics(y[held_idx], scores, class_names, y_pred=fitted.decide(scores))
+    held = {"macro_f1": metrics["macro_f1"], "rows": int(len(held_idx))}
     if target_fpr is not None:
         threshold = threshold_for_fpr(y[held_idx], attack_score(scores), target_fpr)
         flagged = attack_score(scores) >= threshold

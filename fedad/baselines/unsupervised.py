@@ -27,9 +27,9 @@ UNSUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
     # LOF is quadratic too; above max_fit_rows it fits on a random subsample.
     "local_outlier_factor": {"n_neighbors": 20, "max_fit_rows": 20000},
     # The federated autoencoder's twin: the same network on the pooled normal rows, for the
-    # federated training budget (train.* settings, rounds x local epochs); `model` picks
-    # conf/model/<name>.yaml.
-    "central_autoencoder": {"model": "autoencoder"},
+    # federated training budget (train.* settings, rounds x local epochs) on at most
+    # max_fit_rows random fit rows; `model` picks conf/model/<name>.yaml.
+    "central_autoencoder": {"model": "autoencoder", "max_fit_rows": 50_000},
 }
 FIT_ON = ("normal", "all")
 CONTAMINATION_FLOOR = 0.01
@@ -169,7 +169,7 @@ def fit_detector(
     elif name == "local_outlier_factor":
         est, method, used = _local_outlier_factor(params, X_fit, c, rng)
     elif name == "central_autoencoder":
-        est, method, used = _autoencoder(params, X_fit, seed, keras_fit or {})
+        est, method, used = _autoencoder(params, X_fit, seed, keras_fit or {}, rng)
     else:
         raise FedadError(
             f"Unknown unsupervised baseline '{name}'. Valid names: "
@@ -225,12 +225,17 @@ def _one_class_svm(params: Mapping, X: np.ndarray, nu: float, seed: int):
     return est, "nystroem_sgd", len(X)
 
 
+def _at_most(
+    X: np.ndarray, max_rows: int | None, rng: np.random.Generator
+) -> tuple[np.ndarray, str]:
+    """At most ``max_rows`` random rows of ``X`` (all when None), and ``exact`` or ``subsample``."""
+    if max_rows is None or len(X) <= int(max_rows):
+        return X, "exact"
+    return X[rng.choice(len(X), size=int(max_rows), replace=False)], "subsample"
+
+
 def _local_outlier_factor(params: Mapping, X: np.ndarray, c: float, rng: np.random.Generator):
-    max_rows = int(params["max_fit_rows"])
-    method = "exact"
-    if len(X) > max_rows:
-        X = X[rng.choice(len(X), size=max_rows, replace=False)]
-        method = "subsample"
+    X, method = _at_most(X, params["max_fit_rows"], rng)
     est = LocalOutlierFactor(
         n_neighbors=min(int(params["n_neighbors"]), len(X) - 1),
         novelty=True,
@@ -260,8 +265,10 @@ class ReconstructionError:
         return -np.mean((X.astype(np.float64) - rebuilt.astype(np.float64)) ** 2, axis=1)
 
 
-def _autoencoder(params: Mapping, X: np.ndarray, seed: int, keras_fit: Mapping):
-    """The federated autoencoder's architecture, trained on the pooled fit rows."""
+def _autoencoder(
+    params: Mapping, X: np.ndarray, seed: int, keras_fit: Mapping, rng: np.random.Generator
+):
+    """The federated autoencoder's architecture, trained on at most ``max_fit_rows`` fit rows."""
     import keras
 
     from fedad.models.keras_models import build_model
@@ -273,6 +280,7 @@ def _autoencoder(params: Mapping, X: np.ndarray, seed: int, keras_fit: Mapping):
             f"central_autoencoder needs the '{params['model']}' model config, but the caller "
             f"passed only: {', '.join(model_cfgs) or 'none'}."
         )
+    X, method = _at_most(X, params.get("max_fit_rows"), rng)
     keras.utils.set_random_seed(seed)
     model = build_model(
         model_cfgs[params["model"]],
@@ -289,4 +297,4 @@ def _autoencoder(params: Mapping, X: np.ndarray, seed: int, keras_fit: Mapping):
         shuffle=True,
         verbose=0,
     )
-    return ReconstructionError(model), "exact", len(X)
+    return ReconstructionError(model), method, len(X)
