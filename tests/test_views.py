@@ -16,7 +16,15 @@ from fedad.baselines.supervised import fit_supervised
 from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
 from fedad.plots import plot_eda
-from fedad.shapley import BACKGROUND_ROWS, EXPLAINED_ROWS, explain_shap, tree_shap
+from fedad.shapley import (
+    BACKGROUND_ROWS,
+    EXPLAINED_ROWS,
+    GRADIENT_SAMPLES,
+    explain_shap,
+    gradient_shap,
+    sub_forest,
+    tree_shap,
+)
 from fedad.versions import versions
 
 # Only column 2 decides the class; the other columns are noise.
@@ -61,6 +69,48 @@ def test_tree_shap_adds_up_to_the_model_output_towards_attack(name, classes):
     assert np.abs(values).mean(axis=0).argmax() == SIGNAL
 
 
+def test_a_large_forest_is_explained_on_a_seeded_draw_of_its_trees():
+    X, y = _data(600, 3)
+    params = {"n_estimators": 30, "max_depth": 6, "min_samples_leaf": 1}
+    model = fit_supervised("random_forest", params, X, y, 3, seed=0)
+    cut, trees = sub_forest(model.estimator, 5, seed=1)
+    assert trees == {"trees_explained": 5, "trees": 30}
+    assert len(model.estimator.estimators_) == 30  # the run's forest stays whole
+    assert sub_forest(model.estimator, 5, seed=1)[0].estimators_ == cut.estimators_
+    rows = X[:40]
+    values = tree_shap(cut, model.classes, rows)
+    # Exact for the drawn trees: the values add up to their mean attack probability.
+    drawn = 1.0 - cut.predict_proba(rows)[:, 0]
+    total = values.sum(axis=1)
+    assert np.allclose(total - total[0], drawn - drawn[0], atol=1e-4)
+    assert np.abs(values).mean(axis=0).argmax() == SIGNAL
+    assert sub_forest(model.estimator, 30, seed=1) == (
+        model.estimator,
+        {"trees_explained": 30, "trees": 30},
+    )
+
+
+def test_expected_gradients_of_the_normal_output_alone_equal_shaps_for_every_output():
+    import keras
+    import shap
+
+    from fedad.models.keras_models import build_model
+
+    X, y = _data(300, 4)
+    keras.utils.set_random_seed(0)
+    net = build_model({"name": "logistic"}, 6, 4, learning_rate=0.05, optimizer="adam")
+    net.fit(X, y, epochs=3, batch_size=32, verbose=0)
+    rows, background = X[:12], X[100:150]
+    # fedad asks for the normal class's output alone; SHAP's default computes all four.
+    ours = gradient_shap(net, rows, background, seed=3)
+    every_output = shap.GradientExplainer(net, background).shap_values(
+        rows, nsamples=GRADIENT_SAMPLES, rseed=3
+    )
+    assert np.asarray(every_output).shape == (12, 6, 4)
+    again = -np.asarray(every_output)[:, :, 0]
+    np.testing.assert_allclose(ours, again, rtol=1e-5, atol=1e-7)
+
+
 def test_explain_shap_writes_a_table_and_figure_per_model_and_records_the_samples(tmp_path):
     import keras
 
@@ -101,6 +151,7 @@ def test_explain_shap_writes_a_table_and_figure_per_model_and_records_the_sample
     assert facts["explained_test_rows"] == min(EXPLAINED_ROWS, 100)
     assert facts["background_train_rows"] == min(BACKGROUND_ROWS, 300)
     assert set(facts["models"]) == {"federated_logistic", "random_forest"}  # no linear model
+    assert facts["models"]["random_forest"]["trees"] == 10
     json.dumps(facts)  # results.json can hold it
     for name, fact in facts["models"].items():
         table = pd.read_csv(tmp_path / rundir.shap_csv(name))
