@@ -16,9 +16,10 @@ from sklearn.datasets import make_classification
 from fedad.config import compose
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.federated import server_app
+from fedad.federated import local_only, server_app
 from fedad.federated.faults import injected_failure
 from fedad.federated.keras_family import local_model, train_local
+from fedad.federated.local_only import train_alone
 from fedad.federated.scaling import pooled_moments, site_sums, standardize
 from fedad.federated.server_app import final_evaluation_sites, sample_sites
 from fedad.federated.shards import read_access_log, write_shards
@@ -345,3 +346,20 @@ def test_settings_are_flat_scalars_like_a_flower_run_config(data, tmp_path):
     assert settings["simulation.num_rounds"] == 2
     assert json.loads(settings["class-names"]) == ["normal", "attack"]
     assert not any(k.startswith("simulation.client_resources") for k in settings)
+
+
+def test_sites_alone_train_the_same_in_parallel_processes(data, partitions, tmp_path, monkeypatch):
+    cfg = make_cfg(**{"model": OmegaConf.load(CONF / "model" / "logistic.yaml")})
+    write_shards(data, partitions, tmp_path)
+    settings = make_settings(cfg, data, NUM_CLIENTS, tmp_path)
+    in_driver = {m.name: m for m in train_alone(settings, data, NUM_CLIENTS, 2)}
+    # Any work is enough to go parallel: one spawned process per CPU, each site in one of them.
+    monkeypatch.setattr(local_only, "PARALLEL_ROW_PASSES", 0)
+    in_workers = {m.name: m for m in train_alone(settings, data, NUM_CLIENTS, 2)}
+    assert set(in_driver) == set(in_workers) == {"local_logistic", "local_logistic_worst"}
+    driver, workers = in_driver["local_logistic"].info, in_workers["local_logistic"].info
+    assert driver["sites"] == workers["sites"] and len(driver["sites"]) == 2
+    assert workers["site_macro_f1"] == pytest.approx(driver["site_macro_f1"], abs=0.01)
+    worst = in_workers["local_logistic_worst"]
+    assert worst.scores.shape == (len(data.y_test), 2)
+    assert worst.metrics["macro_f1"] == min(workers["site_macro_f1"])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -18,6 +21,10 @@ from fedad.metrics import compute_metrics
 log = logging.getLogger(__name__)
 # How the driver names itself in the shards' access log when it trains a site alone.
 LOCAL_READER = "local_only"
+# Rows trained (sites' rows x rounds x local epochs) from which the sites train in parallel
+# processes, one per CPU: about a minute of a 2-core machine's training, against the processes'
+# start-up of ~10 s.
+PARALLEL_ROW_PASSES = 2_000_000
 
 
 def train_alone(
@@ -29,7 +36,9 @@ def train_alone(
     for as many rounds of ``train.local_epochs`` as the federated run has (one
     site, no server), scales with its own statistics (it has no others), and
     is scored on the global test set. The autoencoder's threshold comes from
-    the site's own validation rows.
+    the site's own validation rows. When the sites' training is worth it
+    (:data:`PARALLEL_ROW_PASSES`), they train in spawned processes, one per
+    CPU, each with the framework on one thread as an actor has it.
 
     Parameters
     ----------
@@ -50,33 +59,95 @@ def train_alone(
     """
     alone = {**settings, "strategy.name": "local"}
     seed = int(settings["seed"])
-    chosen = np.sort(np.random.default_rng(seed).permutation(n_sites)[: min(limit, n_sites)])
-    rounds = int(settings["simulation.num_rounds"])
-    started = time.perf_counter()
-    results = []
-    for pid in chosen:
+    chosen = np.random.default_rng(seed).permutation(n_sites)[: min(limit, n_sites)]
+    sites = sorted(int(pid) for pid in chosen)
+    test = (data.X_test, data.y_test, list(data.class_names))
+    workers = _workers(alone, sites)
+    if workers > 1:
+        log.info("each site alone: %d sites over %d processes", len(sites), workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            workers, context, initializer=_set_up_worker, initargs=(alone, test)
+        ) as pool:
+            results = list(pool.map(_site_alone_in_worker, sites))
+    else:
         # In the driver process, whose TensorFlow is already set up: no init_runtime here.
-        family = family_for(alone)
-        family.seed_initial(seed)
-        arrays = family.initial_arrays()
-        site = load_site(alone, int(pid), {}, family.val_fraction(), reader=LOCAL_READER)
-        for server_round in range(1, rounds + 1):
-            arrays, _ = family.fit(arrays, site, {}, seed=seed + 1000 * server_round + int(pid))
-        family.after_evaluate(family.site_metrics(arrays, site, family.evaluate_config()))
-        X_site, _ = shards.read_shard(
-            shards.shard_path(settings["run-dir"], int(pid)), LOCAL_READER
-        )
-        mean, std = site_scaling(X_site, {})
-        scores = family.scores(arrays, scaling.standardize(data.X_test, mean, std))
-        threshold = family.evaluate_config().get("threshold")
-        y_true, y_pred = data.y_test, None
-        if scores.ndim == 1:
-            y_true = (data.y_test != 0).astype(np.int64)
-            y_pred = (scores >= (threshold if threshold is not None else np.inf)).astype(int)
-        metrics = compute_metrics(y_true, scores, data.class_names, y_pred=y_pred)
-        results.append((int(pid), metrics, scores))
-    seconds = (time.perf_counter() - started) / max(len(results), 1)
-    return _summaries(str(settings["model.name"]), results, seconds)
+        results = [site_alone(alone, pid, *test) for pid in sites]
+    seconds = float(np.mean([result[3] for result in results]))
+    return _summaries(str(settings["model.name"]), [result[:3] for result in results], seconds)
+
+
+def site_alone(
+    settings: Settings,
+    pid: int,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    class_names: list[str],
+) -> tuple[int, dict, np.ndarray, float]:
+    """Train site ``pid`` alone for the run's rounds; its metrics and scores on the test set.
+
+    Parameters
+    ----------
+    settings : Mapping
+        The run's settings with ``strategy.name`` ``local``.
+    pid : int
+        The site's partition id.
+    X_test, y_test : np.ndarray
+        The global test set, unscaled, and its class codes.
+    class_names : list[str]
+        The task's classes.
+
+    Returns
+    -------
+    tuple[int, dict, np.ndarray, float]
+        ``pid``, the metrics, the scores, the seconds it took.
+    """
+    started = time.perf_counter()
+    seed = int(settings["seed"])
+    family = family_for(settings)
+    family.seed_initial(seed)
+    arrays = family.initial_arrays()
+    site = load_site(settings, pid, {}, family.val_fraction(), reader=LOCAL_READER)
+    for server_round in range(1, int(settings["simulation.num_rounds"]) + 1):
+        arrays, _ = family.fit(arrays, site, {}, seed=seed + 1000 * server_round + pid)
+    family.after_evaluate(family.site_metrics(arrays, site, family.evaluate_config()))
+    X_site, _ = shards.read_shard(shards.shard_path(settings["run-dir"], pid), LOCAL_READER)
+    mean, std = site_scaling(X_site, {})
+    scores = family.scores(arrays, scaling.standardize(X_test, mean, std))
+    threshold = family.evaluate_config().get("threshold")
+    y_true, y_pred = y_test, None
+    if scores.ndim == 1:
+        y_true = (y_test != 0).astype(np.int64)
+        y_pred = (scores >= (threshold if threshold is not None else np.inf)).astype(int)
+    metrics = compute_metrics(y_true, scores, class_names, y_pred=y_pred)
+    return pid, metrics, scores, time.perf_counter() - started
+
+
+def _workers(settings: Settings, sites: list[int]) -> int:
+    """Processes to train the sites in: one per CPU when the work pays for their start-up.
+
+    A process imports the model's framework first (TensorFlow: ~7 s and 800 MB), so
+    below :data:`PARALLEL_ROW_PASSES` rows trained, the driver trains every site itself.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    rows = sum(shards.shard_rows(settings["run-dir"], pid) for pid in sites)
+    passes = rows * int(settings["simulation.num_rounds"]) * int(settings["train.local_epochs"])
+    if passes < PARALLEL_ROW_PASSES:
+        return 1
+    return max(1, min(len(sites), cpus or 1))
+
+
+# One process's settings and test set (:func:`_set_up_worker`), kept for its sites.
+_WORKER: dict = {}
+
+
+def _set_up_worker(settings: Settings, test: tuple) -> None:
+    family_for(settings).init_runtime()
+    _WORKER.update(settings=settings, test=test)
+
+
+def _site_alone_in_worker(pid: int) -> tuple[int, dict, np.ndarray, float]:
+    return site_alone(_WORKER["settings"], pid, *_WORKER["test"])
 
 
 def _summaries(model: str, results: list, seconds: float) -> list[ModelResult]:
