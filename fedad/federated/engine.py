@@ -227,8 +227,7 @@ class EngineStart:
         self._started.wait()
         if not self.taken:
             if self.pool is not None:
-                for actor in self.pool.pool:
-                    ray.kill(actor, no_restart=True)
+                _kill_actors(self.pool)
             ray.shutdown()
         self._closed.set()
         self._thread.join()
@@ -375,16 +374,18 @@ def _actors_killed_at_the_end() -> Iterator[None]:
 
     flower_terminate = BasicActorPool.terminate_all_actors
 
-    def kill_all(pool) -> None:
-        # flower-internal: test_actor_pool
-        for actor in [*pool.pool, *pool._future_to_actor.values()]:
-            ray.kill(actor, no_restart=True)
-
-    BasicActorPool.terminate_all_actors = kill_all
+    BasicActorPool.terminate_all_actors = _kill_actors
     try:
         yield
     finally:
         BasicActorPool.terminate_all_actors = flower_terminate
+
+
+def _kill_actors(pool: BasicActorPool) -> None:
+    """End every actor of ``pool``, idle or busy, with no task to retry (see above)."""
+    # flower-internal: test_actor_pool
+    for actor in [*pool.pool, *pool._future_to_actor.values()]:
+        ray.kill(actor, no_restart=True)
 
 
 def _start_ray(init_args: Mapping) -> None:
