@@ -371,8 +371,8 @@ def _run_validated(
     The validation model is refit on the rest of the training rows, unless
     the model's ``max_fit_rows`` cap leaves it fewer rows than that rest: then
     a single capped fit, drawn from the rest, gives both the result and the
-    validation score (``validation.refit`` is false), which halves the cost of
-    a capped model and changes nothing else a capped draw would.
+    validation score (``validation.refit`` is false): half the cost of a
+    capped model, whose fit rows are a draw either way.
     """
     fit_idx, held_idx = _validation_rows(data.y_train, fraction, seed)
     cap = params.get("max_fit_rows")

@@ -142,6 +142,12 @@ _WORKER: dict = {}
 
 
 def _set_up_worker(settings: Settings, test: tuple) -> None:
+    # As the actors' (log_to_driver false): a worker's output is the framework's start-up
+    # chatter; its errors reach the driver as exceptions. Done before the framework's import.
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    os.close(quiet)
     family_for(settings).init_runtime()
     _WORKER.update(settings=settings, test=test)
 
