@@ -352,10 +352,11 @@ def test_sites_alone_train_the_same_in_parallel_processes(data, partitions, tmp_
     cfg = make_cfg(**{"model": OmegaConf.load(CONF / "model" / "logistic.yaml")})
     write_shards(data, partitions, tmp_path)
     settings = make_settings(cfg, data, NUM_CLIENTS, tmp_path)
-    in_driver = {m.name: m for m in train_alone(settings, data, NUM_CLIENTS, 2)}
+    site_rows = [len(p) for p in partitions]
+    in_driver = {m.name: m for m in train_alone(settings, data, site_rows, 2)}
     # Any work is enough to go parallel: one spawned process per CPU, each site in one of them.
     monkeypatch.setattr(local_only, "PARALLEL_ROW_PASSES", 0)
-    in_workers = {m.name: m for m in train_alone(settings, data, NUM_CLIENTS, 2)}
+    in_workers = {m.name: m for m in train_alone(settings, data, site_rows, 2)}
     assert set(in_driver) == set(in_workers) == {"local_logistic", "local_logistic_worst"}
     driver, workers = in_driver["local_logistic"].info, in_workers["local_logistic"].info
     assert driver["sites"] == workers["sites"] and len(driver["sites"]) == 2

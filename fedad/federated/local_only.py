@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -28,7 +29,7 @@ PARALLEL_ROW_PASSES = 2_000_000
 
 
 def train_alone(
-    settings: Settings, data: PreparedData, n_sites: int, limit: int
+    settings: Settings, data: PreparedData, site_rows: Sequence[int], limit: int
 ) -> list[ModelResult]:
     """Train the run's model at up to ``limit`` sites, each alone; score each on the test set.
 
@@ -46,8 +47,8 @@ def train_alone(
         The federated run's settings (its shards are in ``run-dir``).
     data : PreparedData
         For the global test set.
-    n_sites : int
-        Sites of the run.
+    site_rows : Sequence[int]
+        Training rows of each site of the run.
     limit : int
         At most this many sites, drawn with the seed when there are more.
 
@@ -59,10 +60,11 @@ def train_alone(
     """
     alone = {**settings, "strategy.name": "local"}
     seed = int(settings["seed"])
+    n_sites = len(site_rows)
     chosen = np.random.default_rng(seed).permutation(n_sites)[: min(limit, n_sites)]
     sites = sorted(int(pid) for pid in chosen)
     test = (data.X_test, data.y_test, list(data.class_names))
-    workers = _workers(alone, sites)
+    workers = _workers(alone, sites, sum(site_rows[pid] for pid in sites))
     if workers > 1:
         log.info("each site alone: %d sites over %d processes", len(sites), workers)
         context = multiprocessing.get_context("spawn")
@@ -123,18 +125,16 @@ def site_alone(
     return pid, metrics, scores, time.perf_counter() - started
 
 
-def _workers(settings: Settings, sites: list[int]) -> int:
+def _workers(settings: Settings, sites: list[int], rows: int) -> int:
     """Processes to train the sites in: one per CPU when the work pays for their start-up.
 
     A process imports the model's framework first (TensorFlow: ~7 s and 800 MB), so
     below :data:`PARALLEL_ROW_PASSES` rows trained, the driver trains every site itself.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    rows = sum(shards.shard_rows(settings["run-dir"], pid) for pid in sites)
     passes = rows * int(settings["simulation.num_rounds"]) * int(settings["train.local_epochs"])
     if passes < PARALLEL_ROW_PASSES:
         return 1
-    return max(1, min(len(sites), cpus or 1))
+    return max(1, min(len(sites), os.cpu_count() or 1))
 
 
 # One process's settings and test set (:func:`_set_up_worker`), kept for its sites.

@@ -80,11 +80,6 @@ def _save(folder: Path, X: np.ndarray, y: np.ndarray) -> None:
         os.replace(temporary, folder / f"{name}.npy")
 
 
-def shard_rows(run_dir: str | Path, partition_id: int) -> int:
-    """Rows of client ``partition_id``'s shard, from its file header (no access logged)."""
-    return len(np.load(shard_path(run_dir, partition_id) / f"{ARRAYS[1]}.npy", mmap_mode="r"))
-
-
 def read_shard(path: Path, reader: str) -> tuple[np.ndarray, np.ndarray]:
     """Map ``X`` and ``y`` of the shard at ``path`` and note who read it in the access log.
 

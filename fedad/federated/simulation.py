@@ -170,7 +170,7 @@ def run_federated(
         clients=pd.read_csv(run_dir / rundir.CLIENTS_FILE),
         model=scorer,
         train_seconds=train_seconds,
-        alone=train_alone(settings, data, len(partitions), int(sim.local_sites))
+        alone=train_alone(settings, data, [len(p) for p in partitions], int(sim.local_sites))
         if int(sim.local_sites)
         else [],
         info=info,
