@@ -307,8 +307,7 @@ def _run_one(
         model = fitted
         info["fit_rows"] = int(len(y_train) if rows is None else len(rows))
         info["fit_rows_used"] = int(model.fit_rows)
-    scores = model.predict_scores(X_test)
-    metrics = compute_metrics(y_test, scores, class_names, y_pred=model.decide(scores))
+    metrics, scores = _scored(model, X_test, y_test, class_names)
     if cv_folds:
         info["cv"] = _cross_validate(fit, X_train, y_train, class_names, cv_folds, seed)
     return ModelResult(name, kind, metrics, scores, seconds, model, info)
@@ -347,11 +346,13 @@ def _score_held(
     """Fit on rows ``fit_idx``; the metrics and scores of rows ``held_idx``."""
     fitted = fit(X[fit_idx], y[fit_idx])
     model = fitted[0] if isinstance(fitted, tuple) else fitted
-    held_scores = model.predict_scores(X[held_idx])
-    metrics = compute_metrics(
-        y[held_idx], held_scores, class_names, y_pred=model.decide(held_scores)
-    )
-    return metrics, held_scores
+    return _scored(model, X[held_idx], y[held_idx], class_names)
+
+
+def _scored(model, X: np.ndarray, y: np.ndarray, class_names: list[str]) -> tuple[dict, np.ndarray]:
+    """The metrics and scores of a fitted model on rows ``X`` of classes ``y``."""
+    scores = model.predict_scores(X)
+    return compute_metrics(y, scores, class_names, y_pred=model.decide(scores)), scores
 
 
 def _run_validated(
@@ -417,8 +418,7 @@ def _hold_out(
     if fitted is None:
         metrics, scores = _score_held(fit, X, y, fit_idx, held_idx, class_names)
     else:
-        scores = fitted.predict_scores(X[held_idx])
-        metrics = compute_metrics(y[held_idx], scores, class_names, y_pred=fitted.decide(scores))
+        metrics, scores = _scored(fitted, X[held_idx], y[held_idx], class_names)
     held = {"macro_f1": metrics["macro_f1"], "rows": int(len(held_idx))}
     if target_fpr is not None:
         threshold = threshold_for_fpr(y[held_idx], attack_score(scores), target_fpr)
