@@ -15,6 +15,7 @@ from fedad.detector.adapters import load_keras
 from fedad.detector.inputs import chunks, open_input
 from fedad.detector.scorer import Detector
 from fedad.errors import FedadError, exit_with
+from fedad.models.inference import reconstruction_error
 
 log = logging.getLogger("fedad")
 
@@ -67,8 +68,6 @@ def export(detector: Detector, fmt: str, out: str | Path, rows: str | Path | Non
         )
     rows = rows or _test_file(detector)
     import keras
-
-    from fedad.federated.autoencoder_family import reconstruction_error
 
     model = load_keras(detector.folder / model_info["file"])
     inputs = keras.Input(shape=(len(detector.mean),), name="features")

@@ -16,7 +16,7 @@ from fedad import rundir
 from fedad.detector.inputs import CHUNK_ROWS, chunks, open_input
 from fedad.detector.scorer import Detector
 from fedad.errors import FedadError, exit_with
-from fedad.metrics import compute_metrics
+from fedad.evaluation.metrics import compute_metrics
 
 log = logging.getLogger("fedad")
 # Printed with labels; the rest of compute_metrics goes to --metrics-json.

@@ -14,20 +14,22 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from fedad import cache, commandline, comparison, rundir
+from fedad import rundir
 from fedad.baselines.runner import run_baselines, with_twin
-from fedad.comparison import ModelResult
 from fedad.config import CONF_DIR, CONFIG_NAME, available_options, load_option
 from fedad.data.sources import check_files
 from fedad.detector.build import write_detectors
 from fedad.errors import FedadError, JobSkipped, exit_with
-from fedad.explain import explain
+from fedad.evaluation import comparison
+from fedad.evaluation.comparison import ModelResult
+from fedad.evaluation.importance import explain
+from fedad.evaluation.plots import plot_confusion, plot_eda, plot_roc
+from fedad.evaluation.shapley import explain_shap
 from fedad.models.catalog import TWINS
-from fedad.pipeline import RunData, prepare_run
-from fedad.plots import plot_confusion, plot_eda, plot_roc
-from fedad.resume import Decision, decide
-from fedad.shapley import explain_shap
-from fedad.validate import validate
+from fedad.run import cache, commandline
+from fedad.run.pipeline import RunData, prepare_run
+from fedad.run.resume import Decision, decide
+from fedad.run.validate import validate
 from fedad.versions import versions
 
 if TYPE_CHECKING:
@@ -258,7 +260,7 @@ def job(cfg: DictConfig) -> float | None:
     Returns the federated model's validation macro-F1, the objective a Hydra
     sweeper such as Optuna maximizes (never a test-set score). A folder that
     already holds this run is skipped if it finished and resumed if it has a
-    checkpoint (see :func:`fedad.resume.decide`); Ctrl-C or SIGTERM end the
+    checkpoint (see :func:`fedad.run.resume.decide`); Ctrl-C or SIGTERM end the
     run (and a sweep) with status 130 and a line saying how to continue.
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -28,8 +28,7 @@ from benchlib import (
 )
 from omegaconf import DictConfig
 
-from fedad.config import compose
-from fedad.federated.simulation import make_settings
+from fedad.config import compose, make_settings
 from fedad.rundir import SCALING_FILE
 
 SETTINGS_FILE = "limit_settings.json"
@@ -216,8 +215,9 @@ def run_limit(run_dir: Path, copy: int) -> None:
     global test set, as a FedAvg round with both fractions at 1 does.
     Writes ``limit-<copy>.json``.
     """
-    from fedad.federated import scaling, shards
-    from fedad.federated.families import family_for
+    from fedad.data import scaling
+    from fedad.federated import shards
+    from fedad.federated.families.registry import family_for
     from fedad.federated.task import load_site
 
     launch = json.loads((run_dir / SETTINGS_FILE).read_text())

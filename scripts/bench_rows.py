@@ -29,7 +29,7 @@ BASELINES = "baselines: scaling, splits"
 # (reading inside preparing); its peak memory includes them.
 STEPS = (
     ("fedad.data.sources", "load", "read/generate"),
-    ("fedad.pipeline", "prepare", "prepare"),
+    ("fedad.run.pipeline", "prepare", "prepare"),
     ("fedad.data.audit", "single_feature_auc", "audit"),
     ("fedad.simulate", "prepare_run", "partition and shards"),
     ("fedad.federated.shards", "write_shards", "partition and shards"),

@@ -29,7 +29,7 @@ FEWER_TREES = [
 # Ray's workers get this path too (see fedad.federated.engine).
 sys.path.insert(0, str(REPO))
 
-from fedad.pipeline import RunData, prepare_run  # noqa: E402
+from fedad.run.pipeline import RunData, prepare_run  # noqa: E402
 
 if TYPE_CHECKING:
     from fedad.data.prepared import PreparedData

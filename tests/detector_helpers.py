@@ -13,9 +13,9 @@ from fedad.config import compose
 from fedad.data.synthetic import generate
 from fedad.detector import Detector
 from fedad.detector.build import write_detector
+from fedad.evaluation.metrics import compute_metrics
 from fedad.federated.checkpoint import data_fingerprint
-from fedad.metrics import compute_metrics
-from fedad.pipeline import prepare_run
+from fedad.run.pipeline import prepare_run
 
 ROWS = 2000
 OVERRIDES = (f"dataset.n_rows={ROWS}", "simulation.num_clients=2")

@@ -12,12 +12,12 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from fedad.baselines.runner import run_baselines
-from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.explain import permutation_importance_table, plot_importance_side_by_side
-from fedad.metrics import macro_f1
-from fedad.plots import plot_confusion, plot_roc
+from fedad.evaluation.comparison import ModelResult
+from fedad.evaluation.importance import permutation_importance_table, plot_importance_side_by_side
+from fedad.evaluation.metrics import macro_f1
+from fedad.evaluation.plots import plot_confusion, plot_roc
 
 DETECTORS = ("isolation_forest", "one_class_svm", "local_outlier_factor")
 SMALL_SUPERVISED = {

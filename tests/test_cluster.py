@@ -19,7 +19,7 @@ import pytest
 from fedad.config import compose
 from fedad.federated.shards import read_access_log
 from fedad.federated.simulation import run_federated
-from fedad.pipeline import prepare_run
+from fedad.run.pipeline import prepare_run
 
 pytestmark = [
     pytest.mark.slow,

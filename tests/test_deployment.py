@@ -12,13 +12,12 @@ import pytest
 from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 
 from fedad import deployment
-from fedad.config import CONF_DIR, FLOWER_KEYS, available_options, compose
+from fedad.config import CONF_DIR, FLOWER_KEYS, available_options, compose, make_settings
 from fedad.data.prepared import PreparedData
+from fedad.data.scaling import standardize
 from fedad.deployment.__main__ import main as deployment_main
 from fedad.federated import shards
-from fedad.federated.scaling import standardize
 from fedad.federated.shards import read_access_log
-from fedad.federated.simulation import make_settings
 from fedad.federated.task import evaluation_metrics, run_settings
 
 # 2 sites, 2 rounds on 1,600 training rows: what a deployment does, as cheaply as it gets.

@@ -22,7 +22,7 @@ from fedad.config import compose
 from fedad.data.preprocess import preprocessor_from_dict, preprocessor_to_dict
 from fedad.detector import FORMAT_VERSION, Detector
 from fedad.errors import FedadError
-from fedad.metrics import compute_metrics
+from fedad.evaluation.metrics import compute_metrics
 
 MODELS = {
     "logistic_regression": {"C": 1.0, "max_iter": 1000, "class_weight": "balanced"},
@@ -208,7 +208,7 @@ def test_a_tree_model_is_not_exported(small_run, capsys):
 
 
 def test_a_bad_detector_setting_is_refused_before_any_data_is_read():
-    from fedad.validate import validate
+    from fedad.run.validate import validate
 
     with pytest.raises(FedadError, match="detector.target_fpr"):
         validate(compose(["detector.target_fpr=2"]))
@@ -284,8 +284,8 @@ def autoencoder_detector(autoencoder_run, kdd_dir) -> tuple[Path, dict, Path]:
 def test_the_federated_autoencoder_detector_reproduces_its_run(
     autoencoder_run, autoencoder_detector, tmp_path, capsys
 ):
-    from fedad.federated.autoencoder_family import AutoencoderScorer
-    from fedad.federated.scaling import standardize
+    from fedad.data.scaling import standardize
+    from fedad.federated.families.autoencoder import AutoencoderScorer
 
     run_dir, _ = autoencoder_run
     folder, results, test_file = autoencoder_detector

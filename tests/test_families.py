@@ -14,21 +14,21 @@ from flwr.app import RecordDict
 from kdd_sample import SMALL, run_small
 
 from fedad import rundir
-from fedad.config import compose
+from fedad.config import compose, make_settings
+from fedad.data import scaling
 from fedad.data.prepared import PreparedData
 from fedad.detector.adapters import ADAPTERS
-from fedad.federated import scaling, shards
-from fedad.federated.autoencoder_family import (
+from fedad.federated import shards
+from fedad.federated.families.autoencoder import (
     ERROR_EDGES,
     AutoencoderFamily,
     AutoencoderScorer,
     threshold_from_counts,
 )
-from fedad.federated.booster_family import BoosterFamily, BoosterScorer
+from fedad.federated.families.booster import BoosterFamily, BoosterScorer
+from fedad.federated.families.classifier import OPTIMIZER_STATE, KerasFamily
 from fedad.federated.grid import PAYLOAD
-from fedad.federated.keras_family import OPTIMIZER_STATE, KerasFamily
 from fedad.federated.shards import write_shards
-from fedad.federated.simulation import make_settings
 from fedad.federated.task import CLIENT_METRICS, load_site, local_split
 from fedad.models import booster
 from fedad.simulate import run
@@ -73,7 +73,7 @@ def test_federated_xgboost_learns_is_saved_whole_and_resumes_exactly(kdd_dir, tm
     X_raw, y_test = shards.read_shard(shards.test_path(whole), "test")
     with np.load(whole / rundir.SCALING_FILE) as stats:
         X_test = scaling.standardize(X_raw, stats["mean"], stats["std"])
-    from fedad.metrics import compute_metrics
+    from fedad.evaluation.metrics import compute_metrics
 
     metrics = compute_metrics(y_test, scorer.predict_scores(X_test), ["normal", "attack"])
     assert metrics["roc_auc"] == pytest.approx(history["roc_auc"].iloc[-1], abs=1e-12)

@@ -13,20 +13,20 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from omegaconf import OmegaConf
 from sklearn.datasets import make_classification
 
-from fedad.config import compose
+from fedad.config import compose, make_settings
 from fedad.data.prepared import PreparedData
+from fedad.data.scaling import pooled_moments, site_sums, standardize
 from fedad.errors import FedadError
 from fedad.federated import local_only, server_app
+from fedad.federated.families.classifier import local_model, train_local
 from fedad.federated.faults import injected_failure
-from fedad.federated.keras_family import local_model, train_local
 from fedad.federated.local_only import train_alone
-from fedad.federated.scaling import pooled_moments, site_sums, standardize
 from fedad.federated.server_app import final_evaluation_sites, sample_sites
 from fedad.federated.shards import read_access_log, write_shards
-from fedad.federated.simulation import make_settings, run_federated, start_engine, validate
+from fedad.federated.simulation import run_federated, start_engine, validate
 from fedad.federated.strategies import STRATEGIES, build_strategy, weighted_mean
 from fedad.federated.task import load_site, local_split
-from fedad.validate import validate as validate_all
+from fedad.run.validate import validate as validate_all
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NUM_CLIENTS = 3

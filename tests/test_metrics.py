@@ -1,4 +1,4 @@
-"""Hand-checkable cases for fedad.metrics."""
+"""Hand-checkable cases for fedad.evaluation.metrics."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
+from fedad.data.audit import MIN_CLASS_ROWS, small_classes
 from fedad.errors import FedadError
-from fedad.metrics import (
-    MIN_CLASS_ROWS,
-    attack_score,
-    compute_metrics,
-    macro_f1,
-    small_classes,
-    tune_threshold,
-)
+from fedad.evaluation.metrics import attack_score, compute_metrics, macro_f1, tune_threshold
 
 BINARY = ["normal", "attack"]
 

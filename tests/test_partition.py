@@ -89,7 +89,7 @@ def test_strong_skew_over_two_classes_redraws_until_min_size_holds():
 
 
 def test_a_binary_run_can_skew_its_sites_over_attack_types(make_cfg, tmp_path):
-    from fedad.pipeline import prepare_run, skew_labels
+    from fedad.run.pipeline import prepare_run, skew_labels
 
     by_type = prepare_run(make_cfg("dataset.n_rows=3000", "partition.by=type"), tmp_path)
     data = by_type.data
@@ -107,7 +107,7 @@ def test_a_binary_run_can_skew_its_sites_over_attack_types(make_cfg, tmp_path):
 def test_skewing_over_attack_types_needs_data_that_name_them(make_cfg):
     from fedad.data.prepared import PreparedData
     from fedad.errors import FedadError
-    from fedad.pipeline import skew_labels
+    from fedad.run.pipeline import skew_labels
 
     y = np.array([0, 1, 0, 1])
     data = PreparedData(

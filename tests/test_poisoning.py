@@ -20,19 +20,18 @@ import pytest
 from flwr.app import ConfigRecord
 from sklearn.datasets import make_classification
 
-from fedad.commandline import check
-from fedad.config import compose
+from fedad.config import compose, make_settings
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError, JobSkipped
+from fedad.evaluation.metrics import attack_success_rate
 from fedad.federated import attacks
-from fedad.federated.families import family_for
+from fedad.federated.families.registry import family_for
 from fedad.federated.shards import write_shards
-from fedad.federated.simulation import make_settings
 from fedad.federated.simulation import validate as validate_sites
 from fedad.federated.task import load_site
-from fedad.metrics import attack_success_rate
 from fedad.report.__main__ import write_report
-from fedad.validate import validate
+from fedad.run.commandline import check
+from fedad.run.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = 4

@@ -27,7 +27,7 @@ from fedad.federated import checkpoint, shards, site_state
 from fedad.federated.grid import PAYLOAD
 from fedad.federated.rounds import Rounds
 from fedad.federated.simulation import run_federated
-from fedad.resume import Decision, decide
+from fedad.run.resume import Decision, decide
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -13,7 +13,7 @@ from fedad.config import compose
 from fedad.data import sources, synthetic
 from fedad.data.prepare import prepare
 from fedad.errors import FedadError
-from fedad.validate import validate
+from fedad.run.validate import validate
 
 FULL_ROWS = 1_048_575
 # sha256 of generate()'s frames, computed on main (07a6376) before the profiles existed: the

@@ -14,7 +14,7 @@ import pytest
 from omegaconf import open_dict
 
 from fedad.config import compose
-from fedad.tracking import MlflowTracking
+from fedad.run.tracking import MlflowTracking
 
 mlflow = pytest.importorskip("mlflow", reason="the [mlflow] extra is not installed")
 from mlflow import MlflowClient  # noqa: E402
@@ -68,7 +68,7 @@ def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> se
 def test_tracking_group_adds_the_callback_and_none_adds_nothing():
     tracked = compose(["tracking=mlflow"], hydra=True)
     assert tracked.tracking.name == "mlflow"
-    assert tracked.hydra.callbacks.mlflow._target_ == "fedad.tracking.MlflowTracking"
+    assert tracked.hydra.callbacks.mlflow._target_ == "fedad.run.tracking.MlflowTracking"
     plain = compose([], hydra=True)
     assert plain.tracking.name == "none"
     assert "mlflow" not in plain.hydra.callbacks

@@ -13,10 +13,10 @@ from sklearn.preprocessing import StandardScaler
 
 from fedad import progress, rundir
 from fedad.baselines.supervised import fit_supervised
-from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
-from fedad.plots import plot_eda
-from fedad.shapley import (
+from fedad.evaluation.comparison import ModelResult
+from fedad.evaluation.plots import plot_eda
+from fedad.evaluation.shapley import (
     BACKGROUND_ROWS,
     EXPLAINED_ROWS,
     GRADIENT_SAMPLES,
@@ -114,7 +114,7 @@ def test_expected_gradients_of_the_normal_output_alone_equal_shaps_for_every_out
 def test_explain_shap_writes_a_table_and_figure_per_model_and_records_the_samples(tmp_path):
     import keras
 
-    from fedad.federated.keras_family import KerasScorer
+    from fedad.federated.families.classifier import KerasScorer
     from fedad.models.keras_models import build_model
 
     X, y = _data(400, 2)

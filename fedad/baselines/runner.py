@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from fedad import checks, progress
+from fedad import progress
 from fedad.baselines.supervised import SUPERVISED_DEFAULTS, fit_supervised
 from fedad.baselines.unsupervised import (
     FIT_ON,
@@ -18,10 +18,11 @@ from fedad.baselines.unsupervised import (
     fit_detector,
     resolve_contamination,
 )
-from fedad.comparison import ModelResult
+from fedad.config import checks
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.metrics import attack_score, compute_metrics, threshold_for_fpr
+from fedad.evaluation.comparison import ModelResult
+from fedad.evaluation.metrics import attack_score, compute_metrics, threshold_for_fpr
 from fedad.models.catalog import TWINS
 
 BASELINES = tuple(SUPERVISED_DEFAULTS) + tuple(UNSUPERVISED_DEFAULTS)

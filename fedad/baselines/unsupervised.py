@@ -16,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.svm import OneClassSVM
 
 from fedad.errors import FedadError
-from fedad.metrics import tune_threshold
+from fedad.evaluation.metrics import tune_threshold
 
 # Settings each detector accepts, with their defaults; the config overrides them.
 UNSUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -1,8 +1,9 @@
-"""Column-leakage audit: how well each feature alone separates normal from attack."""
+"""Data audits: how well each feature alone separates normal from attack, and classes too small."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,9 @@ from sklearn.metrics import roc_auc_score
 log = logging.getLogger(__name__)
 
 N_BINS = 64
+# A test class with fewer rows than this is flagged: one row then moves its recall by more
+# than ten points, so its per-class scores, and the macro averages, rest on noise.
+MIN_CLASS_ROWS = 10
 
 
 def single_feature_auc(
@@ -86,3 +90,22 @@ def _cross_fit_auc(keys: np.ndarray, y: np.ndarray, half: np.ndarray) -> float:
     if len(np.unique(y)) < 2:
         return float("nan")
     return float(roc_auc_score(y, predicted))
+
+
+def small_classes(y_true: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
+    """Classes with fewer than :data:`MIN_CLASS_ROWS` rows in ``y_true``, with their counts.
+
+    Parameters
+    ----------
+    y_true : np.ndarray
+        True class codes of a test set.
+    class_names : Sequence[str]
+        One name per class code.
+
+    Returns
+    -------
+    dict[str, int]
+        Class name to row count (0 for a class of the task the rows do not hold).
+    """
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=len(class_names))
+    return {str(n): int(c) for n, c in zip(class_names, counts, strict=True) if c < MIN_CLASS_ROWS}

@@ -18,7 +18,7 @@ from flwr_datasets.partitioner import (
     SizePartitioner,
 )
 
-from fedad import checks
+from fedad.config import checks
 from fedad.errors import FedadError
 
 PARTITIONS = ("iid", "dirichlet", "pathological", "quantity", "natural")

@@ -12,6 +12,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from fedad.data import audit, labels, sources
+from fedad.data.audit import MIN_CLASS_ROWS, small_classes
 from fedad.data.labels import INTERNAL
 from fedad.data.prepared import PreparedData
 from fedad.data.preprocess import (
@@ -22,7 +23,6 @@ from fedad.data.preprocess import (
     written_numbers,
 )
 from fedad.errors import FedadError
-from fedad.metrics import MIN_CLASS_ROWS, small_classes
 
 log = logging.getLogger(__name__)
 

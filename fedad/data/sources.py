@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedad import checks
+from fedad.config import checks
 from fedad.data import synthetic
 from fedad.data.preprocess import numeric_share
 from fedad.errors import FedadError

@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from fedad import __version__, rundir
 from fedad.config import FLOWER_KEYS, Settings, unflatten
 from fedad.errors import FedadError
-from fedad.pipeline import prepare_run as prepare_data
-from fedad.validate import validate
+from fedad.run.pipeline import prepare_run as prepare_data
+from fedad.run.validate import validate
 
 RUN_CONFIG_FILE = "run_config.toml"
 # Inside the run folder: the commands, the Flower processes' logs and their FLWR_HOME.
@@ -73,7 +73,7 @@ class PreparedRun:
 def prepare_run(cfg: DictConfig, run_dir: Path) -> PreparedRun:
     """Prepare the data, shards, run config and Flower App of a run, as the simulation does.
 
-    The steps are the simulation's own (:func:`fedad.pipeline.prepare_run`,
+    The steps are the simulation's own (:func:`fedad.run.pipeline.prepare_run`,
     :func:`fedad.federated.simulation.prepare_sites`), so one seed gives the
     same shards and settings on both engines.
 
@@ -182,7 +182,7 @@ def write_run_config(settings: Settings, path: Path) -> Path:
     Parameters
     ----------
     settings : Mapping
-        Flat settings, e.g. from :func:`fedad.federated.make_settings`.
+        Flat settings, e.g. from :func:`fedad.config.make_settings`.
     path : Path
         The file to write.
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from fedad import rundir
 from fedad.errors import FedadError
+from fedad.models.inference import SERVER_BATCH, predict, reconstruction_error
 
 # What a saved scikit-learn model may hold beyond the types skops trusts by itself; anything
 # else in a .skops file is refused rather than loaded.
@@ -74,7 +75,7 @@ def _copy_run_file(model: object, path: Path) -> None:
 
 # The federated classifier arrives as its run's scorer (exactly that class: the
 # autoencoder's scorer derives from it, but its outputs are no class probabilities).
-_keras_scorer = _run_scorer("fedad.federated.keras_family", "KerasScorer")
+_keras_scorer = _run_scorer("fedad.federated.families.classifier", "KerasScorer")
 
 
 def _keras_accepts(model: object) -> bool:
@@ -96,8 +97,6 @@ def load_keras(path: Path):
 
 
 def _keras_load(path: Path) -> Predict:
-    from fedad.federated.keras_family import SERVER_BATCH, predict
-
     model = load_keras(path)
     # Scored as the server scores the global model: a direct call per batch, no data pipeline.
     return lambda X: predict(model, X, batch_size=SERVER_BATCH)
@@ -147,9 +146,6 @@ def _booster_load(path: Path) -> Predict:
 
 
 def _autoencoder_load(path: Path) -> Predict:
-    from fedad.federated.autoencoder_family import reconstruction_error
-    from fedad.federated.keras_family import SERVER_BATCH, predict
-
     model = load_keras(path)
     # The error as the run computed it: the reconstruction of SERVER_BATCH rows a call.
     return lambda X: reconstruction_error(X, predict(model, X, batch_size=SERVER_BATCH))
@@ -186,7 +182,7 @@ ADAPTERS: dict[str, Adapter] = {
             "booster",
             rundir.DETECTOR_BOOSTER,
             ("xgboost",),
-            _run_scorer("fedad.federated.booster_family", "BoosterScorer"),
+            _run_scorer("fedad.federated.families.booster", "BoosterScorer"),
             _copy_run_file,
             _booster_load,
         ),
@@ -194,7 +190,7 @@ ADAPTERS: dict[str, Adapter] = {
             "autoencoder",
             rundir.DETECTOR_KERAS,
             ("keras", "tensorflow"),
-            _run_scorer("fedad.federated.autoencoder_family", "AutoencoderScorer"),
+            _run_scorer("fedad.federated.families.autoencoder", "AutoencoderScorer"),
             _copy_run_file,
             _autoencoder_load,
             ANOMALY_SCORE,

@@ -11,12 +11,13 @@ import numpy as np
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from fedad import checks, rundir
-from fedad.comparison import ModelResult
+from fedad import rundir
+from fedad.config import checks
 from fedad.data.prepared import PreparedData
 from fedad.detector.adapters import ANOMALY_SCORE, adapter_for, find_adapter
 from fedad.detector.artifact import write
 from fedad.detector.scorer import ARGMAX_RULE, POOLED_SITES, THRESHOLD_RULE, TRAIN_ROWS
+from fedad.evaluation.comparison import ModelResult
 from fedad.federated.checkpoint import data_fingerprint
 
 log = logging.getLogger("fedad")

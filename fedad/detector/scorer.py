@@ -13,10 +13,10 @@ from sklearn.preprocessing import StandardScaler
 from fedad import rundir
 from fedad.data.labels import classify
 from fedad.data.preprocess import preprocessor_from_dict
+from fedad.data.scaling import standardize
 from fedad.detector.adapters import ADAPTERS, ANOMALY_SCORE
 from fedad.detector.artifact import read_manifest
 from fedad.errors import FedadError
-from fedad.federated.scaling import standardize
 
 # How the model's inputs were standardized: with the training rows' StandardScaler
 # (centralized models) or the sites' pooled statistics (federated ones).

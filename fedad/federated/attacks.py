@@ -8,12 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from fedad import checks
-from fedad.config import Settings, section
-from fedad.federated.family import Family
+from fedad.config import Settings, checks, section
+from fedad.config.resolvers import malicious_count
+from fedad.federated.families.base import Family
 from fedad.federated.task import Site
 from fedad.models.catalog import family as model_family
-from fedad.resolvers import malicious_count
 
 # Data poisoning changes the labels a malicious site trains on; model poisoning changes the
 # arrays it sends back.

@@ -51,7 +51,7 @@ class Checkpoint:
         One row per round ``0 .. round``, as ``history.csv`` has them.
     fingerprint : dict
         ``content`` (the settings that decide what the run computes, see
-        :func:`fedad.resume.content`) and ``data`` (see :func:`data_fingerprint`)
+        :func:`fedad.run.resume.content`) and ``data`` (see :func:`data_fingerprint`)
         of the run that wrote it.
     """
 

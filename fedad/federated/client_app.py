@@ -5,8 +5,9 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedad.federated import attacks, faults, privacy, scaling, shards, site_state
-from fedad.federated.families import family_for
+from fedad.data import scaling
+from fedad.federated import attacks, faults, privacy, shards, site_state
+from fedad.federated.families.registry import family_for
 from fedad.federated.task import Settings, load_site, run_settings
 
 

@@ -11,13 +11,14 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from fedad.comparison import ModelResult
 from fedad.config import Settings
+from fedad.data import scaling
 from fedad.data.prepared import PreparedData
-from fedad.federated import scaling, shards
-from fedad.federated.families import family_for
+from fedad.evaluation.comparison import ModelResult
+from fedad.evaluation.metrics import compute_metrics
+from fedad.federated import shards
+from fedad.federated.families.registry import family_for
 from fedad.federated.task import load_site, site_scaling
-from fedad.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
 # How the driver names itself in the shards' access log when it trains a site alone.

@@ -22,10 +22,9 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedad import checks
-from fedad.config import Settings, section
+from fedad.config import Settings, checks, section
+from fedad.config.resolvers import sampled_sites
 from fedad.federated.task import run_settings
-from fedad.resolvers import sampled_sites
 
 log = logging.getLogger(__name__)
 

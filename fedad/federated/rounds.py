@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedad.errors import FedadError
 from fedad.federated import checkpoint
-from fedad.federated.family import Family
+from fedad.federated.families.base import Family
 from fedad.federated.grid import SiteGrid
 from fedad.progress import clock
 

@@ -16,14 +16,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedad import rundir
 from fedad.config import section
+from fedad.config.resolvers import sampled_sites
+from fedad.data import scaling
 from fedad.errors import FedadError
-from fedad.federated import attacks, checkpoint, privacy, scaling, shards
-from fedad.federated.families import family_for
+from fedad.federated import attacks, checkpoint, privacy, shards
+from fedad.federated.families.registry import family_for
 from fedad.federated.grid import PAYLOAD, POLL_SECONDS, SiteGrid
 from fedad.federated.rounds import Rounds, ServerEvaluator
 from fedad.federated.strategies import build_strategy
 from fedad.federated.task import Settings, run_settings
-from fedad.resolvers import sampled_sites
 
 log = logging.getLogger(__name__)
 

@@ -17,17 +17,18 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from fedad import rundir
-from fedad.comparison import ModelResult
-from fedad.config import Scalar, content, group_settings
+from fedad.config import content, make_settings
+from fedad.data import scaling
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.federated import attacks, checkpoint, privacy, scaling, shards, site_state
+from fedad.evaluation.comparison import ModelResult
+from fedad.evaluation.metrics import attack_success_rate, compute_metrics
+from fedad.federated import attacks, checkpoint, privacy, shards, site_state
 from fedad.federated.client_app import client_app
-from fedad.federated.families import family_class, load_scorer
-from fedad.federated.family import Scorer
+from fedad.federated.families.base import Scorer
+from fedad.federated.families.registry import family_class, load_scorer
 from fedad.federated.local_only import train_alone
 from fedad.federated.server_app import server_app
-from fedad.metrics import attack_success_rate, compute_metrics
 
 if TYPE_CHECKING:
     from fedad.federated.engine import EngineStart
@@ -40,7 +41,7 @@ class FederatedResult:
     Attributes
     ----------
     metrics : dict
-        :func:`fedad.metrics.compute_metrics` of the final global model on the
+        :func:`fedad.evaluation.metrics.compute_metrics` of the final global model on the
         global test set.
     scores : np.ndarray
         The final global model's test scores: probabilities ``(n_test,
@@ -260,7 +261,7 @@ def prepare_sites(
         "data": checkpoint.data_fingerprint(data, partitions),
     }
     if resume:
-        # fedad.resume.decide compared the settings; the data is left to compare.
+        # fedad.run.resume.decide compared the settings; the data is left to compare.
         checkpoint.require_same_data(checkpoint.read_meta(run_dir), fingerprint["data"], run_dir)
     else:
         checkpoint.clear(run_dir)
@@ -277,7 +278,7 @@ def validate(
 ) -> None:
     """Raise :class:`FedadError` for a partition the federated run cannot use.
 
-    Every setting was checked before the data was read (:func:`fedad.validate.validate`);
+    Every setting was checked before the data was read (:func:`fedad.run.validate.validate`);
     what depends on the partition is checked here: empty sites, and
     ``simulation.min_clients`` against the sites there really are (a natural
     partition makes one per group, whatever ``simulation.num_clients`` says);
@@ -312,39 +313,3 @@ def validate(
         )
     if problems:
         raise FedadError("Cannot run the federated simulation: " + "; ".join(problems) + ".")
-
-
-def make_settings(
-    cfg: DictConfig, data: PreparedData, num_clients: int, run_dir: Path
-) -> dict[str, Scalar]:
-    """Flatten what the apps need into a Flower-style run config.
-
-    Parameters
-    ----------
-    cfg : DictConfig
-        The composed config.
-    data : PreparedData
-        For the feature count and class names.
-    num_clients : int
-        Number of sites.
-    run_dir : Path
-        Where the shards are and the outputs go.
-
-    Returns
-    -------
-    dict
-        Scalar values only, with dotted keys (``model.filters``,
-        ``train.batch_size``, ``strategy.proximal_mu``,
-        ``simulation.num_rounds``), as ``flwr run`` flattens a
-        ``[tool.flwr.app.config]`` table, so the same apps can be deployed;
-        every key is one of :data:`fedad.config.FLOWER_KEYS`.
-    """
-    return {
-        "run-dir": str(Path(run_dir).resolve()),
-        "seed": int(cfg.seed),
-        "num-clients": num_clients,
-        "num-features": int(data.n_features),
-        "class-names": json.dumps([str(c) for c in data.class_names]),
-        "client-threads": max(1, int(cfg.simulation.client_resources.get("num_cpus", 1))),
-        **group_settings(cfg),
-    }

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedad import checks
+from fedad.config import checks
 from fedad.errors import FedadError
 from fedad.models import booster
 from fedad.models.catalog import family

@@ -10,8 +10,9 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict, UserConfigValue
 
 from fedad.config import Settings
-from fedad.federated import scaling, shards
-from fedad.metrics import attack_success_rate, compute_metrics
+from fedad.data import scaling
+from fedad.evaluation.metrics import attack_success_rate, compute_metrics
+from fedad.federated import shards
 
 # Metrics every evaluate reply carries (NaN where undefined), so that all replies
 # have the same keys, as Flower's aggregation requires.
@@ -93,7 +94,7 @@ def evaluation_metrics(
         Class code to name.
     targets : Sequence[int], optional
         Classes a targeted attack relabels as normal: adds ``attack_success``
-        (:func:`fedad.metrics.attack_success_rate`).
+        (:func:`fedad.evaluation.metrics.attack_success_rate`).
 
     Returns
     -------
@@ -105,9 +106,9 @@ def evaluation_metrics(
 
 
 def client_metrics(full: dict, targets: Sequence[int] | None = None) -> dict[str, float]:
-    """:data:`CLIENT_METRICS` of a :func:`~fedad.metrics.compute_metrics` result as floats.
+    """:data:`CLIENT_METRICS` of a :func:`~fedad.evaluation.metrics.compute_metrics` result.
 
-    NaN where undefined; with ``targets``, also ``attack_success`` (NaN when the
+    As floats: NaN where undefined; with ``targets``, also ``attack_success`` (NaN when the
     rows hold none of the targeted classes).
     """
     out = {key: math.nan if full[key] is None else float(full[key]) for key in CLIENT_METRICS}

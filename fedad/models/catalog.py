@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fedad import checks
+from fedad.config import checks
 
 # Keras classifiers (softmax over the task's classes), the Keras autoencoder (anomaly score:
 # reconstruction error, binary task only), and gradient-boosted trees (XGBoost).

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedad.metrics import attack_success_rate
+from fedad.evaluation.metrics import attack_success_rate
 from fedad.report import figures
 from fedad.report.markdown import format_value
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from fedad import rundir
 from fedad.config import section
-from fedad.federated.family import Family, Scorer
+from fedad.federated.families.base import Family, Scorer
 from fedad.federated.task import Site
 from fedad.models import booster
 

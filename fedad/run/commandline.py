@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedad.config import compose, composition_error
 from fedad.errors import FedadError, JobSkipped
-from fedad.validate import validate
+from fedad.run.validate import validate
 
 # The one sweeper whose jobs can be listed in advance; others (Optuna) choose as they go.
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"

@@ -17,10 +17,6 @@ from sklearn.metrics import (
 
 from fedad.errors import FedadError
 
-# A test class with fewer rows than this is flagged: one row then moves its recall by more
-# than ten points, so its per-class scores, and the macro averages, rest on noise.
-MIN_CLASS_ROWS = 10
-
 
 def attack_score(scores: np.ndarray) -> np.ndarray:
     """Reduce model output to one attack score per row (higher = more attack-like).
@@ -172,25 +168,6 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float | 
     if not labels:
         return None
     return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
-
-
-def small_classes(y_true: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
-    """Classes with fewer than :data:`MIN_CLASS_ROWS` rows in ``y_true``, with their counts.
-
-    Parameters
-    ----------
-    y_true : np.ndarray
-        True class codes of a test set.
-    class_names : Sequence[str]
-        One name per class code.
-
-    Returns
-    -------
-    dict[str, int]
-        Class name to row count (0 for a class of the task the rows do not hold).
-    """
-    counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=len(class_names))
-    return {str(n): int(c) for n, c in zip(class_names, counts, strict=True) if c < MIN_CLASS_ROWS}
 
 
 def _clean(value: float | None) -> float | None:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from fedad import rundir
-from fedad.metrics import MIN_CLASS_ROWS
+from fedad.data.audit import MIN_CLASS_ROWS
 
 COLUMNS = (
     "accuracy",
@@ -35,11 +35,11 @@ class ModelResult:
     kind : str
         ``supervised``, ``unsupervised`` or ``federated``.
     metrics : dict
-        Output of :func:`fedad.metrics.compute_metrics` on the test set
+        Output of :func:`fedad.evaluation.metrics.compute_metrics` on the test set
         (binary view for unsupervised models).
     scores : np.ndarray
         Test scores: class probabilities ``(n, n_classes)``, or a 1-D attack
-        score for unsupervised models; :func:`fedad.metrics.attack_score` turns
+        score for unsupervised models; :func:`fedad.evaluation.metrics.attack_score` turns
         either into the binary ROC view.
     train_seconds : float
         Wall time to fit (including threshold tuning), excluding test scoring.
@@ -183,7 +183,7 @@ def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = N
         From :func:`table`. A row's ``note`` (its privacy budget) follows its
         name: ``★ federated_cnn (ε = 3.2, δ = 1e-05)``.
     small_classes : Mapping[str, int], optional
-        Test classes with few rows (see :func:`fedad.metrics.small_classes`),
+        Test classes with few rows (see :func:`fedad.data.audit.small_classes`),
         flagged under the table.
 
     Returns

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from fedad import progress, rundir
-from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
+from fedad.evaluation.comparison import ModelResult
 
 # Figures are written to files; no display is needed (or present on servers).
 matplotlib.use("Agg")

@@ -14,16 +14,15 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedad import rundir
 from fedad.config import Settings, section
-from fedad.federated.family import Family, Scorer
+from fedad.federated.families.base import Family, Scorer
 from fedad.federated.task import Site, balanced_weights
+from fedad.models.inference import SERVER_BATCH, predict
 from fedad.models.keras_models import build_model
 
 _RUNTIME_READY = False
 # One compiled model per actor process, reused by every client the actor runs:
 # building and tracing a Keras model costs seconds, a message costs milliseconds.
 _MODELS: dict[str, ProximalModel] = {}
-# The server scores the global test set this many rows at a time.
-SERVER_BATCH = 4096
 # Key of the optimizer's variables in a site's state between rounds.
 OPTIMIZER_STATE = "optimizer"
 
@@ -277,18 +276,6 @@ def train_local(
     if "accuracy" in history:
         out["train_accuracy"] = float(history["accuracy"][-1])
     return out
-
-
-def predict(model: keras.Model, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Return ``model``'s class probabilities for ``X``, scored ``batch_size`` rows at a time.
-
-    Unlike ``model.predict``, this builds no tf.data pipeline, which costs
-    several times more than scoring a site's test slice.
-    """
-    if len(X) == 0:
-        return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
-    batches = [model.predict_on_batch(X[i : i + batch_size]) for i in range(0, len(X), batch_size)]
-    return np.concatenate(batches)
 
 
 def global_model(settings: Settings) -> keras.Model:

@@ -13,9 +13,9 @@ import pandas as pd
 from sklearn.inspection import permutation_importance
 
 from fedad import progress, rundir
-from fedad.comparison import ModelResult
 from fedad.data.prepared import PreparedData
-from fedad.metrics import macro_f1
+from fedad.evaluation.comparison import ModelResult
+from fedad.evaluation.metrics import macro_f1
 
 # Figures are written to files; no display is needed (or present on servers).
 matplotlib.use("Agg")

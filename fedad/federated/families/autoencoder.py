@@ -11,16 +11,10 @@ from typing import Any
 import numpy as np
 
 from fedad import rundir
-from fedad.federated.keras_family import (
-    SERVER_BATCH,
-    KerasFamily,
-    KerasScorer,
-    local_model,
-    predict,
-    train_local,
-)
+from fedad.evaluation.metrics import compute_metrics
+from fedad.federated.families.classifier import KerasFamily, KerasScorer, local_model, train_local
 from fedad.federated.task import Site, client_metrics
-from fedad.metrics import compute_metrics
+from fedad.models.inference import SERVER_BATCH, predict, reconstruction_error
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +150,6 @@ class AutoencoderScorer(KerasScorer):
     def decide(self, scores: np.ndarray) -> np.ndarray:
         """1 (attack) where the error reaches the threshold."""
         return (np.asarray(scores) >= self.threshold).astype(np.int64)
-
-
-def reconstruction_error(X: np.ndarray, rebuilt: np.ndarray) -> np.ndarray:
-    """Mean squared error of each row, in float64."""
-    diff = np.asarray(X, dtype=np.float64) - np.asarray(rebuilt, dtype=np.float64)
-    return np.mean(diff * diff, axis=1)
 
 
 def anomaly_metrics(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedad.config import Settings
-from fedad.federated.family import Family, Scorer
+from fedad.federated.families.base import Family, Scorer
 from fedad.models.catalog import family
 
 # The implementations import their framework (TensorFlow takes seconds): only the one a run
@@ -25,14 +25,14 @@ def family_class(model_name: str) -> type[Family]:
     """
     kind = family(model_name)
     if kind == "booster":
-        from fedad.federated.booster_family import BoosterFamily
+        from fedad.federated.families.booster import BoosterFamily
 
         return BoosterFamily
     if kind == "autoencoder":
-        from fedad.federated.autoencoder_family import AutoencoderFamily
+        from fedad.federated.families.autoencoder import AutoencoderFamily
 
         return AutoencoderFamily
-    from fedad.federated.keras_family import KerasFamily
+    from fedad.federated.families.classifier import KerasFamily
 
     return KerasFamily
 
@@ -41,13 +41,13 @@ def load_scorer(model_name: str, run_dir: Path, n_classes: int) -> Scorer:
     """The saved global model of a run in ``run_dir``, ready to score rows."""
     kind = family(model_name)
     if kind == "booster":
-        from fedad.federated.booster_family import BoosterScorer
+        from fedad.federated.families.booster import BoosterScorer
 
         return BoosterScorer(run_dir, n_classes)
     if kind == "autoencoder":
-        from fedad.federated.autoencoder_family import AutoencoderScorer
+        from fedad.federated.families.autoencoder import AutoencoderScorer
 
         return AutoencoderScorer(run_dir)
-    from fedad.federated.keras_family import KerasScorer
+    from fedad.federated.families.classifier import KerasScorer
 
     return KerasScorer(run_dir)

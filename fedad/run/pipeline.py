@@ -15,7 +15,7 @@ from fedad.data.partition import label_skew, partition, summarize
 from fedad.data.prepare import prepare
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.plots import plot_partition
+from fedad.evaluation.plots import plot_partition
 
 log = logging.getLogger("fedad")
 

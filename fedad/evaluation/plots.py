@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from fedad.metrics import attack_score
+from fedad.evaluation.metrics import attack_score
 
 # Figures are written to files; no display is needed (or present on servers).
 matplotlib.use("Agg")

@@ -7,23 +7,23 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedad import checks
 from fedad.baselines.runner import check_config as check_baselines
+from fedad.config import checks
+from fedad.config.resolvers import sampled_sites
 from fedad.data.partition import check_config as check_partition
 from fedad.data.prepare import TASKS
+from fedad.data.scaling import SCALINGS
 from fedad.data.sources import check_config as check_dataset
 from fedad.detector.build import check_config as check_detector
 from fedad.errors import JobSkipped
 from fedad.federated.attacks import check_config as check_attack
 from fedad.federated.faults import FAILURE_MODES
 from fedad.federated.privacy import check_config as check_privacy
-from fedad.federated.scaling import SCALINGS
 from fedad.federated.strategies import byzantine_bound
 from fedad.federated.strategies import check_config as check_strategy
 from fedad.models import OPTIMIZERS
 from fedad.models import check_config as check_model
-from fedad.resolvers import sampled_sites
-from fedad.tracking import check_config as check_tracking
+from fedad.run.tracking import check_config as check_tracking
 
 
 def validate(cfg: DictConfig) -> None:

@@ -1,0 +1,1 @@
+"""Scoring every model alike: metrics, the comparison table, figures, importance and SHAP."""

@@ -1,0 +1,1 @@
+"""Model families the sites train: base (interface), registry, classifier, autoencoder, booster."""

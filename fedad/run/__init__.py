@@ -1,0 +1,1 @@
+"""One run's life: the command line, checks, data preparation, resume, caches, tracking."""
