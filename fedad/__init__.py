@@ -5,4 +5,6 @@ import os
 # TensorFlow's C++ start-up chatter drowns the per-round lines; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-__version__ = "0.1.0"
+from fedad.versions import __version__
+
+__all__ = ["__version__"]

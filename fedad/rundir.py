@@ -168,13 +168,26 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_object(path: str | Path) -> dict:
+    """The JSON object in ``path`` (UTF-8); OSError or ValueError when absent or not one."""
+    value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    if not isinstance(value, dict):
+        kind = {list: "list", str: "text"}.get(type(value), type(value).__name__)
+        raise ValueError(f"it holds a JSON {kind}, not an object")
+    return value
+
+
+def read_results(run_dir: str | Path) -> dict:
+    """The run's ``results.json``: the one reader of it (OSError or ValueError as read_object)."""
+    return read_object(Path(run_dir) / RESULTS_FILE)
+
+
 def status(run_dir: str | Path) -> str | None:
     """The ``status`` in ``results.json``: running, done or failed; None if absent or unreadable."""
     try:
-        results = read_json(Path(run_dir) / RESULTS_FILE)
+        return read_results(run_dir).get("status")
     except (OSError, ValueError):
         return None
-    return results.get("status") if isinstance(results, dict) else None
 
 
 def save_results(run_dir: str | Path, results: dict) -> Path:
@@ -195,11 +208,10 @@ def mark_failed(run_dir: str | Path, error: str) -> None:
         return
     write_json(run_dir / FAILED_FILE, {"status": FAILED, "error": error})
     try:
-        results = read_json(run_dir / RESULTS_FILE)
+        results = read_results(run_dir)
     except (OSError, ValueError):
         return
-    if isinstance(results, dict):
-        save_results(run_dir, {**results, "status": FAILED, "error": error})
+    save_results(run_dir, {**results, "status": FAILED, "error": error})
 
 
 def mark_skipped(run_dir: str | Path, reason: str, settings: dict | None = None) -> None:

@@ -16,11 +16,10 @@ from fedad import rundir
 from fedad.detector.inputs import CHUNK_ROWS, chunks, open_input
 from fedad.detector.scorer import Detector
 from fedad.errors import FedadError, exit_with
-from fedad.evaluation.metrics import compute_metrics
+from fedad.evaluation.metrics import TABLE_METRICS, compute_metrics
 
 log = logging.getLogger("fedad")
 # Printed with labels; the rest of compute_metrics goes to --metrics-json.
-SHOWN_METRICS = ("accuracy", "precision", "recall", "f1", "macro_f1", "roc_auc", "pr_auc", "fpr")
 
 
 def score_file(
@@ -162,7 +161,7 @@ def _describe(detector: Detector, summary: dict, args: argparse.Namespace) -> st
     if "metrics" in summary:
         m = summary["metrics"]
         shown = "  ".join(
-            f"{k} {m[k]:.4f}" if m[k] is not None else f"{k} –" for k in SHOWN_METRICS
+            f"{k} {m[k]:.4f}" if m[k] is not None else f"{k} –" for k in TABLE_METRICS
         )
         lines.append(f"metrics on {summary['labelled_rows']} labelled rows: {shown}")
     return "\n".join(lines)

@@ -25,7 +25,6 @@ from fedad.evaluation.comparison import ModelResult
 from fedad.evaluation.importance import explain
 from fedad.evaluation.plots import plot_confusion, plot_eda, plot_roc
 from fedad.evaluation.shapley import explain_shap
-from fedad.models.catalog import TWINS
 from fedad.run import cache, commandline
 from fedad.run.pipeline import RunData, prepare_run
 from fedad.run.resume import Decision, decide
@@ -125,33 +124,7 @@ def _federated(
     """The federated model, then each site alone."""
     from fedad.federated.simulation import run_federated
 
-    fed = run_federated(cfg, prepared.data, prepared.parts, run_dir, resume, started)
-    validation = fed.history["client_macro_f1"].dropna()
-    federated = ModelResult(
-        name=f"federated_{cfg.model.name}",
-        kind="federated",
-        metrics=fed.metrics,
-        scores=fed.scores,
-        train_seconds=fed.train_seconds,
-        model=fed.model,
-        info={
-            "strategy": cfg.strategy.name,
-            "rounds": int(cfg.simulation.num_rounds),
-            # Clients' held-out slices of their own shards: safe to tune on, unlike the test set.
-            "validation_macro_f1": float(validation.iloc[-1]) if len(validation) else None,
-            "twin": TWINS[cfg.model.name],
-            "mb_exchanged": float(fed.history["mb_cumulative"].iloc[-1]),
-            "curve": {
-                "round": fed.history["round"].astype(int).tolist(),
-                "macro_f1": fed.history["macro_f1"].tolist(),
-                "seconds": fed.history["seconds"].cumsum().round(2).tolist(),
-                "mb": fed.history["mb_cumulative"].round(4).tolist(),
-            },
-            # The attack, the malicious sites, the privacy budget spent (results.json).
-            **fed.info,
-        },
-    )
-    return [federated, *fed.alone]
+    return run_federated(cfg, prepared.data, prepared.parts, run_dir, resume, started)
 
 
 def _start_engine(cfg: DictConfig) -> EngineStart:
@@ -271,7 +244,7 @@ def job(cfg: DictConfig) -> float | None:
         decision = decide(cfg, run_dir, required=bool(cfg.resume))
         if decision is Decision.DONE:
             log.info("%s holds this run, finished: skipping it", run_dir)
-            return rundir.read_json(run_dir / rundir.RESULTS_FILE)["validation_macro_f1"]
+            return rundir.read_results(run_dir)["validation_macro_f1"]
         return run(cfg, run_dir, resume=decision is Decision.RESUME)["validation_macro_f1"]
     except JobSkipped as err:
         if not sweeping:

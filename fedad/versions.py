@@ -6,8 +6,16 @@ import platform
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 
-from fedad import __version__
 
+def _own_version() -> str:
+    """The version of fedad installed: its metadata, from pyproject.toml, the one source."""
+    try:
+        return version("fedad")
+    except PackageNotFoundError:  # a checkout put on sys.path without installing it
+        return "0+unknown"
+
+
+__version__ = _own_version()
 # Distribution names by the name results.json records; the first one installed wins
 # (TensorFlow installs as tensorflow-cpu on x86-64 Linux, as tensorflow elsewhere).
 LIBRARIES: dict[str, tuple[str, ...]] = {

@@ -258,7 +258,7 @@ def measure_simulation(cfg: DictConfig, data: PreparedData, parts: Sequence, run
 
     with ProcessTree() as tree:
         called = time.time()
-        result = run_federated(cfg, data, parts, run_dir)
+        result = run_federated(cfg, data, parts, run_dir)[0]
         finished = time.time()
     wait_for_exit(tree)
     rounds = result.history.set_index("round").loc[1:, ["started_at", "seconds"]]
@@ -281,7 +281,7 @@ def measure_launch(cfg: DictConfig, run_dir: Path) -> tuple[dict, RunData]:
         try:
             prepared = prepare(cfg)
             prepared_at = time.time()
-            result = run_federated(cfg, prepared.data, prepared.parts, run_dir, started=started)
+            result = run_federated(cfg, prepared.data, prepared.parts, run_dir, started=started)[0]
         finally:
             started.close()
         finished = time.time()

@@ -154,7 +154,7 @@ def runs(cluster, tmp_path_factory):
     out = {}
     for name, cfg in (("cluster", attached_cfg), ("local", local_cfg)):
         run_dir = tmp_path_factory.mktemp(name)
-        out[name] = (run_federated(cfg, prepared.data, prepared.parts, run_dir), run_dir)
+        out[name] = (run_federated(cfg, prepared.data, prepared.parts, run_dir)[0], run_dir)
     return out
 
 

@@ -89,14 +89,14 @@ def make_cfg(**simulation):
 @pytest.fixture(scope="module")
 def twin_runs(data, partitions, tmp_path_factory):
     cfg = make_cfg(**{"simulation.client_failure_rate": 0.34})
-    first = run_federated(cfg, data, partitions, tmp_path_factory.mktemp("run0"))
+    first = run_federated(cfg, data, partitions, tmp_path_factory.mktemp("run0"))[0]
     # The second twin as `python -m fedad.simulate` runs it: Ray and the actors started
     # before the data is at hand (start_engine); the results must not tell them apart.
     started = start_engine(cfg)
     try:
         second = run_federated(
             cfg, data, partitions, tmp_path_factory.mktemp("run1"), False, started
-        )
+        )[0]
     finally:
         started.close()
     return [first, second]
@@ -211,7 +211,7 @@ def test_local_scaling_fedprox_and_partial_sampling_run(data, partitions, tmp_pa
     )
     cfg.model = OmegaConf.load(CONF / "model" / "logistic.yaml")
     cfg.strategy = OmegaConf.load(CONF / "strategy" / "fedprox.yaml")
-    result = run_federated(cfg, data, partitions, tmp_path)
+    result = run_federated(cfg, data, partitions, tmp_path)[0]
     history = result.history
     assert list(history["failures"]) == [0, 0, 0]
     assert history["loss"].iloc[-1] < history["loss"].iloc[0]

@@ -21,7 +21,7 @@ from fedad.baselines.unsupervised import (
 from fedad.config import checks
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
-from fedad.evaluation.comparison import ModelResult
+from fedad.evaluation.comparison import Kind, ModelResult
 from fedad.evaluation.metrics import attack_score, compute_metrics, threshold_for_fpr
 from fedad.models.catalog import TWINS
 
@@ -136,7 +136,7 @@ def run_baselines(
     results = []
     with progress.steps("baselines", len(models)) as bar:
         for name, params in models.items():
-            kind = "supervised" if name in SUPERVISED_DEFAULTS else "unsupervised"
+            kind: Kind = "supervised" if name in SUPERVISED_DEFAULTS else "unsupervised"
             fit = (fit_sup if kind == "supervised" else fit_unsup)(name, params)
             with bar.step(name) as step:
                 if validate and kind == "supervised":
@@ -266,7 +266,7 @@ def _validation_split(X: np.ndarray, y_binary: np.ndarray, fraction: float, seed
 
 def _run_one(
     name: str,
-    kind: str,
+    kind: Kind,
     fit: Callable,
     data: PreparedData,
     X_train: np.ndarray,

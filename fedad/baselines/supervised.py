@@ -14,6 +14,7 @@ from sklearn.utils.class_weight import compute_class_weight, compute_sample_weig
 from xgboost import XGBClassifier
 
 from fedad.errors import FedadError
+from fedad.evaluation.scorer import Scorer
 
 # Settings each model accepts, with their defaults; the config overrides them.
 SUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -41,7 +42,7 @@ PREDICT_BATCH = 4096
 
 
 @dataclass
-class FittedClassifier:
+class FittedClassifier(Scorer):
     """A fitted classifier whose scores have one column per class of the task.
 
     Attributes
@@ -79,14 +80,6 @@ class FittedClassifier:
         full = np.zeros((len(X), self.n_classes), dtype=np.float64)
         full[:, self.classes] = proba
         return full
-
-    def decide(self, scores: np.ndarray) -> np.ndarray:
-        """Turn :meth:`predict_scores` output into class codes (the most probable)."""
-        return scores.argmax(axis=1)
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Return the most probable class code per row."""
-        return self.decide(self.predict_scores(X))
 
 
 def fit_supervised(

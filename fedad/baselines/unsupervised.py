@@ -17,6 +17,7 @@ from sklearn.svm import OneClassSVM
 
 from fedad.errors import FedadError
 from fedad.evaluation.metrics import tune_threshold
+from fedad.evaluation.scorer import Scorer
 
 # Settings each detector accepts, with their defaults; the config overrides them.
 UNSUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -37,7 +38,7 @@ N_JOBS = 2
 
 
 @dataclass
-class FittedDetector:
+class FittedDetector(Scorer):
     """A fitted detector with its orientation and its tuned threshold.
 
     Attributes
@@ -65,10 +66,6 @@ class FittedDetector:
     def decide(self, scores: np.ndarray) -> np.ndarray:
         """Turn :meth:`predict_scores` output into 1 (attack) at or above the threshold."""
         return (scores >= self.threshold).astype(np.int64)
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Return 1 (attack) where the score reaches the threshold, else 0."""
-        return self.decide(self.predict_scores(X))
 
 
 def resolve_contamination(value: Any, y_fit_binary: np.ndarray) -> float:

@@ -14,6 +14,7 @@ import numpy as np
 
 from fedad import rundir
 from fedad.errors import FedadError
+from fedad.evaluation.scorer import Scorer
 from fedad.models.inference import SERVER_BATCH, predict, reconstruction_error
 
 # What a saved scikit-learn model may hold beyond the types skops trusts by itself; anything
@@ -63,9 +64,9 @@ def _module(model: object) -> str:
     return type(model).__module__
 
 
-def _run_scorer(module: str, name: str) -> Callable[[object], bool]:
-    """Accepts a federated run's scorer of exactly this class (not one derived from it)."""
-    return lambda model: (_module(model), type(model).__name__) == (module, name)
+def _run_scorer(kind: str) -> Callable[[object], bool]:
+    """Accepts a run's scorer that declares this adapter as its own (``detector_kind``)."""
+    return lambda model: isinstance(model, Scorer) and model.detector_kind == kind
 
 
 def _copy_run_file(model: object, path: Path) -> None:
@@ -73,9 +74,9 @@ def _copy_run_file(model: object, path: Path) -> None:
     shutil.copyfile(model.path, path)
 
 
-# The federated classifier arrives as its run's scorer (exactly that class: the
-# autoencoder's scorer derives from it, but its outputs are no class probabilities).
-_keras_scorer = _run_scorer("fedad.federated.families.classifier", "KerasScorer")
+# The federated classifier arrives as its run's scorer; the autoencoder's scorer derives
+# from it but declares its own kind, since its outputs are no class probabilities.
+_keras_scorer = _run_scorer("keras")
 
 
 def _keras_accepts(model: object) -> bool:
@@ -182,7 +183,7 @@ ADAPTERS: dict[str, Adapter] = {
             "booster",
             rundir.DETECTOR_BOOSTER,
             ("xgboost",),
-            _run_scorer("fedad.federated.families.booster", "BoosterScorer"),
+            _run_scorer("booster"),
             _copy_run_file,
             _booster_load,
         ),
@@ -190,7 +191,7 @@ ADAPTERS: dict[str, Adapter] = {
             "autoencoder",
             rundir.DETECTOR_KERAS,
             ("keras", "tensorflow"),
-            _run_scorer("fedad.federated.families.autoencoder", "AutoencoderScorer"),
+            _run_scorer("autoencoder"),
             _copy_run_file,
             _autoencoder_load,
             ANOMALY_SCORE,

@@ -5,23 +5,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from fedad import rundir
 from fedad.data.audit import MIN_CLASS_ROWS
+from fedad.evaluation.metrics import TABLE_METRICS
+from fedad.models.catalog import local_name, model_of
 
-COLUMNS = (
-    "accuracy",
-    "precision",
-    "recall",
-    "f1",
-    "macro_f1",
-    "roc_auc",
-    "pr_auc",
-    "fpr",
-)
+COLUMNS = TABLE_METRICS
+
+
+# What a result is: the federated model, each site alone, or a centralized baseline.
+Kind = Literal["federated", "local", "supervised", "unsupervised"]
 
 
 @dataclass
@@ -32,8 +30,8 @@ class ModelResult:
     ----------
     name : str
         Model name, e.g. ``xgboost`` or ``federated_cnn``.
-    kind : str
-        ``supervised``, ``unsupervised`` or ``federated``.
+    kind : Kind
+        ``federated``, ``local`` (the sites alone), ``supervised`` or ``unsupervised``.
     metrics : dict
         Output of :func:`fedad.evaluation.metrics.compute_metrics` on the test set
         (binary view for unsupervised models).
@@ -52,7 +50,7 @@ class ModelResult:
     """
 
     name: str
-    kind: str
+    kind: Kind
     metrics: dict
     scores: np.ndarray
     train_seconds: float
@@ -132,8 +130,8 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
 def _gaps(fed: ModelResult, by_name: dict[str, ModelResult]) -> dict:
     """The federated row's twin and gaps (None where the other model did not run)."""
     twin = by_name.get(fed.info.get("twin", ""))
-    alone = by_name.get(f"local_{fed.name.removeprefix('federated_')}")
-    worst = by_name.get(f"local_{fed.name.removeprefix('federated_')}_worst")
+    alone = by_name.get(local_name(model_of(fed.name)))
+    worst = by_name.get(local_name(model_of(fed.name), worst=True))
 
     def minus(other: ModelResult | None, metric: str) -> float | None:
         if other is None or fed.metrics.get(metric) is None or other.metrics.get(metric) is None:

@@ -17,6 +17,21 @@ from sklearn.metrics import (
 
 from fedad.errors import FedadError
 
+# Every scalar metric :func:`compute_metrics` returns, in the order tables show them.
+METRIC_NAMES = (
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "macro_f1",
+    "weighted_f1",
+    "roc_auc",
+    "pr_auc",
+    "fpr",
+)
+# The ones a comparison table and ``fedad.score`` show (weighted F1 stays in results.json).
+TABLE_METRICS = tuple(m for m in METRIC_NAMES if m != "weighted_f1")
+
 
 def attack_score(scores: np.ndarray) -> np.ndarray:
     """Reduce model output to one attack score per row (higher = more attack-like).

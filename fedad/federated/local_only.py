@@ -19,6 +19,7 @@ from fedad.evaluation.metrics import compute_metrics
 from fedad.federated import shards
 from fedad.federated.families.registry import family_for
 from fedad.federated.task import load_site, site_scaling
+from fedad.models.catalog import local_name
 
 log = logging.getLogger(__name__)
 # How the driver names itself in the shards' access log when it trains a site alone.
@@ -184,6 +185,6 @@ def _summaries(model: str, results: list, seconds: float) -> list[ModelResult]:
         pid,
     )
     return [
-        ModelResult(f"local_{model}", "local", mean, None, seconds, None, info),
-        ModelResult(f"local_{model}_worst", "local", metrics, scores, seconds, None, info),
+        ModelResult(local_name(model), "local", mean, None, seconds, None, info),
+        ModelResult(local_name(model, worst=True), "local", metrics, scores, seconds, None, info),
     ]

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,27 +25,35 @@ from fedad.evaluation.comparison import ModelResult
 from fedad.evaluation.metrics import attack_success_rate, compute_metrics
 from fedad.federated import attacks, checkpoint, privacy, shards, site_state
 from fedad.federated.client_app import client_app
-from fedad.federated.families.base import Scorer
 from fedad.federated.families.registry import family_class, load_scorer
 from fedad.federated.local_only import train_alone
 from fedad.federated.server_app import server_app
+from fedad.models.catalog import TWINS, federated_name
 
 if TYPE_CHECKING:
     from fedad.federated.engine import EngineStart
 
 
 @dataclass
-class FederatedResult:
-    """What a federated run produced.
+class FederatedResult(ModelResult):
+    """The federated model's result, with what only a federated run has.
+
+    ``info`` holds, besides what every result holds, ``strategy``, ``rounds``,
+    ``validation_macro_f1`` (the sites' held-out slices, safe to tune on),
+    ``twin``, ``mb_exchanged``, ``curve`` (per-round test macro-F1, cumulative
+    seconds and MB), ``attack`` (its settings, the malicious sites, the
+    attackers the strategy assumed), ``privacy`` (its settings and the final
+    epsilon), ``note`` (what the comparison shows beside the model, ``ε = 3.2,
+    δ = 1e-05``) and ``scaling_sites`` (how many sites' sums gave the pooled
+    scaling statistics: all, or a sample past ``server_app.SCALING_SITES``).
+    ``model`` is the saved global model (``model.path``: ``.keras``, or the
+    booster's ``.json``), loaded; its inputs are standardized with the
+    ``mean``/``std`` of ``scaling.npz`` in the same folder. ``train_seconds``
+    is the whole simulation's wall time, Ray and actor start-up included (what
+    of it is left once ``started`` has overlapped the data preparation).
 
     Attributes
     ----------
-    metrics : dict
-        :func:`fedad.evaluation.metrics.compute_metrics` of the final global model on the
-        global test set.
-    scores : np.ndarray
-        The final global model's test scores: probabilities ``(n_test,
-        n_classes)``, or the autoencoder's 1-D reconstruction errors.
     history : pd.DataFrame
         One row per round; round 0 is the initial model. Server-side metrics
         on the global test set (``loss``, ``accuracy``, ``macro_f1``, ...),
@@ -56,33 +64,10 @@ class FederatedResult:
         began, epoch seconds).
     clients : pd.DataFrame
         One row per site: the final model on the site's local test slice.
-    model : Scorer
-        The saved global model (``model.path``: ``.keras``, or the booster's
-        ``.json``), loaded; its inputs are standardized with ``mean``/``std``
-        from ``scaling.npz`` in the same folder.
-    train_seconds : float
-        Wall time of the whole simulation, Ray and actor start-up included
-        (what of it is left once ``started`` has overlapped the data preparation).
-    alone : list[ModelResult]
-        Each site alone (:func:`fedad.federated.local_only.train_alone`): the
-        mean over the sites and the worst site; empty with
-        ``simulation.local_sites=0``.
-    info : dict
-        ``attack`` (its settings, the malicious sites, the attackers the strategy
-        assumed), ``privacy`` (its settings and the final epsilon) and ``note``,
-        what the comparison shows beside the model (``ε = 3.2, δ = 1e-05``),
-        and ``scaling_sites``, how many sites' sums gave the pooled scaling
-        statistics (all, or a sample past ``server_app.SCALING_SITES``).
     """
 
-    metrics: dict
-    scores: np.ndarray
-    history: pd.DataFrame
-    clients: pd.DataFrame
-    model: Scorer
-    train_seconds: float
-    alone: list[ModelResult]
-    info: dict
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    clients: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def run_federated(
@@ -92,7 +77,7 @@ def run_federated(
     run_dir: Path,
     resume: bool = False,
     started: EngineStart | None = None,
-) -> FederatedResult:
+) -> list[ModelResult]:
     """Train the configured model with Flower across ``len(partitions)`` simulated sites.
 
     Parameters
@@ -119,7 +104,10 @@ def run_federated(
 
     Returns
     -------
-    FederatedResult
+    list[ModelResult]
+        The federated model (a :class:`FederatedResult`), then each site alone
+        (:func:`fedad.federated.local_only.train_alone`: the mean over the sites
+        and the worst site; none with ``simulation.local_sites=0``).
 
     Raises
     ------
@@ -164,18 +152,35 @@ def run_federated(
         metrics["attack_success"] = attack_success_rate(metrics["confusion"], targets)
     if info["privacy"]["name"] != "none":
         metrics["epsilon"] = info["privacy"]["epsilon"]
-    return FederatedResult(
+    validation = history["client_macro_f1"].dropna()
+    federated = FederatedResult(
+        name=federated_name(str(cfg.model.name)),
+        kind="federated",
         metrics=metrics,
         scores=scores,
+        train_seconds=train_seconds,
+        model=scorer,
+        info={
+            "strategy": cfg.strategy.name,
+            "rounds": int(sim.num_rounds),
+            # Clients' held-out slices of their own shards: safe to tune on, unlike the test set.
+            "validation_macro_f1": float(validation.iloc[-1]) if len(validation) else None,
+            "twin": TWINS[cfg.model.name],
+            "mb_exchanged": float(history["mb_cumulative"].iloc[-1]),
+            "curve": {
+                "round": history["round"].astype(int).tolist(),
+                "macro_f1": history["macro_f1"].tolist(),
+                "seconds": history["seconds"].cumsum().round(2).tolist(),
+                "mb": history["mb_cumulative"].round(4).tolist(),
+            },
+            **info,
+        },
         history=history,
         clients=pd.read_csv(run_dir / rundir.CLIENTS_FILE),
-        model=scorer,
-        train_seconds=train_seconds,
-        alone=train_alone(settings, data, [len(p) for p in partitions], int(sim.local_sites))
-        if int(sim.local_sites)
-        else [],
-        info=info,
     )
+    sizes = [len(p) for p in partitions]
+    alone = train_alone(settings, data, sizes, int(sim.local_sites)) if int(sim.local_sites) else []
+    return [federated, *alone]
 
 
 def start_engine(cfg: DictConfig) -> EngineStart:

@@ -5,27 +5,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict, UserConfigValue
 
 from fedad.config import Settings
 from fedad.data import scaling
-from fedad.evaluation.metrics import attack_success_rate, compute_metrics
+from fedad.evaluation.metrics import METRIC_NAMES, attack_success_rate, compute_metrics
 from fedad.federated import shards
 
 # Metrics every evaluate reply carries (NaN where undefined), so that all replies
 # have the same keys, as Flower's aggregation requires.
 CLIENT_METRICS = (
-    "accuracy",
-    "precision",
-    "recall",
-    "f1",
-    "macro_f1",
-    "weighted_f1",
-    "roc_auc",
-    "pr_auc",
-    "fpr",
+    *METRIC_NAMES,
     # How many classes the slice holds: 1 marks a site whose local test slice cannot
     # measure a detector (one class), kept, not refused.
     "classes_scored",
@@ -146,7 +139,7 @@ def load_site(
     ``reader`` names who reads in the shards' access log (the site by default).
     """
     X, y = shards.read_shard(
-        shards.shard_path(settings["run-dir"], partition_id),
+        shards.shard_path(cast(str, settings["run-dir"]), partition_id),
         reader or shards.site_reader(partition_id),
     )
     mean, std = site_scaling(X, config)

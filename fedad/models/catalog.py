@@ -21,6 +21,24 @@ TWINS = {
     "autoencoder": "central_autoencoder",
     "xgboost": "xgboost",
 }
+FEDERATED_PREFIX, LOCAL_PREFIX, WORST_SUFFIX = "federated_", "local_", "_worst"
+
+
+def federated_name(model: str) -> str:
+    """The comparison's name of the federated ``model`` (``federated_cnn``)."""
+    return f"{FEDERATED_PREFIX}{model}"
+
+
+def local_name(model: str, *, worst: bool = False) -> str:
+    """The name of ``model`` trained by each site alone: their mean, or the worst site."""
+    return f"{LOCAL_PREFIX}{model}{WORST_SUFFIX if worst else ''}"
+
+
+def model_of(federated: str) -> str:
+    """The model behind a federated result's name (``federated_cnn`` -> ``cnn``)."""
+    return federated.removeprefix(FEDERATED_PREFIX)
+
+
 # Integer sizes each model reads (>= 1), and its dropout-like shares in [0, 1).
 _SIZES = {
     "cnn": ("filters", "kernel_size", "dense_units"),

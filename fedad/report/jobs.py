@@ -99,15 +99,10 @@ def _json_object(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
+        return rundir.read_object(path)
     except (OSError, ValueError) as err:
-        # ValueError covers broken JSON and bytes that are not UTF-8.
+        # ValueError covers broken JSON, bytes that are not UTF-8 and a value not an object.
         raise Unreadable(f"{path.name} is unreadable: {' '.join(str(err).split())}") from err
-    if not isinstance(value, dict):
-        raise Unreadable(
-            f"{path.name} is unreadable: it holds a JSON {_kind(value)}, not an object"
-        )
-    return value
 
 
 def _section(results: dict, key: str) -> dict:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from fedad import rundir
 from fedad.evaluation.metrics import attack_success_rate
 from fedad.report import figures
 from fedad.report.markdown import format_value
@@ -44,7 +44,7 @@ def job_rows(root: Path, jobs: Sequence[str]) -> pd.DataFrame:
     found = []
     for job in dict.fromkeys(jobs):
         try:
-            results = json.loads((root / job / "results.json").read_text())
+            results = rundir.read_results(root / job)
         except (OSError, ValueError):
             continue
         settings = results.get("settings") or {}

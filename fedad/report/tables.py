@@ -12,7 +12,8 @@ import pandas as pd
 
 from fedad import rundir
 from fedad.errors import FedadError
-from fedad.models.catalog import TWINS
+from fedad.evaluation.metrics import METRIC_NAMES
+from fedad.models.catalog import TWINS, local_name, model_of
 from fedad.report.jobs import read_job, read_table
 from fedad.report.markdown import format_value
 
@@ -29,18 +30,7 @@ SETTINGS = (
     "strategy",
     "seed",
 )
-METRICS = (
-    "accuracy",
-    "precision",
-    "recall",
-    "f1",
-    "macro_f1",
-    "weighted_f1",
-    "roc_auc",
-    "pr_auc",
-    "fpr",
-    "train_seconds",
-)
+METRICS = (*METRIC_NAMES, "train_seconds")
 SUMMARY_METRICS = ("macro_f1", "f1", "roc_auc", "pr_auc", "fpr", "accuracy")
 # Per-job fields that close each row of the tidy table.
 _JOB_FIELDS = ("label_skew", "wall_seconds", "error")
@@ -201,10 +191,10 @@ def job_gaps(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         if central.empty:
             continue
         for _, fed in models[models["federated"]].iterrows():
-            family = fed["model"].removeprefix("federated_")
+            family = model_of(fed["model"])
             twin = central[central["model"] == TWINS.get(family, f"central_{family}")]
             ref = twin.iloc[0] if len(twin) else central.loc[central["macro_f1"].idxmax()]
-            alone = models[models["model"] == f"local_{family}"]
+            alone = models[models["model"] == local_name(family)]
             rows.append(
                 {
                     **{k: fed[k] for k in keys},

@@ -258,7 +258,6 @@ def _number(value: object) -> bool:
 
 def _read(path: Path) -> dict | None:
     try:
-        value = rundir.read_json(path)
+        return rundir.read_object(path)
     except (OSError, ValueError):
         return None
-    return value if isinstance(value, dict) else None

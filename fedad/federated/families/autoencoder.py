@@ -139,6 +139,9 @@ class AutoencoderFamily(KerasFamily):
 class AutoencoderScorer(KerasScorer):
     """The saved federated autoencoder and its threshold."""
 
+    # Its outputs are attack scores, not a classifier's probabilities: its own adapter.
+    detector_kind = "autoencoder"
+
     def __init__(self, run_dir: Path) -> None:
         super().__init__(run_dir)
         self.threshold = float(rundir.read_json(Path(run_dir) / rundir.THRESHOLD_FILE)["threshold"])

@@ -11,31 +11,20 @@ from typing import Any
 import numpy as np
 
 from fedad.config import Settings
+from fedad.evaluation.scorer import Scorer
 from fedad.federated.task import Site, evaluation_metrics
 
 
-class Scorer(ABC):
+class RunScorer(Scorer):
     """A saved global model, loaded to score rows: the federated model's result in a run.
 
     Attributes
     ----------
     path : Path
-        The model file.
+        The model file (a detector copies it byte for byte).
     """
 
     path: Path
-
-    @abstractmethod
-    def predict_scores(self, X: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(n, n_classes)``, or a 1-D attack score."""
-
-    def decide(self, scores: np.ndarray) -> np.ndarray:
-        """Class codes from :meth:`predict_scores` output (the most probable class)."""
-        return np.asarray(scores).argmax(axis=1)
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Class codes for ``X``."""
-        return self.decide(self.predict_scores(X))
 
 
 class Family(ABC):

@@ -9,7 +9,7 @@ import numpy as np
 
 from fedad import rundir
 from fedad.config import section
-from fedad.federated.families.base import Family, Scorer
+from fedad.federated.families.base import Family, RunScorer
 from fedad.federated.task import Site
 from fedad.models import booster
 
@@ -68,8 +68,10 @@ class BoosterFamily(Family):
         return path
 
 
-class BoosterScorer(Scorer):
+class BoosterScorer(RunScorer):
     """The saved global booster of a run."""
+
+    detector_kind = "booster"
 
     def __init__(self, run_dir: Path, n_classes: int) -> None:
         self.path = Path(run_dir) / rundir.BOOSTER_FILE

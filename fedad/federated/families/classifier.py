@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedad import rundir
 from fedad.config import Settings, section
-from fedad.federated.families.base import Family, Scorer
+from fedad.federated.families.base import Family, RunScorer
 from fedad.federated.task import Site, balanced_weights
 from fedad.models.inference import SERVER_BATCH, predict
 from fedad.models.keras_models import build_model
@@ -93,8 +93,10 @@ class KerasFamily(Family):
         return path
 
 
-class KerasScorer(Scorer):
+class KerasScorer(RunScorer):
     """The saved global Keras classifier of a run."""
+
+    detector_kind = "keras"
 
     def __init__(self, run_dir: Path, name: str = rundir.MODEL_FILE) -> None:
         self.path = Path(run_dir) / name

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedad.config import Settings
-from fedad.federated.families.base import Family, Scorer
+from fedad.federated.families.base import Family, RunScorer
 from fedad.models.catalog import family
 
 # The implementations import their framework (TensorFlow takes seconds): only the one a run
@@ -37,7 +37,7 @@ def family_class(model_name: str) -> type[Family]:
     return KerasFamily
 
 
-def load_scorer(model_name: str, run_dir: Path, n_classes: int) -> Scorer:
+def load_scorer(model_name: str, run_dir: Path, n_classes: int) -> RunScorer:
     """The saved global model of a run in ``run_dir``, ready to score rows."""
     kind = family(model_name)
     if kind == "booster":
