@@ -172,7 +172,8 @@ def read_object(path: str | Path) -> dict:
     """The JSON object in ``path`` (UTF-8); OSError or ValueError when absent or not one."""
     value = json.loads(Path(path).read_bytes().decode("utf-8"))
     if not isinstance(value, dict):
-        kind = {list: "list", str: "text"}.get(type(value), type(value).__name__)
+        names: dict[type, str] = {list: "list", str: "text"}
+        kind = names.get(type(value), type(value).__name__)
         raise ValueError(f"it holds a JSON {kind}, not an object")
     return value
 

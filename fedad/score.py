@@ -62,7 +62,7 @@ def score_file(
             + ("it is a folder." if target.is_dir() else f"there is no folder {folder}.")
             + " Give -o a file path in an existing folder."
         )
-    rows, unseen = 0, {}
+    rows, unseen = 0, dict[str, int]()
     labelled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as tmp:
         try:

@@ -119,7 +119,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
 
 
 def _federated(
-    cfg: DictConfig, prepared: RunData, run_dir: Path, resume: bool, started: EngineStart
+    cfg: DictConfig, prepared: RunData, run_dir: Path, resume: bool, started: EngineStart | None
 ) -> list[ModelResult]:
     """The federated model, then each site alone."""
     from fedad.federated.simulation import run_federated

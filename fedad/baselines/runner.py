@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -176,8 +176,8 @@ def with_twin(cfg_baselines: Mapping, model: str) -> dict:
         A plain copy; the twin (:data:`fedad.models.catalog.TWINS`) is added with
         its default settings when the config does not select it.
     """
-    plain = (
-        OmegaConf.to_container(cfg_baselines, resolve=True)
+    plain: dict[str, Any] = (
+        cast(dict[str, Any], OmegaConf.to_container(cfg_baselines, resolve=True))
         if isinstance(cfg_baselines, DictConfig)
         else dict(cfg_baselines)
     )
@@ -201,7 +201,7 @@ def check_config(cfg_baselines: Mapping) -> list[str]:
     list[str]
         One phrase per problem, naming the key.
     """
-    problems = []
+    problems: list[str | None] = []
     models = cfg_baselines.get("models") or {}
     for name, params in models.items():
         defaults = {**SUPERVISED_DEFAULTS, **UNSUPERVISED_DEFAULTS}.get(name)

@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def _run_scorer(kind: str) -> Callable[[object], bool]:
     return lambda model: isinstance(model, Scorer) and model.detector_kind == kind
 
 
-def _copy_run_file(model: object, path: Path) -> None:
+def _copy_run_file(model: Any, path: Path) -> None:
     # A federated run's scorer: the model file the run saved, byte for byte.
     shutil.copyfile(model.path, path)
 
@@ -83,7 +84,7 @@ def _keras_accepts(model: object) -> bool:
     return _keras_scorer(model) or _module(model).startswith("keras")
 
 
-def _keras_save(model: object, path: Path) -> None:
+def _keras_save(model: Any, path: Path) -> None:
     if _module(model).startswith("keras"):
         model.save(path)
     else:
@@ -123,7 +124,7 @@ def _sklearn_load(path: Path) -> Predict:
     return skops.io.load(path, trusted=untrusted).predict_proba
 
 
-def _xgboost_save(model: object, path: Path) -> None:
+def _xgboost_save(model: Any, path: Path) -> None:
     model.save_model(str(path))
 
 

@@ -52,7 +52,7 @@ class ModelResult:
     name: str
     kind: Kind
     metrics: dict
-    scores: np.ndarray
+    scores: np.ndarray | None
     train_seconds: float
     model: object
     info: dict = field(default_factory=dict)

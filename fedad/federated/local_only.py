@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+from flwr.app import ConfigRecord
 
 from fedad.config import Settings
 from fedad.data import scaling
@@ -111,12 +112,12 @@ def site_alone(
     family = family_for(settings)
     family.seed_initial(seed)
     arrays = family.initial_arrays()
-    site = load_site(settings, pid, {}, family.val_fraction(), reader=LOCAL_READER)
+    site = load_site(settings, pid, ConfigRecord(), family.val_fraction(), reader=LOCAL_READER)
     for server_round in range(1, int(settings["simulation.num_rounds"]) + 1):
         arrays, _ = family.fit(arrays, site, {}, seed=seed + 1000 * server_round + pid)
     family.after_evaluate(family.site_metrics(arrays, site, family.evaluate_config()))
-    X_site, _ = shards.read_shard(shards.shard_path(settings["run-dir"], pid), LOCAL_READER)
-    mean, std = site_scaling(X_site, {})
+    X_site, _ = shards.read_shard(shards.shard_path(str(settings["run-dir"]), pid), LOCAL_READER)
+    mean, std = site_scaling(X_site, ConfigRecord())
     scores = family.scores(arrays, scaling.standardize(X_test, mean, std))
     threshold = family.evaluate_config().get("threshold")
     y_true, y_pred = y_test, None

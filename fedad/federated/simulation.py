@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -125,7 +125,8 @@ def run_federated(
     settings = prepare_sites(cfg, data, partitions, run_dir, resume)
     sim = cfg.simulation
     stop = threading.Event()
-    partitions_of = Future()  # the engine's {node id: partition id}, for the ServerApp
+    # The engine's {node id: partition id}, for the ServerApp.
+    partitions_of: Future[dict[int, int]] = Future()
     start = time.perf_counter()
     engine.simulate(
         server_app(settings, stop, partitions_of),
@@ -149,6 +150,8 @@ def run_federated(
     info = {**run_info(cfg, settings, history, len(partitions)), "scaling_sites": scaling_sites}
     if "attack_success" in history:
         targets = [1] if scores.ndim == 1 else attacks.targets(settings, data.class_names)
+        # A targeted attack ran (the history has its success): its targets are known.
+        targets = cast(list[int], targets)
         metrics["attack_success"] = attack_success_rate(metrics["confusion"], targets)
     if info["privacy"]["name"] != "none":
         metrics["epsilon"] = info["privacy"]["epsilon"]
@@ -208,7 +211,7 @@ def _engine_settings(cfg: DictConfig) -> dict:
 
 def run_info(
     cfg: DictConfig, settings: dict, history: pd.DataFrame, num_sites: int
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """What ``results.json`` records of the run's attack and privacy (:class:`FederatedResult`)."""
     attack = attacks.describe(settings, num_sites)
     if attack["name"] != "none" and "num_malicious_nodes" in cfg.strategy:
@@ -261,13 +264,14 @@ def prepare_sites(
     validate(cfg, partitions, data.class_names)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = {
+    fingerprint: dict[str, Any] = {
         "content": content(cfg),
         "data": checkpoint.data_fingerprint(data, partitions),
     }
     if resume:
         # fedad.run.resume.decide compared the settings; the data is left to compare.
-        checkpoint.require_same_data(checkpoint.read_meta(run_dir), fingerprint["data"], run_dir)
+        meta = cast(Mapping, checkpoint.read_meta(run_dir))
+        checkpoint.require_same_data(meta, fingerprint["data"], run_dir)
     else:
         checkpoint.clear(run_dir)
         site_state.clear(run_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
+from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -92,7 +93,7 @@ def _saved_content(run_dir: Path, meta: Mapping | None) -> dict | None:
     if meta is not None and "content" in meta["fingerprint"]:
         return dict(meta["fingerprint"]["content"])
     path = run_dir / rundir.CONFIG_FILE
-    return content(OmegaConf.load(path)) if path.is_file() else None
+    return content(cast(DictConfig, OmegaConf.load(path))) if path.is_file() else None
 
 
 def _saved_rounds(run_dir: Path, meta: Mapping | None) -> int | None:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import keras
 import numpy as np
@@ -167,7 +168,7 @@ class _Anchor:
 def local_model(settings: Settings) -> ProximalModel:
     """Return this process's compiled model for ``settings``, built on first use."""
     model_cfg = section(settings, "model")
-    n_classes = len(json.loads(settings["class-names"]))
+    n_classes = len(json.loads(str(settings["class-names"])))
     key = json.dumps(
         [
             model_cfg,
@@ -244,7 +245,7 @@ def train_local(
     model.set_anchor(global_weights, mu)
     _reset_optimizer(model.optimizer, float(settings["train.learning_rate"]))
     if state is not None and OPTIMIZER_STATE in state:
-        _restore_optimizer(model, state[OPTIMIZER_STATE].to_numpy_ndarrays())
+        _restore_optimizer(model, cast(ArrayRecord, state[OPTIMIZER_STATE]).to_numpy_ndarrays())
     _reseed(model, seed)
     # The seed orders the rows; Keras' shuffle on top draws from TensorFlow's global seed.
     order = np.random.default_rng(seed).permutation(len(y))
