@@ -64,7 +64,7 @@ class Steps:
             Set its ``note`` to add a result to the closing line.
         """
         current = Step(name)
-        if self.bar is not None:
+        if self.bar is not None and self.task is not None:  # set together
             self.bar.update(self.task, description=f"{self.what}: {name}")
         started = time.perf_counter()
         yield current
@@ -74,7 +74,7 @@ class Steps:
         label = f"{name} done" if name else "done"
         note = f" ({current.note})" if current.note else ""
         log.info("%s%s: %s in %.1f s%s", self.what, count, label, seconds, note)
-        if self.bar is not None:
+        if self.bar is not None and self.task is not None:
             self.bar.update(self.task, advance=1)
 
 

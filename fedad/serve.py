@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
@@ -63,8 +64,11 @@ def create_app(detector: Detector, max_batch: int = MAX_BATCH, rule: str | None 
     detector.check_rule(rule)
     schema = detector.manifest["schema"]
     kinds = {f["name"]: Number if f["type"] == "number" else Category for f in schema["features"]}
-    record = with_config(ConfigDict(extra="allow"))(TypedDict("Record", kinds))
-    body = TypeAdapter(TypedDict("Body", {"records": list[record]}))
+    # The record type is built from the detector's schema at run time, which mypy's
+    # TypedDict syntax (literal keys) cannot express: both are typed as Any.
+    typed_dict: Any = TypedDict
+    record: Any = with_config(ConfigDict(extra="allow"))(typed_dict("Record", kinds))
+    body = TypeAdapter(typed_dict("Body", {"records": list[record]}))
     records = TypeAdapter(list[record])
     known = set(detector.features) | set(schema["optional"])
     app = FastAPI(title=f"fedad detector {detector.name}", version=__version__)
@@ -105,6 +109,8 @@ def create_app(detector: Detector, max_batch: int = MAX_BATCH, rule: str | None 
         if len(raw) > max_batch * BYTES_PER_ROW:
             raise Refused(413, f"The request body is over {max_batch * BYTES_PER_ROW} bytes.")
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+        rows: bytes | list[dict[str, Any]]
+        validate: Callable[[Any], list[Any]]
         if kind == "text/csv":
             rows = _csv_rows(raw, detector, max_batch)
             validate = records.validate_python
@@ -135,7 +141,7 @@ def create_app(detector: Detector, max_batch: int = MAX_BATCH, rule: str | None 
             }
         )
         scored = await run_in_threadpool(detector.score, frame, chosen)
-        extra = set().union(*map(dict.keys, valid)) - known
+        extra: set[str] = set().union(*map(dict.keys, valid)) - known
         answer = {
             "model": detector.name,
             "rule": chosen,

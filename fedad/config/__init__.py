@@ -26,6 +26,7 @@ from fedad.config.settings import (
     group_settings,
     make_settings,
     section,
+    to_dict,
     unflatten,
 )
 
@@ -51,5 +52,6 @@ __all__ = [
     "load_option",
     "make_settings",
     "section",
+    "to_dict",
     "unflatten",
 ]

@@ -6,6 +6,7 @@ import difflib
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -80,10 +81,11 @@ def composition_error(error: BaseException, overrides: Sequence[str] = ()) -> Fe
     -------
     FedadError
     """
-    chain = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
     texts = [" ".join(str(e).split()) for e in chain]
     full_key = next((m.group(1) for t in texts if (m := re.search(r"full_key: (\S+)", t))), None)
     conversion = next(
@@ -158,4 +160,5 @@ def available_options(group: str) -> list[str]:
 
 def load_option(group: str, name: str) -> DictConfig:
     """Read one option file of a config group, e.g. ``load_option("model", "cnn")``."""
-    return OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
+    # An option file is a mapping of settings (OmegaConf.load is typed for a list too).
+    return cast(DictConfig, OmegaConf.load(CONF_DIR / group / f"{name}.yaml"))

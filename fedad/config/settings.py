@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,8 +34,9 @@ def _group_keys(group: str) -> list[str]:
     if folder.is_dir():
         options = [OmegaConf.load(path) for path in sorted(folder.glob("*.yaml"))]
     else:
-        options = [OmegaConf.load(CONF_DIR / f"{CONFIG_NAME}.yaml")[group]]
-    keys = dict.fromkeys(f"{group}.{key}" for option in options for key in option)
+        options = [cast(DictConfig, OmegaConf.load(CONF_DIR / f"{CONFIG_NAME}.yaml"))[group]]
+    # YAML keys are strings; OmegaConf types a key as any scalar (bytes too).
+    keys = dict.fromkeys(f"{group}.{key!s}" for option in options for key in option)
     keys.pop(f"{group}.defaults", None)  # Hydra's own list, not a setting
     return [key for key in keys if key not in ENGINE_KEYS]
 
@@ -48,6 +49,25 @@ FLOWER_KEYS = (*RUN_KEYS, *(key for group in SETTINGS_GROUPS for key in _group_k
 Scalar = bool | int | float | str
 # Flat run settings as the Flower apps receive them (a Flower run config has this shape).
 Settings = Mapping[str, Scalar]
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The plain nested dict of a DictConfig, interpolations resolved.
+
+    ``OmegaConf.to_container`` is typed for any node (a list, a string, None); a
+    DictConfig always converts to a dict with string keys, which this says once for
+    every caller.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        A config node with keys (the composed config, or one of its groups).
+
+    Returns
+    -------
+    dict
+    """
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
 
 
 def flatten(values: Mapping, prefix: str = "", *, keep_empty: bool = False) -> dict[str, Any]:
@@ -67,7 +87,7 @@ def flatten(values: Mapping, prefix: str = "", *, keep_empty: bool = False) -> d
     dict
     """
     if isinstance(values, DictConfig):
-        values = OmegaConf.to_container(values, resolve=True)
+        values = to_dict(values)
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, Mapping) and (value or not keep_empty):
@@ -105,16 +125,23 @@ def group_settings(cfg: DictConfig) -> dict[str, Scalar]:
     for group in SETTINGS_GROUPS:
         if group not in cfg:
             continue
-        values = OmegaConf.to_container(cfg[group], resolve=True)
+        values = to_dict(cfg[group])
         settings.update({f"{group}.{k}": v for k, v in values.items() if isinstance(v, Scalar)})
     return settings
 
 
 class DataShape(Protocol):
-    """What the settings need of the prepared data."""
+    """What the settings need of the prepared data (read only: a property will do)."""
 
-    n_features: int
-    class_names: Sequence[Any]
+    @property
+    def n_features(self) -> int:
+        """Feature columns the models take."""
+        ...
+
+    @property
+    def class_names(self) -> Sequence[Any]:
+        """Class code to name."""
+        ...
 
 
 def make_settings(

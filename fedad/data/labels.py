@@ -198,11 +198,11 @@ def missing_column(name: object, key: str, columns: Iterable[object], hint: str 
     -------
     FedadError
     """
-    columns = [str(c) for c in columns if c not in INTERNAL]
-    hint = hint or did_you_mean(name, columns)
+    shown = [str(c) for c in columns if c not in INTERNAL]
+    hint = hint or did_you_mean(name, shown)
     return FedadError(
         f"Column '{name}' (dataset.{key}) is not in the data. Columns found: "
-        f"{', '.join(columns)}.{hint} Set dataset.{key} to one of them."
+        f"{', '.join(shown)}.{hint} Set dataset.{key} to one of them."
     )
 
 

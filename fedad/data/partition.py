@@ -170,6 +170,7 @@ class _RestartingDirichlet(DirichletPartitioner):
     """
 
     RESTARTS = 20
+    _seed: int  # set by DirichletPartitioner.__init__ (an untyped library)
 
     # flower-internal: test_dirichlet_private_method (the method, _seed and _rng)
     def _determine_partition_id_to_indices_if_needed(self) -> None:

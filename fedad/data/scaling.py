@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import numpy as np
 
@@ -47,7 +48,8 @@ def pooled_moments(sums: Iterable[SiteSums]) -> tuple[np.ndarray, np.ndarray]:
     n = sum(count for count, _, _ in sums)
     if n == 0:
         raise ValueError("cannot standardize with statistics of zero rows")
-    mean = sum(s for _, s, _ in sums) / n
+    # sum() starts from 0, hence its int | array type; with a site it is an array.
+    mean = cast(np.ndarray, sum(s for _, s, _ in sums) / n)
     # float64 sums keep E[x^2] - E[x]^2 accurate for log-transformed features;
     # the clip absorbs the rounding of an (almost) constant column.
     var = np.clip(sum(q for _, _, q in sums) / n - np.square(mean), 0.0, None)

@@ -167,7 +167,7 @@ def check_files(cfg: Mapping, data_dir: str | Path) -> None:
                 f"dataset '{cfg['name']}' sets dataset.train_file but no dataset.test_file. "
                 "Give both, or give a single file as dataset.path and fedad splits it."
             )
-        keys = ("train_file", "test_file")
+        keys: tuple[str, ...] = ("train_file", "test_file")
     elif cfg.get("path"):
         keys = ("path",)
     else:
@@ -197,8 +197,8 @@ def looks_like_data(names: Iterable[object]) -> bool:
     -------
     bool
     """
-    names = pd.Series([str(n) for n in names], dtype=object)
-    return bool(len(names)) and numeric_share(names) >= 0.5
+    texts = pd.Series([str(n) for n in names], dtype=object)
+    return bool(len(texts)) and numeric_share(texts) >= 0.5
 
 
 def _header_warning(frame: pd.DataFrame, cfg: Mapping, path: Path, key: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard, cast
 
 import numpy as np
 import pandas as pd
@@ -113,11 +114,11 @@ def _categorical(rng: np.random.Generator, weights: np.ndarray) -> np.ndarray:
     return np.minimum((cum < u[:, None]).sum(axis=1), weights.shape[1] - 1)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int | np.integer]:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[int | float | np.integer | np.floating]:
     return _is_int(value) or isinstance(value, (float, np.floating))
 
 
@@ -182,7 +183,8 @@ def class_counts(n_attack: int, profile: str = "ciciot") -> np.ndarray:
         One count per class, largest first, summing to ``n_attack``: the shares
         rounded by largest remainder.
     """
-    exact = n_attack * PROFILES[profile].shares
+    # The documented precondition: a profile with fixed shares.
+    exact = n_attack * cast(np.ndarray, PROFILES[profile].shares)
     counts = np.floor(exact).astype(np.int64)
     counts[np.argsort(counts - exact)[: n_attack - counts.sum()]] += 1
     return counts

@@ -6,14 +6,16 @@ import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fedad import rundir
-from fedad.config import checks
+from fedad.config import checks, to_dict
 from fedad.data.prepared import PreparedData
+from fedad.data.preprocess import Preprocessor
 from fedad.detector.adapters import ANOMALY_SCORE, adapter_for, find_adapter
 from fedad.detector.artifact import write
 from fedad.detector.scorer import ARGMAX_RULE, POOLED_SITES, THRESHOLD_RULE, TRAIN_ROWS
@@ -67,7 +69,8 @@ def choose(models: Sequence[ModelResult]) -> list[ModelResult]:
 
 def _saved(model: ModelResult) -> object:
     """What an adapter saves: the federated run's scorer, or a baseline's fitted estimator."""
-    return model.model if model.kind == "federated" else model.model.estimator
+    # ModelResult.model is any fitted model; a baseline's has .estimator (comparison.py).
+    return model.model if model.kind == "federated" else cast(Any, model.model).estimator
 
 
 def write_detectors(
@@ -135,7 +138,7 @@ def write_detector(
     else:
         mean, std = data.scaler.mean_, data.scaler.scale_
         scaling = TRAIN_ROWS
-        classes = [int(c) for c in model.model.classes]
+        classes = [int(c) for c in cast(Any, model.model).classes]
         validation = model.info.get("validation_macro_f1")
         why = (
             "the centralized supervised model with the highest validation macro-F1 "
@@ -145,8 +148,13 @@ def write_detector(
         )
     folder = run_dir / rundir.DETECTOR_DIR / model.name
     manifest = _manifest(cfg, data, model, classes, scaling, why, fingerprint, run_dir)
-    write(folder, manifest, _saved(model), data.preprocessor, mean, std)
+    write(folder, manifest, _saved(model), _preprocessor(data), mean, std)
     return {"folder": str(folder.relative_to(run_dir)), "chosen_as": why}
+
+
+def _preprocessor(data: PreparedData) -> Preprocessor:
+    # fedad.data.prepare always fits one; the field is optional only in the dataclass.
+    return cast(Preprocessor, data.preprocessor)
 
 
 def _manifest(
@@ -159,8 +167,8 @@ def _manifest(
     fingerprint: str,
     run_dir: Path,
 ) -> dict:
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    pre = data.preprocessor
+    dataset = to_dict(cfg.dataset)
+    pre = _preprocessor(data)
     label_columns = [dataset["label_column"]]
     if cfg.task != "binary" and dataset.get("class_column"):
         label_columns.append(dataset["class_column"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -172,7 +173,9 @@ class Detector:
         X = self.standardize(X)
         if self.anomaly:
             attack = np.asarray(self.predict_model(X), dtype=np.float64)
-            return Scored(attack, attack, (attack >= threshold).astype(np.int64), unseen)
+            # An anomaly detector's rules all have a threshold (no argmax rule).
+            decided = attack >= cast(float, threshold)
+            return Scored(attack, attack, decided.astype(np.int64), unseen)
         full = np.zeros((len(X), len(self.class_names)), dtype=np.float64)
         full[:, self.columns] = self.predict_model(X)
         attack = 1.0 - full[:, 0]
@@ -190,7 +193,7 @@ class Detector:
         """
         rule = rule or self.default_rule
         threshold = self.threshold_used(rule)
-        columns = {
+        columns: dict[str, Any] = {
             f"p_{name}": scored.scores[:, i]
             for i, name in enumerate(self.class_names)
             if not self.anomaly

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -173,7 +174,7 @@ def explain(
             y_test = data.y_test if threshold is None else (data.y_test != 0).astype(np.int64)
             with bar.step(m.name):
                 table = permutation_importance_table(
-                    m.model.predict_scores,
+                    cast(Any, m.model).predict_scores,  # every ModelResult's model has it
                     X_test,
                     y_test,
                     data.feature_names,

@@ -220,7 +220,8 @@ def plot_eda(
             if len(part):
                 ax.hist(
                     part[:, i],
-                    bins=bins,
+                    # matplotlib's stubs want a Sequence; it takes an array of edges.
+                    bins=bins,  # type: ignore[arg-type]
                     density=True,
                     histtype="stepfilled",
                     alpha=0.5,

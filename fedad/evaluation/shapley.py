@@ -7,6 +7,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -113,19 +114,21 @@ def _explain(
     None for an anomaly score.
     """
     tree = "TreeExplainer (exact, tree path dependent)"
+    # A baseline's fitted model (.estimator, .classes) or the federated scorer (.model).
+    fitted: Any = m.model
     if m.kind != "federated":
         output = "attack log-odds" if m.name == "xgboost" else "attack probability"
-        estimator, trees = sub_forest(m.model.estimator, FOREST_TREES, seed)
-        return tree_shap(estimator, m.model.classes, X), tree, output, trees
-    if hasattr(m.model, "threshold"):  # the federated autoencoder: reconstruction error
+        estimator, trees = sub_forest(fitted.estimator, FOREST_TREES, seed)
+        return tree_shap(estimator, fitted.classes, X), tree, output, trees
+    if hasattr(fitted, "threshold"):  # the federated autoencoder: reconstruction error
         return None
     import xgboost
 
-    if isinstance(m.model.model, xgboost.Booster):
-        values = tree_shap(m.model.model, np.arange(n_classes), X)
+    if isinstance(fitted.model, xgboost.Booster):
+        values = tree_shap(fitted.model, np.arange(n_classes), X)
         return values, tree, "attack log-odds", {}
     method = f"GradientExplainer (expected gradients, {GRADIENT_SAMPLES} samples)"
-    values = gradient_shap(m.model.model, X, background, seed)
+    values = gradient_shap(fitted.model, X, background, seed)
     return values, method, "attack probability", {}
 
 

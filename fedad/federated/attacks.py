@@ -31,8 +31,8 @@ COMMON = ("name", "fraction", "start_round")
 STREAM = 0xA77AC
 
 
-def check_config(attack_cfg: Mapping, model: str, task: str, sim: Mapping) -> list[str]:
-    """What is wrong with an ``attack`` config; empty when the run can carry it out.
+def check_config(attack_cfg: Mapping, model: str, task: str, sim: Mapping) -> list[str | None]:
+    """What is wrong with an ``attack`` config; no phrase when the run can carry it out.
 
     Parameters
     ----------
@@ -47,8 +47,8 @@ def check_config(attack_cfg: Mapping, model: str, task: str, sim: Mapping) -> li
 
     Returns
     -------
-    list[str]
-        One phrase per problem, naming the key.
+    list[str or None]
+        One phrase per problem, naming the key; a check that passed may leave a None.
     """
     name = attack_cfg.get("name")
     if name not in ATTACKS:
@@ -56,7 +56,7 @@ def check_config(attack_cfg: Mapping, model: str, task: str, sim: Mapping) -> li
     if name == "none":
         return []
     own = PARAMETERS.get(name, ())
-    problems = [
+    problems: list[str | None] = [
         f"attack.{key} is not a parameter of {name} (it takes: {', '.join((*COMMON[1:], *own))})"
         for key in attack_cfg
         if key not in (*COMMON, *own)

@@ -10,7 +10,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def save(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
     folder = Path(run_dir) / rundir.CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     state_name = f"state-{checkpoint.round:05d}.npz"
-    arrays = {f"model.{i}": a for i, a in enumerate(checkpoint.arrays)}
+    arrays: dict[str, Any] = {f"model.{i}": a for i, a in enumerate(checkpoint.arrays)}
     kinds = {}
     for name, value in checkpoint.strategy_state.items():
         kinds[name] = "dict" if isinstance(value, Mapping) else "list"
@@ -229,7 +229,8 @@ def data_fingerprint(data: PreparedData, partitions: Sequence[np.ndarray]) -> st
     for a in arrays:
         a = np.ascontiguousarray(a)
         digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(memoryview(a).cast("B"))
+        # numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only.
+        digest.update(memoryview(a).cast("B"))  # type: ignore[arg-type]
     return digest.hexdigest()
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from typing import Any, cast
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedad.data import scaling
@@ -57,7 +59,8 @@ app = client_app()
 def handle_query(msg: Message, context: Context, settings: Settings) -> Message:
     """Reply with the row count and per-feature sums of this site's whole shard."""
     pid = int(context.node_config["partition-id"])
-    X, _ = shards.read_shard(shards.shard_path(settings["run-dir"], pid), shards.site_reader(pid))
+    run_dir = cast(str, settings["run-dir"])
+    X, _ = shards.read_shard(shards.shard_path(run_dir, pid), shards.site_reader(pid))
     count, total, squares = scaling.site_sums(X)
     stats = MetricRecord(
         {"partition-id": pid, "count": count, "sum": total.tolist(), "sumsq": squares.tolist()}
@@ -73,17 +76,18 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     family = family_for(settings)
     family.init_runtime()
     pid = int(context.node_config["partition-id"])
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
+    config = _config(msg)
+    server_round = int(cast(int, config["server-round"]))
+    run_dir = cast(str, settings["run-dir"])
     if faults.fails(settings, context, config):
         detail = faults.act_out_failure(settings, pid, server_round)
         return faults.failure_reply(msg, pid, server_round, detail)
     if settings.get("resume", False):
-        site_state.restore(settings["run-dir"], pid, server_round, context.state)
+        site_state.restore(run_dir, pid, server_round, context.state)
     site = load_site(settings, pid, config, family.val_fraction(), state=context.state)
     arrays, metrics = attacks.train_site(
         family,
-        msg.content["arrays"].to_numpy_ndarrays(),
+        _arrays(msg).to_numpy_ndarrays(),
         site,
         config,
         settings,
@@ -92,13 +96,15 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
         seed=int(settings["seed"]) + 1000 * server_round + pid,
     )
     site_state.save(
-        settings["run-dir"],
+        run_dir,
         pid,
         server_round,
         context.state,
         int(settings["simulation.checkpoint_every"]),
     )
-    reply = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+    # MetricRecord takes a dict, invariant in its values: floats are metric values.
+    metric_record = MetricRecord(cast(dict[str, Any], metrics))
+    reply = RecordDict({"arrays": ArrayRecord(arrays), "metrics": metric_record})
     return Message(reply, reply_to=msg)
 
 
@@ -107,10 +113,20 @@ def handle_evaluate(msg: Message, context: Context, settings: Settings) -> Messa
     family = family_for(settings)
     family.init_runtime()
     pid = int(context.node_config["partition-id"])
-    config = msg.content["config"]
+    config = _config(msg)
     # The final pass over all sites measures the final model, so nothing fails there.
     if not config.get("final", False) and faults.fails(settings, context, config):
-        return faults.failure_reply(msg, pid, int(config["server-round"]))
+        return faults.failure_reply(msg, pid, int(cast(int, config["server-round"])))
     site = load_site(settings, pid, config, family.val_fraction())
-    metrics = family.site_metrics(msg.content["arrays"].to_numpy_ndarrays(), site, config)
+    metrics = family.site_metrics(_arrays(msg).to_numpy_ndarrays(), site, config)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _config(msg: Message) -> ConfigRecord:
+    """The ``config`` record of a server's message (a RecordDict entry is typed as any record)."""
+    return cast(ConfigRecord, msg.content["config"])
+
+
+def _arrays(msg: Message) -> ArrayRecord:
+    """The ``arrays`` record (the global model) of a train or evaluate message."""
+    return cast(ArrayRecord, msg.content["arrays"])

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
 from flwr.clientapp import ClientApp
@@ -20,6 +20,8 @@ from flwr.serverapp import ServerApp
 from flwr.supercore.date import now
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 
 # Flower's simulation modules import TensorFlow (flwr.simulation.ray_transport.utils does, for
@@ -212,14 +214,17 @@ class EngineStart:
         if self.error is not None:
             raise self.error
         self.taken = True
-        return self.pool
+        # Set by the start, which raised otherwise.
+        return cast("BasicActorPool", self.pool)
 
     def wait_ready(self) -> float:
         """Wait until every actor has started; seconds since this start began (benchmarks)."""
         self._started.wait()
         if self.error is not None:
             raise self.error
-        ray.get([actor.__ray_ready__.remote() for actor in self.pool.pool])
+        # The pool holds Ray actor handles (Flower types them as the actor class).
+        actors: list[Any] = cast("BasicActorPool", self.pool).pool
+        ray.get([actor.__ray_ready__.remote() for actor in actors])
         return time.perf_counter() - self.started_at
 
     def close(self) -> None:
@@ -248,11 +253,12 @@ def _backend_adopts(pool: BasicActorPool | None) -> Iterator[None]:
         backend.pool = pool
         backend.app_fn = app_fn
 
-    RayBackend.build = adopt
+    # A patched method: mypy allows no assignment to a method, hence the cast.
+    cast(Any, RayBackend).build = adopt
     try:
         yield
     finally:
-        RayBackend.build = flower_build
+        cast(Any, RayBackend).build = flower_build
 
 
 def ray_options(
@@ -374,17 +380,23 @@ def _actors_killed_at_the_end() -> Iterator[None]:
 
     flower_terminate = BasicActorPool.terminate_all_actors
 
-    BasicActorPool.terminate_all_actors = _kill_actors
+    # A patched method: mypy allows no assignment to a method, hence the cast.
+    cast(Any, BasicActorPool).terminate_all_actors = _kill_actors
     try:
         yield
     finally:
-        BasicActorPool.terminate_all_actors = flower_terminate
+        cast(Any, BasicActorPool).terminate_all_actors = flower_terminate
 
 
 def _kill_actors(pool: BasicActorPool) -> None:
     """End every actor of ``pool``, idle or busy, with no task to retry (see above)."""
-    # flower-internal: test_actor_pool
-    for actor in [*pool.pool, *pool._future_to_actor.values()]:
+    # Ray actor handles (Flower types them as the actor class), idle and busy.
+    actors: list[Any] = [
+        *pool.pool,
+        # flower-internal: test_actor_pool
+        *pool._future_to_actor.values(),
+    ]
+    for actor in actors:
         ray.kill(actor, no_restart=True)
 
 
@@ -404,7 +416,9 @@ class _Interrupts:
         self.stop = stop
         self.count = 0
         self.name = ""
-        self.previous: dict[signal.Signals, object] = {}
+        self.previous: dict[
+            signal.Signals, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+        ] = {}
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():

@@ -6,6 +6,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message
@@ -45,7 +46,7 @@ def fails(settings: Settings, context: Context, config: ConfigRecord) -> bool:
     """Whether this site is made to fail in the message's round (see :func:`injected_failure`)."""
     return injected_failure(
         int(settings["seed"]),
-        int(config["server-round"]),
+        int(cast(int, config["server-round"])),
         int(context.node_config["partition-id"]),
         int(context.node_config["num-partitions"]),
         float(settings.get("simulation.client_failure_rate", 0.0)),
@@ -66,7 +67,7 @@ def act_out_failure(settings: Settings, partition_id: int, server_round: int) ->
         # gets the error reply, so the site counts as failed once, and the crash
         # is not repeated until Ray gives up.
         name = f"crashed_round_{server_round:05d}_{shards.site_reader(partition_id)}"
-        marker = Path(settings["run-dir"], rundir.SHARD_DIR, name)
+        marker = Path(cast(str, settings["run-dir"]), rundir.SHARD_DIR, name)
         if not marker.exists():
             marker.touch()
             os._exit(1)

@@ -7,8 +7,9 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from itertools import islice
+from typing import Any, cast
 
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
@@ -144,8 +145,11 @@ class SiteGrid(Grid):
                 continue
             kind = message.metadata.message_type
             self.failures[kind] += 1
-            reason = f"no reply within {timeout:g} s" if reply is None else reply.error.reason
-            config = message.content.config_records.get("config") or {}
+            # An error reply carries its reason (Flower types it as optional).
+            reason = (
+                f"no reply within {timeout:g} s" if reply is None else cast(str, reply.error.reason)
+            )
+            config: Mapping[str, Any] = message.content.config_records.get("config") or {}
             step = f"round {config['server-round']} {kind}" if "server-round" in config else kind
             node = message.metadata.dst_node_id
             log.warning(

@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -26,6 +26,9 @@ from fedad.config import Settings, checks, section
 from fedad.config.resolvers import sampled_sites
 from fedad.federated.task import run_settings
 
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
+
 log = logging.getLogger(__name__)
 
 # Noise added by the server to the mean of clipped updates (central DP), with the sites
@@ -34,7 +37,8 @@ FIXED = ("central", "client")
 ADAPTIVE = ("central_adaptive", "client_adaptive")
 CENTRAL = (*FIXED, *ADAPTIVE)
 PRIVACY = ("none", *CENTRAL, "local")
-WRAPPERS: dict[str, type[Strategy]] = {
+# Each wrapper takes its own arguments (fixed: a clipping norm; adaptive: its clipping keys).
+WRAPPERS: dict[str, Callable[..., Strategy]] = {
     "central": DifferentialPrivacyServerSideFixedClipping,
     "client": DifferentialPrivacyClientSideFixedClipping,
     "central_adaptive": DifferentialPrivacyServerSideAdaptiveClipping,
@@ -91,7 +95,7 @@ def check_config(privacy_cfg: Mapping, strategy: str, model: str, sim: Mapping) 
     if name == "none":
         return []
     own = PARAMETERS[name]
-    problems = [
+    problems: list[str | None] = [
         f"privacy.{key} is not a parameter of {name} (it takes: {', '.join(own)})"
         for key in privacy_cfg
         if key not in ("name", *own)
@@ -308,7 +312,7 @@ class Private(Strategy):
             "dp_releases": self.releases,
         }
         if self.name in ADAPTIVE:
-            fields["clipping_norm"] = float(self.strategy.clipping_norm)
+            fields["clipping_norm"] = float(self._adaptive().clipping_norm)
         return fields
 
     def restore(self, row: Mapping[str, Any]) -> None:
@@ -317,7 +321,11 @@ class Private(Strategy):
         if self.releases:
             self.ledger.compose(self.event, count=self.releases)
         if self.name in ADAPTIVE and "clipping_norm" in row:
-            self.strategy.clipping_norm = float(row["clipping_norm"])
+            self._adaptive().clipping_norm = float(row["clipping_norm"])
+
+    def _adaptive(self) -> DifferentialPrivacyAdaptiveBase:
+        """The adaptive-clipping wrapper (``self.name in ADAPTIVE``), which owns the norm."""
+        return cast("DifferentialPrivacyAdaptiveBase", self.strategy)
 
 
 def describe(settings: Settings, history: list[Mapping] | None = None) -> dict[str, Any]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -106,7 +107,7 @@ class Rounds(Strategy):
             if self.family is not None:
                 self.family.after_evaluate(metrics)
             # Lists are per-bin counts (the autoencoder's): what the history keeps is scalars.
-            scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+            scalars: dict[str, Any] = {k: v for k, v in metrics.items() if not isinstance(v, list)}
             self.evaluate_metrics[server_round] = MetricRecord(scalars)
         return metrics
 
@@ -180,7 +181,7 @@ class ServerEvaluator:
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
         started_at, self._started_at = self._started_at, time.time()
-        client = self.rounds.evaluate_metrics.get(server_round, {})
+        client: Mapping[str, Any] = self.rounds.evaluate_metrics.get(server_round, {})
         row = {
             "round": server_round,
             **self.rounds.train_metrics.get(server_round, {}),

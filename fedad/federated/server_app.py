@@ -6,8 +6,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -258,15 +260,17 @@ def run_server(
     chosen = final_evaluation_sites(
         len(node_ids), None if fraction in (None, "") else float(fraction), seed
     )
+    # The evaluator keeps the model of each round it scored: the final one now.
+    final_arrays = cast(ArrayRecord, evaluator.arrays)
     clients = _final_site_metrics(
-        sites, evaluator.arrays, final_config, counts, len(node_ids), timeout, chosen
+        sites, final_arrays, final_config, counts, len(node_ids), timeout, chosen
     )
     clients.to_csv(run_dir / rundir.CLIENTS_FILE, index=False)
     # The final pass over every site is the last exchange: counted with the last round.
     for key, value in sites.take_payload().items():
         evaluator.rows[-1][key] += value
     _history(evaluator.rows).to_csv(run_dir / rundir.HISTORY_FILE, index=False)
-    family.save(evaluator.arrays.to_numpy_ndarrays(), run_dir)
+    family.save(final_arrays.to_numpy_ndarrays(), run_dir)
 
 
 def _wait_for_nodes(sites: SiteGrid, expected: int, timeout: float = 300.0) -> list[int]:
@@ -330,7 +334,8 @@ def _pooled_statistics(
         raise RuntimeError(f"the scaling-statistics query failed at some sites: {errors}")
     counts, sums = {}, []
     for reply in replies:
-        stats = reply.content["stats"]
+        # The query reply's MetricRecord: scalars, and the sums as lists.
+        stats = cast(Mapping[str, Any], reply.content["stats"])
         pid = int(stats["partition-id"])
         sites.partition_of[reply.metadata.src_node_id] = pid
         counts[pid] = int(stats["count"])
@@ -399,7 +404,7 @@ def _final_site_metrics(
         )
         for pid in chosen
     ]
-    rows = {
+    rows: dict[int, dict[str, Any]] = {
         pid: {"client": pid, "n_examples": counts.get(pid), "evaluated": False}
         for pid in range(n_sites)
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
@@ -42,7 +43,7 @@ def save(
     checkpoint_every : int
         ``simulation.checkpoint_every`` (0: no checkpoint, nothing to resume).
     """
-    arrays = {
+    arrays: dict[str, Any] = {
         f"{name}/{i}": value
         for name, record in state.array_records.items()
         for i, value in enumerate(record.to_numpy_ndarrays())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -50,11 +51,14 @@ class FedXgbBaggingAll(FedXgbBagging):
         if not good or self.current_bst is None:
             return None, None
         contents = [m.content for m in good]
-        weights = [float(c.metric_records["metrics"][self.weighted_by_key]) for c in contents]
+        # The weight is a count (a scalar); Flower types a metric as a scalar or a list.
+        weights = [
+            float(cast(float, c.metric_records["metrics"][self.weighted_by_key])) for c in contents
+        ]
         total = sum(weights) or float(len(weights))
         merged = self.current_bst
         for content, weight in zip(contents, weights, strict=True):
-            trees = booster.from_array(content["arrays"]["0"].numpy())
+            trees = booster.from_array(cast(ArrayRecord, content["arrays"])["0"].numpy())
             merged = booster.merge(merged, trees, (weight or 1.0) / total)
         self.current_bst = merged
         return ArrayRecord([np.frombuffer(merged, dtype=np.uint8)]), self.train_metrics_aggr_fn(
@@ -129,7 +133,7 @@ def check_config(strategy_cfg: Mapping, replies: int, model: str | None = None) 
     if name not in STRATEGIES:
         return [f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}"]
     signature = inspect.signature(STRATEGIES[name].__init__).parameters
-    problems = []
+    problems: list[str | None] = []
     for key in strategy_cfg:
         if key == "name":
             continue
@@ -221,7 +225,7 @@ def build_strategy(
     cls = STRATEGIES[name]
     accepted = inspect.signature(cls.__init__).parameters
     # FedXgbCyclic trains one site a round and takes no minimum of train or evaluate nodes.
-    arguments = {
+    arguments: dict[str, Any] = {
         "fraction_train": fraction_train,
         "fraction_evaluate": fraction_evaluate,
         "min_train_nodes": min_clients,
@@ -281,7 +285,8 @@ def weighted_mean(
     MetricRecord
         One value per metric (NaN where no site defines it), without ``weight_key``.
     """
-    metrics = [next(iter(r.metric_records.values())) for r in records]
+    # Any values: a metric is a scalar or, for a list-valued count, a list (checked below).
+    metrics: list[Mapping[str, Any]] = [next(iter(r.metric_records.values())) for r in records]
     out = MetricRecord()
     for key in metrics[0] if metrics else []:
         if key == weight_key or key in ignore:

@@ -6,6 +6,7 @@ import argparse
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -15,6 +16,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fedad.config import compose, composition_error
 from fedad.errors import FedadError, JobSkipped
 from fedad.run.validate import validate
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 # The one sweeper whose jobs can be listed in advance; others (Optuna) choose as they go.
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -58,7 +62,7 @@ def check(argv: Sequence[str]) -> int:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as error:
         raise composition_error(error, args.overrides) from None
-    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    plain = [_line(o) for o in parsed if not o.is_sweep_override()]
     base = compose(plain, hydra=True, config_name=args.config_name)
     if not (args.multirun or base.hydra.mode == RunMode.MULTIRUN):
         validate(_job(base))
@@ -78,7 +82,7 @@ def check(argv: Sequence[str]) -> int:
     axes = [
         [f"{key}={value}" for value in o.sweep_string_iterator()]
         if o.is_sweep_override()
-        else [o.input_line]
+        else [_line(o)]
         for key, o in swept.items()
     ]
     jobs = list(itertools.product(*axes))
@@ -98,10 +102,16 @@ def check(argv: Sequence[str]) -> int:
 
 def _job(cfg: DictConfig) -> DictConfig:
     """The job's config without the ``hydra`` node, as the task function receives it."""
-    job = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    # A config's mapping converts back to a mapping (OmegaConf types it as any node).
+    job = cast(DictConfig, OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
     with open_dict(job):
         job.pop("hydra", None)
     return job
+
+
+def _line(override: Override) -> str:
+    """An override as given (Hydra's parser sets it for every override it parses)."""
+    return cast(str, override.input_line)
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:

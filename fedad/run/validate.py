@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import os
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fedad.baselines.runner import check_config as check_baselines
-from fedad.config import checks
+from fedad.config import checks, to_dict
 from fedad.config.resolvers import sampled_sites
 from fedad.data.partition import check_config as check_partition
 from fedad.data.prepare import TASKS
@@ -47,7 +47,7 @@ def validate(cfg: DictConfig) -> None:
         than its bound allows with the replies a round can expect (by default it
         assumes the true number of malicious sites): a sweep skips such a job.
     """
-    values = OmegaConf.to_container(cfg, resolve=True)
+    values = to_dict(cfg)
     sim, train, pre = values["simulation"], values["train"], values["preprocess"]
     problems = [
         checks.number(values, "seed", "", whole=True, low=0, high=2**32 - 1),
