@@ -141,13 +141,18 @@ def _baselines(cfg: DictConfig, prepared: RunData) -> list[ModelResult]:
     # Architectures for the central Keras baselines: the federated one as configured.
     model_cfgs = {name: load_option("model", name) for name in available_options("model")}
     model_cfgs[cfg.model.name] = cfg.model
+    from fedad.baselines.twins import cache_inputs
+
+    # The twin (always run beside a federated model) fits on every training row unless capped.
     baselines = with_twin(cfg.baselines, cfg.model.name) if cfg.federated else cfg.baselines
     inputs = {
         "dataset": cfg.dataset,
         "preprocess": cfg.preprocess,
         "task": cfg.task,
         "seed": cfg.seed,
-        "baselines": baselines,
+        # The caps that apply, not which model is the twin: a sweep over models shares its
+        # baselines wherever no cap bites.
+        "baselines": cache_inputs(baselines, prepared.data),
         "train": cfg.train,
         "epochs": epochs,
         "models": model_cfgs,

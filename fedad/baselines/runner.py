@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from functools import partial
+from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from fedad import progress
+from fedad.baselines.stopping import STOPPING, check_stop, stop_settings, validation_rows
 from fedad.baselines.supervised import SUPERVISED_DEFAULTS, fit_supervised
+from fedad.baselines.twins import check_caps, fit_caps, plain, selected
 from fedad.baselines.unsupervised import (
     FIT_ON,
     UNSUPERVISED_DEFAULTS,
@@ -47,12 +49,20 @@ def run_baselines(
     Unsupervised detectors work on the binary view (normal vs any attack, also
     for the multiclass task): a stratified validation slice of the training
     rows orients their score and tunes their threshold; they fit on the rest.
+    With ``baselines.stop.patience`` above 0 each twin-capable model
+    (:data:`fedad.baselines.stopping.STOPPING`) stops on a stratified
+    ``stop.val_fraction`` of its training rows (the autoencoder: on the normal
+    rows of its validation slice); with ``validate`` that one fit, on the rest,
+    also gives its validation score on those rows (``validation.refit`` false).
+    Each model fits on at most its ``max_fit_rows`` rows; ``auto`` resolves by
+    :func:`fedad.baselines.twins.fit_cap` (every row for the run's twin).
 
     Parameters
     ----------
     cfg_baselines : Mapping
         A ``conf/baselines/*.yaml`` config: ``models`` (name -> settings),
-        ``cv_folds``, ``val_fraction``, ``fit_on``, ``contamination``.
+        ``cv_folds``, ``val_fraction``, ``fit_on``, ``contamination``, ``stop``
+        and, from :func:`with_twin`, ``twin``.
     data : PreparedData
         The split the federated model uses.
     train_cfg : Mapping
@@ -77,39 +87,45 @@ def run_baselines(
     Returns
     -------
     list[ModelResult]
-        In config order.
+        In config order. ``info`` records ``params`` (as configured), ``fit_cap``
+        (the cap in force, rows and why; None when it is at or above the
+        training rows, so cannot bite), ``fit_rows`` and
+        ``fit_rows_used``, and the budget: ``epochs``, ``epochs_run``,
+        ``best_epoch`` (Keras), ``boosting_rounds``, ``trees`` and
+        ``best_iteration`` (XGBoost), ``trees`` (the forest), ``stopping``.
 
     Raises
     ------
     FedadError
         On an unknown model or setting name, or a bad ``cv_folds``,
-        ``val_fraction``, ``fit_on`` or ``contamination``; before any model trains.
+        ``val_fraction``, ``fit_on``, ``contamination``, ``stop`` or
+        ``max_fit_rows``; before any model trains.
     """
     checks.raise_problems(check_config(cfg_baselines), "Cannot run the baselines")
-    models = _selected(cfg_baselines)
+    models = selected(cfg_baselines)
     if not models:
         return []
     cv_folds = int(cfg_baselines.get("cv_folds", 0) or 0)
     val_fraction = float(cfg_baselines.get("val_fraction", 0.2))
     fit_on = str(cfg_baselines.get("fit_on", "normal"))
     contamination = cfg_baselines.get("contamination", "auto")
+    stop = stop_settings(cfg_baselines)
+    caps = fit_caps(models, cfg_baselines.get("twin"), len(data.y_train), data.n_classes)
     X_train, X_test = data.scaled()
 
     def fit_sup(name: str, params: Mapping) -> Callable:
-        def fit(X: np.ndarray, y: np.ndarray):
-            return fit_supervised(
-                name,
-                params,
-                X,
-                y,
-                data.n_classes,
-                seed,
-                train_cfg=train_cfg,
-                epochs=keras_epochs,
-                model_cfgs=model_cfgs,
-            )
-
-        return fit
+        # fit(X, y), or fit(X, y, validation=(X_val, y_val)) for a stopping model's slice.
+        return partial(
+            fit_supervised,
+            name,
+            params,
+            n_classes=data.n_classes,
+            seed=seed,
+            train_cfg=train_cfg,
+            epochs=keras_epochs,
+            model_cfgs=model_cfgs,
+            stop=stop,
+        )
 
     def fit_unsup(name: str, params: Mapping) -> Callable:
         def fit(X: np.ndarray, y_binary: np.ndarray):
@@ -128,6 +144,7 @@ def run_baselines(
                     "train_cfg": train_cfg,
                     "epochs": keras_epochs,
                     "model_cfgs": model_cfgs,
+                    "stop": stop,
                 },
             )
 
@@ -137,24 +154,35 @@ def run_baselines(
     with progress.steps("baselines", len(models)) as bar:
         for name, params in models.items():
             kind: Kind = "supervised" if name in SUPERVISED_DEFAULTS else "unsupervised"
-            fit = (fit_sup if kind == "supervised" else fit_unsup)(name, params)
+            cap = caps.get(name)
+            fitting = {**params, "max_fit_rows": cap["rows"]} if cap else _uncapped(params)
+            fit = (fit_sup if kind == "supervised" else fit_unsup)(name, fitting)
+            # A stopping twin's slice, carved here so its fit_rows and validation say so.
+            split = None
+            if stop is not None and kind == "supervised" and name in STOPPING:
+                split = validation_rows(data.y_train, stop.val_fraction, seed)
             with bar.step(name) as step:
                 if validate and kind == "supervised":
                     result = _run_validated(
                         name,
                         fit,
-                        params,
+                        fitting,
                         data,
-                        X_train,
-                        X_test,
+                        (X_train, X_test),
                         seed,
                         cv_folds,
-                        val_fraction,
+                        val_fraction if stop is None or split is None else stop.val_fraction,
                         target_fpr,
+                        split,
                     )
                 else:
-                    result = _run_one(name, kind, fit, data, X_train, X_test, seed, cv_folds)
+                    rows, held = split or (None, None)
+                    result = _run_one(
+                        name, kind, fit, data, X_train, X_test, seed, cv_folds, rows, held
+                    )
                 result.info["params"] = params
+                if name in caps:
+                    result.info["fit_cap"] = cap
                 step.note = f"macro-F1 {result.metrics['macro_f1']:.3f}"
             results.append(result)
     return results
@@ -174,18 +202,15 @@ def with_twin(cfg_baselines: Mapping, model: str) -> dict:
     -------
     dict
         A plain copy; the twin (:data:`fedad.models.catalog.TWINS`) is added with
-        its default settings when the config does not select it.
+        its default settings when the config does not select it, and named in
+        ``twin``: its ``max_fit_rows: auto`` then lifts its cap.
     """
-    plain: dict[str, Any] = (
-        cast(dict[str, Any], OmegaConf.to_container(cfg_baselines, resolve=True))
-        if isinstance(cfg_baselines, DictConfig)
-        else dict(cfg_baselines)
-    )
-    models = dict(plain.get("models") or {})
+    config = plain(cfg_baselines)
+    models = dict(config.get("models") or {})
     twin = TWINS[model]
     if twin not in models:
         models[twin] = {**SUPERVISED_DEFAULTS, **UNSUPERVISED_DEFAULTS}[twin]
-    return {**plain, "models": models}
+    return {**config, "models": models, "twin": twin}
 
 
 def check_config(cfg_baselines: Mapping) -> list[str]:
@@ -241,16 +266,13 @@ def check_config(cfg_baselines: Mapping) -> list[str]:
                 "baselines.contamination must be 'auto' or a number in (0, 0.5], got "
                 f"{cfg_baselines.get('contamination')!r}"
             )
+    problems += check_stop(cfg_baselines) + check_caps(cfg_baselines)
     return [p for p in problems if p]
 
 
-def _selected(cfg_baselines: Mapping) -> dict[str, dict[str, Any]]:
-    """Return the selected models' settings merged over their defaults."""
-    defaults = {**SUPERVISED_DEFAULTS, **UNSUPERVISED_DEFAULTS}
-    return {
-        str(name): {**defaults[name], **dict(params or {})}
-        for name, params in (cfg_baselines.get("models") or {}).items()
-    }
+def _uncapped(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with no cap on its fit rows, where it has one that cannot bite."""
+    return {**params, "max_fit_rows": None} if "max_fit_rows" in params else params
 
 
 def _validation_split(X: np.ndarray, y_binary: np.ndarray, fraction: float, seed: int):
@@ -274,10 +296,12 @@ def _run_one(
     seed: int,
     cv_folds: int,
     rows: np.ndarray | None = None,
+    held: np.ndarray | None = None,
 ) -> ModelResult:
     """Fit one model on all training rows (or ``rows`` of them), score it on test, cross-validate.
 
-    Cross-validation, when asked, runs over all training rows.
+    ``held`` are the training rows a stopping model stops on. Cross-validation,
+    when asked, runs over all training rows.
     """
     unsupervised = kind == "unsupervised"
     binary_view = unsupervised and data.task != "binary"
@@ -295,10 +319,10 @@ def _run_one(
             )
         y_train, y_test, class_names = data.y_train, data.y_test, list(data.class_names)
 
+    X_fit, y_fit = (X_train, y_train) if rows is None else (X_train[rows], y_train[rows])
+    extra = {} if held is None else {"validation": (X_train[held], y_train[held])}
     start = time.perf_counter()
-    fitted = fit(
-        X_train if rows is None else X_train[rows], y_train if rows is None else y_train[rows]
-    )
+    fitted = fit(X_fit, y_fit, **extra)
     seconds = time.perf_counter() - start
     info: dict[str, Any] = {"binary_view": binary_view}
     if unsupervised:
@@ -306,8 +330,9 @@ def _run_one(
         info.update(fit_info)
     else:
         model = fitted
-        info["fit_rows"] = int(len(y_train) if rows is None else len(rows))
+        info["fit_rows"] = int(len(y_fit))
         info["fit_rows_used"] = int(model.fit_rows)
+        info.update(model.budget)
     metrics, scores = _scored(model, X_test, y_test, class_names)
     if cv_folds:
         info["cv"] = _cross_validate(fit, X_train, y_train, class_names, cv_folds, seed)
@@ -361,12 +386,12 @@ def _run_validated(
     fit: Callable,
     params: Mapping,
     data: PreparedData,
-    X_train: np.ndarray,
-    X_test: np.ndarray,
+    arrays: tuple[np.ndarray, np.ndarray],
     seed: int,
     cv_folds: int,
     fraction: float,
     target_fpr: float | None,
+    split: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ModelResult:
     """A supervised model's result and its validation macro-F1 on a held-out share of train.
 
@@ -374,13 +399,22 @@ def _run_validated(
     the model's ``max_fit_rows`` cap leaves it fewer rows than that rest: then
     a single capped fit, drawn from the rest, gives both the result and the
     validation score (``validation.refit`` is false): half the cost of a
-    capped model, whose fit rows are a draw either way.
+    capped model, whose fit rows are a draw either way. A stopping model
+    (``split``: the rows it fits on and stops on) is that one fit too: its
+    stopping slice is its validation slice.
     """
-    fit_idx, held_idx = _validation_rows(data.y_train, fraction, seed)
-    cap = params.get("max_fit_rows")
-    shared = cap is not None and len(fit_idx) > int(cap)
+    X_train, X_test = arrays
+    if split is not None:
+        (fit_idx, held_idx), shared = split, True
+    else:
+        fit_idx, held_idx = validation_rows(data.y_train, fraction, seed)
+        cap = params.get("max_fit_rows")
+        shared = cap is not None and len(fit_idx) > int(cap)
     rows = fit_idx if shared else None
-    result = _run_one(name, "supervised", fit, data, X_train, X_test, seed, cv_folds, rows)
+    stops_on = held_idx if split is not None else None
+    result = _run_one(
+        name, "supervised", fit, data, X_train, X_test, seed, cv_folds, rows, stops_on
+    )
     held = _hold_out(
         fit, X_train, data, fit_idx, held_idx, target_fpr, result.model if shared else None
     )
@@ -388,16 +422,6 @@ def _run_validated(
     result.info["validation_macro_f1"] = held.pop("macro_f1")
     result.info["validation"] = held
     return result
-
-
-def _validation_rows(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training rows to fit on and to validate on: a stratified split of ``y``."""
-    counts = np.bincount(y)
-    # Stratify on the class when every class present can sit on both sides, else on the label.
-    strata = y if counts[counts > 0].min() >= 2 else (y != 0)
-    return train_test_split(
-        np.arange(len(y)), test_size=fraction, stratify=strata, random_state=seed
-    )
 
 
 def _hold_out(

@@ -15,6 +15,8 @@ from sklearn.neighbors import LocalOutlierFactor
 from sklearn.pipeline import make_pipeline
 from sklearn.svm import OneClassSVM
 
+from fedad.baselines.stopping import Stop, keras_budget, keras_stopping, stopping_info
+from fedad.baselines.supervised import AUTO
 from fedad.errors import FedadError
 from fedad.evaluation.metrics import tune_threshold
 from fedad.evaluation.scorer import Scorer
@@ -29,8 +31,9 @@ UNSUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
     "local_outlier_factor": {"n_neighbors": 20, "max_fit_rows": 20000},
     # The federated autoencoder's twin: the same network on the pooled normal rows, for the
     # federated training budget (train.* settings, rounds x local epochs) on at most
-    # max_fit_rows random fit rows; `model` picks conf/model/<name>.yaml.
-    "central_autoencoder": {"model": "autoencoder", "max_fit_rows": 50_000},
+    # max_fit_rows random fit rows (auto: every one as the run's twin); `model` picks
+    # conf/model/<name>.yaml.
+    "central_autoencoder": {"model": "autoencoder", "max_fit_rows": AUTO},
 }
 FIT_ON = ("normal", "all")
 CONTAMINATION_FLOOR = 0.01
@@ -135,14 +138,18 @@ def fit_detector(
         Random seed.
     keras_fit : Mapping, optional
         For ``central_autoencoder``: ``train_cfg``, ``epochs`` and ``model_cfgs``
-        (the federated training settings and model configs).
+        (the federated training settings and model configs), and ``stop`` (a
+        :class:`fedad.baselines.stopping.Stop`: it stops on the reconstruction loss
+        of the validation slice's normal rows, the slice that sets its threshold).
 
     Returns
     -------
     tuple[FittedDetector, dict]
         The detector, and facts to report: ``method``, ``fit_on``,
         ``fit_rows`` (rows available), ``fit_rows_used``, ``contamination``,
-        ``val_roc_auc`` (after orientation), ``flipped``, ``threshold``.
+        ``val_roc_auc`` (after orientation), ``flipped``, ``threshold``; the
+        autoencoder adds its budget (``epochs``, ``epochs_run``, ``best_epoch``,
+        ``stopping``).
     """
     if fit_on not in FIT_ON:
         raise FedadError(
@@ -159,6 +166,7 @@ def fit_detector(
         )
     c = resolve_contamination(contamination, y_fit)
     rng = np.random.default_rng(seed)
+    budget: dict[str, Any] = {}
     if name == "isolation_forest":
         est, method, used = _isolation_forest(params, X_fit, c, seed)
     elif name == "one_class_svm":
@@ -166,7 +174,10 @@ def fit_detector(
     elif name == "local_outlier_factor":
         est, method, used = _local_outlier_factor(params, X_fit, c, rng)
     elif name == "central_autoencoder":
-        est, method, used = _autoencoder(params, X_fit, seed, keras_fit or {}, rng)
+        normal_val = X_val[y_val_binary == 0]
+        est, method, used, budget = _autoencoder(
+            params, X_fit, seed, keras_fit or {}, rng, normal_val
+        )
     else:
         raise FedadError(
             f"Unknown unsupervised baseline '{name}'. Valid names: "
@@ -190,6 +201,7 @@ def fit_detector(
         "val_roc_auc": val_auc,
         "flipped": bool(flipped),
         "threshold": detector.threshold,
+        **budget,
     }
     return detector, info
 
@@ -263,21 +275,37 @@ class ReconstructionError:
 
 
 def _autoencoder(
-    params: Mapping, X: np.ndarray, seed: int, keras_fit: Mapping, rng: np.random.Generator
+    params: Mapping,
+    X: np.ndarray,
+    seed: int,
+    keras_fit: Mapping,
+    rng: np.random.Generator,
+    X_val: np.ndarray,
 ):
-    """The federated autoencoder's architecture, trained on at most ``max_fit_rows`` fit rows."""
+    """The federated autoencoder's architecture, trained on at most ``max_fit_rows`` fit rows.
+
+    With ``keras_fit["stop"]`` it trains until the reconstruction loss of the
+    normal validation rows ``X_val`` stops improving, keeping the best epoch's weights.
+    """
     import keras
 
     from fedad.models.keras_models import build_model
 
     train_cfg = keras_fit.get("train_cfg") or {}
     model_cfgs = keras_fit.get("model_cfgs") or {}
+    stop: Stop | None = keras_fit.get("stop")
     if params["model"] not in model_cfgs:
         raise FedadError(
             f"central_autoencoder needs the '{params['model']}' model config, but the caller "
             f"passed only: {', '.join(model_cfgs) or 'none'}."
         )
+    given = len(X)
     X, method = _at_most(X, params.get("max_fit_rows"), rng)
+    fit_kwargs: dict[str, Any] = {}
+    if stop is not None and len(X_val):
+        # Capped, it stops on as large a share of the normal validation rows as it fits on.
+        X_val, _ = _at_most(X_val, max(1, round(len(X_val) * len(X) / given)), rng)
+        fit_kwargs = keras_stopping(stop, (X_val, X_val))
     keras.utils.set_random_seed(seed)
     model = build_model(
         model_cfgs[params["model"]],
@@ -286,12 +314,18 @@ def _autoencoder(
         float(train_cfg.get("learning_rate", 0.001)),
         str(train_cfg.get("optimizer", "adam")),
     )
-    model.fit(
+    epochs = int(keras_fit.get("epochs", 1))
+    history = model.fit(
         X,
         X,
-        epochs=int(keras_fit.get("epochs", 1)),
+        epochs=epochs,
         batch_size=int(train_cfg.get("batch_size", 64)),
         shuffle=True,
         verbose=0,
+        **fit_kwargs,
     )
-    return ReconstructionError(model), method, len(X)
+    budget = keras_budget(history, epochs, fit_kwargs)
+    if stop is not None and fit_kwargs:
+        curve = history.history["val_loss"]
+        budget["stopping"] = stopping_info(stop, len(X_val), "reconstruction loss", curve)
+    return ReconstructionError(model), method, len(X), budget

@@ -67,6 +67,20 @@ GAPS = ("gap_macro_f1", "gap_roc_auc", "gap_fpr", "gain_vs_alone", "gain_vs_wors
 # twin's, the seconds and payload MB until then (None: not reached in the run).
 REACH = 0.01
 COSTS = ("reach_round", "reach_seconds", "reach_mb")
+# The budgets of both sides, so a reader sees they are comparable: the federated rounds run x
+# local epochs (XGBoost: the boosting rounds a site adds per round) on the sites' training rows;
+# the twin's epochs run (Keras) or trees (XGBoost: one per class and round above two classes; the
+# forest), the rows it fitted on and, when it saw fewer than it was given, its cap.
+BUDGETS = (
+    "rounds_run",
+    "local_epochs",
+    "fed_rows",
+    "twin_epochs",
+    "twin_trees",
+    "twin_rows",
+    "twin_cap",
+)
+COUNTS = ("rounds_run", "local_epochs", "fed_rows", "twin_epochs", "twin_trees", "twin_rows")
 
 
 def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd.DataFrame:
@@ -77,9 +91,14 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
     results : Sequence[ModelResult]
         Every model of the run. A federated result names its centralized twin
         in ``info["twin"]``, its payload in ``info["mb_exchanged"]``, its
-        per-round test macro-F1, cumulative seconds and MB in ``info["curve"]``
-        and, under DP, its budget in ``info["note"]``; the sites alone are
-        ``local_<model>`` (their mean) and ``local_<model>_worst``.
+        per-round test macro-F1, cumulative seconds and MB in ``info["curve"]``,
+        its rounds run in ``info["stopping"]["rounds_run"]`` (else
+        ``info["rounds"]``), its ``info["local_epochs"]`` and the sites'
+        training rows ``info["train_rows"]`` (each ``–`` when absent) and, under
+        DP, its budget in ``info["note"]``; the sites alone are
+        ``local_<model>`` (their mean) and ``local_<model>_worst``. The twin's
+        ``info`` gives its ``epochs_run`` or ``trees``, ``fit_rows``,
+        ``fit_rows_used`` and ``fit_cap``.
     pooling_mb : float, optional
         What pooling the training rows would move (the centralized rows' payload).
 
@@ -89,8 +108,8 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
         Columns ``model``, ``kind``, ``federated``, the metrics in
         :data:`COLUMNS` (and ``attack_success`` when a model has it, under a
         targeted attack), ``train_seconds``, ``mb_exchanged``, ``twin``,
-        :data:`GAPS` and :data:`COSTS` (federated rows only) and, when a model
-        has one, ``note`` (``ε = 3.2, δ = 1e-05`` under DP).
+        :data:`GAPS`, :data:`COSTS` and :data:`BUDGETS` (federated rows only)
+        and, when a model has one, ``note`` (``ε = 3.2, δ = 1e-05`` under DP).
     """
     by_name = {r.name: r for r in results}
     # Attack success is defined only for a run under a targeted attack.
@@ -120,9 +139,12 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
         "twin",
         *GAPS,
         *COSTS,
+        *BUDGETS,
         *notes,
     ]
     frame = pd.DataFrame(rows, columns=columns)
+    # Whole numbers stay whole in comparison.csv, blank where unknown.
+    frame[list(COUNTS)] = frame[list(COUNTS)].astype("Int64")
     order = frame["kind"].map({"federated": 0, "local": 1}).fillna(2)
     return frame.iloc[order.argsort(kind="stable")].reset_index(drop=True)
 
@@ -146,6 +168,25 @@ def _gaps(fed: ModelResult, by_name: dict[str, ModelResult]) -> dict:
         "gap_fpr": minus(twin, "fpr"),
         "gain_vs_alone": minus(alone, "macro_f1"),
         "gain_vs_worst_site": minus(worst, "macro_f1"),
+        **_budgets(fed, twin),
+    }
+
+
+def _budgets(fed: ModelResult, twin: ModelResult | None) -> dict:
+    """The federated row's :data:`BUDGETS`: what each side trained for, and on how many rows."""
+    stopping = fed.info.get("stopping") or {}
+    of_twin = twin.info if twin is not None else {}
+    used, given = of_twin.get("fit_rows_used"), of_twin.get("fit_rows")
+    capped = used is not None and given is not None and used < given
+    cap = of_twin.get("fit_cap") or {}
+    return {
+        "rounds_run": stopping.get("rounds_run", fed.info.get("rounds")),
+        "local_epochs": fed.info.get("local_epochs"),
+        "fed_rows": fed.info.get("train_rows"),
+        "twin_epochs": of_twin.get("epochs_run"),
+        "twin_trees": of_twin.get("trees"),
+        "twin_rows": used,
+        "twin_cap": (f"{cap['rows']} ({cap['why']})" if cap else "capped") if capped else None,
     }
 
 
@@ -189,7 +230,9 @@ def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = N
     str
     """
     notes = frame["note"] if "note" in frame else pd.Series([None] * len(frame))
-    shown = frame.drop(columns=["federated", "twin", *GAPS, *COSTS, "note"], errors="ignore")
+    shown = frame.drop(
+        columns=["federated", "twin", *GAPS, *COSTS, *BUDGETS, "note"], errors="ignore"
+    )
     shown = shown.copy()
     shown["model"] = [
         ("★ " if f else "") + m + (f" ({n})" if isinstance(n, str) and n else "")
@@ -212,12 +255,38 @@ def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = N
             "metrics and configs, both ways); centrally, the training rows pooling would "
             "move (float32 features plus int32 labels).\n\n" + _markdown(price)
         )
+    budgets = frame.loc[frame["federated"], ["model", "twin", *BUDGETS]]
+    if len(budgets) and "rounds_run" in frame:
+        text += (
+            "\nBudgets of both sides: the federated model's rounds run × local epochs (XGBoost: "
+            "boosting rounds a site adds per round) on its sites' training rows; the twin's "
+            "epochs run (Keras) or trees (XGBoost: one per class and round above two classes) "
+            "on the rows it fitted on, and its cap when it saw fewer rows than it was given.\n\n"
+            + _markdown(budgets)
+            + _capped_notes(budgets)
+        )
     return text
+
+
+def _capped_notes(budgets: pd.DataFrame) -> str:
+    """One warning per federated model whose gap is computed against a capped twin."""
+    notes = ""
+    for row in budgets.itertuples(index=False):
+        if not isinstance(row.twin_cap, str):
+            continue
+        fed_rows = "–" if pd.isna(row.fed_rows) else f"{int(row.fed_rows):,}"
+        notes += (
+            f"\n⚠ {row.model}: the gap is computed against a capped reference: its twin "
+            f"{row.twin} fitted on {int(row.twin_rows):,} training rows, capped at {row.twin_cap}; "
+            f"the federation's sites trained on {fed_rows}. "
+            f"baselines.models.{row.twin}.max_fit_rows=null lifts the cap.\n"
+        )
+    return notes
 
 
 def _markdown(frame: pd.DataFrame) -> str:
     header = "| " + " | ".join(frame.columns) + " |"
-    kinds = ("model", "kind", "twin")
+    kinds = ("model", "kind", "twin", "twin_cap")
     rule = "|" + "|".join("---" if c in kinds else "---:" for c in frame.columns) + "|"
     lines = [header, rule]
     for row in frame.itertuples(index=False):
@@ -234,7 +303,7 @@ def write(
 
 
 def _cell(value: object) -> str:
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
         return "–"
     if isinstance(value, bool):
         return str(value)
