@@ -117,3 +117,72 @@ def test_a_bad_rule_is_one_paragraph_naming_the_key(rule, target, words):
     with pytest.raises(FedadError, match=None) as error:
         check_rule(rule, target)
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def _shifted(n: int, seed: int):
+    """Mostly attack rows, a shifted mean per class: an argmax model flags many normal rows."""
+    from tests.test_twins import prepared
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.8).astype(np.int64)
+    X = y[:, None] * 0.7 + rng.normal(0.0, 1.0, (n, 6))
+    return prepared(X, y, 2, seed)
+
+
+@pytest.mark.parametrize("rule", ["target_fpr", "max_macro_f1"])
+def test_every_centralized_model_is_scored_under_the_runs_rule_chosen_on_validation_rows(rule):
+    from fedad.baselines.runner import run_baselines
+    from fedad.evaluation import comparison
+    from fedad.evaluation.decision import Decision
+
+    data = _shifted(1600, 0)
+    config = {
+        "models": {
+            "logistic_regression": {},
+            "xgboost": {"n_estimators": 30},
+            "isolation_forest": {},
+        },
+        "val_fraction": 0.25,
+    }
+    decision = Decision(rule, target_fpr=0.05 if rule == "target_fpr" else None)
+    results = run_baselines(config, data, {}, 1, 0, decision=decision)
+    _, X_test = data.scaled()
+    for r in results:
+        model = r.model
+        assert model.threshold is not None
+        # The metrics are the calibrated decision's, on the test rows.
+        y_true = data.y_test if r.kind == "supervised" else (data.y_test != 0).astype(int)
+        again = compute_metrics(
+            y_true, r.scores, list(data.class_names), y_pred=decide(r.scores, model.threshold)
+        )
+        assert r.metrics["macro_f1"] == pytest.approx(again["macro_f1"])
+        assert r.metrics["fpr"] == pytest.approx(again["fpr"])
+        if r.kind == "supervised":
+            # Chosen on validation rows: a refit's held-out scores, never the test rows.
+            assert r.info["decision"] == {
+                "rule": rule,
+                "target_fpr": decision.target_fpr,
+                "threshold": model.threshold,
+                "chosen_on": "validation rows",
+            }
+            assert set(r.info["argmax"]) >= {"macro_f1", "fpr"}
+        else:
+            assert r.info["threshold_rule"] == rule
+    table = comparison.table(results)
+    supervised = table[table["kind"] == "supervised"]
+    assert (supervised["decision"] == rule).all()
+    assert "Decision rule:" in comparison.to_markdown(table)
+    if rule == "target_fpr":
+        # The argmax decision of a model trained on 80 % attack rows flags more normal traffic.
+        logistic = table.set_index("model").loc["logistic_regression"]
+        assert logistic["fpr"] < logistic["argmax_fpr"]
+
+
+def test_the_argmax_rule_changes_nothing():
+    from fedad.baselines.runner import run_baselines
+
+    data = _shifted(800, 1)
+    config = {"models": {"logistic_regression": {}}, "val_fraction": 0.25}
+    result = run_baselines(config, data, {}, 1, 0)[0]
+    assert result.model.threshold is None and "decision" not in result.info
+    np.testing.assert_array_equal(result.model.decide(result.scores), result.scores.argmax(axis=1))

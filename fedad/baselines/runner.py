@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
@@ -24,7 +24,14 @@ from fedad.config import checks
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.evaluation.comparison import Kind, ModelResult
-from fedad.evaluation.metrics import attack_score, compute_metrics, threshold_for_fpr
+from fedad.evaluation.decision import ARGMAX, Decision, threshold_from_scores
+from fedad.evaluation.metrics import (
+    TABLE_METRICS,
+    attack_score,
+    compute_metrics,
+    threshold_for_fpr,
+)
+from fedad.evaluation.scorer import Scorer
 from fedad.models.catalog import TWINS
 
 BASELINES = tuple(SUPERVISED_DEFAULTS) + tuple(UNSUPERVISED_DEFAULTS)
@@ -39,6 +46,7 @@ def run_baselines(
     model_cfgs: Mapping[str, Mapping] | None = None,
     validate: bool = False,
     target_fpr: float | None = None,
+    decision: Decision = ARGMAX,
 ) -> list[ModelResult]:
     """Fit every baseline named in the config on ``data.scaled()`` and score it on test.
 
@@ -82,7 +90,15 @@ def run_baselines(
         ``info["validation"]``.
     target_fpr : float, optional
         With ``validate``, also choose the attack-score threshold that flags
-        at most this share of the validation rows' normal traffic.
+        at most this share of the validation rows' normal traffic (a detector's
+        extra ``target_fpr`` rule).
+    decision : Decision
+        The run's decision rule (``decision.*``): a calibrated rule
+        (``max_macro_f1``, ``target_fpr``) chooses each supervised model's
+        threshold on its validation rows (as with ``validate``) and scores the
+        test set under it, keeping the argmax metrics in ``info["argmax"]``;
+        the unsupervised detectors' thresholds follow ``target_fpr`` on their
+        own validation slice (else they maximize its macro-F1, as always).
 
     Returns
     -------
@@ -146,6 +162,7 @@ def run_baselines(
                     "model_cfgs": model_cfgs,
                     "stop": stop,
                 },
+                target_fpr=decision.target_fpr if decision.rule == "target_fpr" else None,
             )
 
         return fit
@@ -162,7 +179,7 @@ def run_baselines(
             if stop is not None and kind == "supervised" and name in STOPPING:
                 split = validation_rows(data.y_train, stop.val_fraction, seed)
             with bar.step(name) as step:
-                if validate and kind == "supervised":
+                if (validate or decision.rule != "argmax") and kind == "supervised":
                     result = _run_validated(
                         name,
                         fit,
@@ -174,6 +191,7 @@ def run_baselines(
                         val_fraction if stop is None or split is None else stop.val_fraction,
                         target_fpr,
                         split,
+                        decision,
                     )
                 else:
                     rows, held = split or (None, None)
@@ -392,6 +410,7 @@ def _run_validated(
     fraction: float,
     target_fpr: float | None,
     split: tuple[np.ndarray, np.ndarray] | None = None,
+    decision: Decision = ARGMAX,
 ) -> ModelResult:
     """A supervised model's result and its validation macro-F1 on a held-out share of train.
 
@@ -401,7 +420,9 @@ def _run_validated(
     validation score (``validation.refit`` is false): half the cost of a
     capped model, whose fit rows are a draw either way. A stopping model
     (``split``: the rows it fits on and stops on) is that one fit too: its
-    stopping slice is its validation slice.
+    stopping slice is its validation slice. A calibrated ``decision`` chooses
+    the model's threshold on the validation rows' scores and rescores the test
+    set under it (the argmax metrics kept in ``info["argmax"]``).
     """
     X_train, X_test = arrays
     if split is not None:
@@ -418,10 +439,40 @@ def _run_validated(
     held = _hold_out(
         fit, X_train, data, fit_idx, held_idx, target_fpr, result.model if shared else None
     )
+    threshold = threshold_from_scores(
+        data.y_train[held_idx], held.pop("scores"), decision.rule, decision.target_fpr
+    )
     held["fraction"], held["refit"] = fraction, not shared
     result.info["validation_macro_f1"] = held.pop("macro_f1")
     result.info["validation"] = held
+    if threshold is not None:
+        calibrate(result, threshold, decision, data.y_test, list(data.class_names))
     return result
+
+
+def calibrate(
+    result: ModelResult,
+    threshold: float,
+    decision: Decision,
+    y_test: np.ndarray,
+    class_names: list[str],
+) -> None:
+    """Score ``result`` under its calibrated ``threshold``, keeping its argmax metrics beside.
+
+    The model decides by the threshold from now on (importance, SHAP and its
+    detector follow it); ``info["decision"]`` records the rule and threshold.
+    """
+    model = cast(Scorer, result.model)
+    result.info["argmax"] = {k: result.metrics.get(k) for k in TABLE_METRICS}
+    model.threshold = threshold
+    scores = cast(np.ndarray, result.scores)
+    result.metrics = compute_metrics(y_test, scores, class_names, y_pred=model.decide(scores))
+    result.info["decision"] = {
+        "rule": decision.rule,
+        "target_fpr": decision.target_fpr,
+        "threshold": threshold,
+        "chosen_on": "validation rows",
+    }
 
 
 def _hold_out(
@@ -437,6 +488,7 @@ def _hold_out(
 
     ``fitted`` is that model when it exists already; else ``fit`` makes it.
     The test rows play no part, so picking the best model by this number is fair.
+    ``scores`` holds the held-out rows' scores (for a calibrated decision).
     """
     y = data.y_train
     class_names = list(data.class_names)
@@ -444,7 +496,7 @@ def _hold_out(
         metrics, scores = _score_held(fit, X, y, fit_idx, held_idx, class_names)
     else:
         metrics, scores = _scored(fitted, X[held_idx], y[held_idx], class_names)
-    held = {"macro_f1": metrics["macro_f1"], "rows": int(len(held_idx))}
+    held = {"macro_f1": metrics["macro_f1"], "rows": int(len(held_idx)), "scores": scores}
     if target_fpr is not None:
         threshold = threshold_for_fpr(y[held_idx], attack_score(scores), target_fpr)
         flagged = attack_score(scores) >= threshold

@@ -18,7 +18,7 @@ from sklearn.svm import OneClassSVM
 from fedad.baselines.stopping import Stop, keras_budget, keras_stopping, stopping_info
 from fedad.baselines.supervised import AUTO
 from fedad.errors import FedadError
-from fedad.evaluation.metrics import tune_threshold
+from fedad.evaluation.metrics import threshold_for_fpr, tune_threshold
 from fedad.evaluation.scorer import Scorer
 
 # Settings each detector accepts, with their defaults; the config overrides them.
@@ -50,25 +50,22 @@ class FittedDetector(Scorer):
         The scikit-learn detector (or Nystroem + SGD pipeline).
     sign : float
         ``1.0``, or ``-1.0`` when the validation check flipped the score.
-    threshold : float
-        Attack score from which a row is flagged as an attack.
     method : str
         The path that ran: ``exact``, ``nystroem_sgd`` or ``subsample``.
+    threshold : float
+        Attack score from which a row is flagged as an attack (set once tuned on
+        validation rows; the :class:`~fedad.evaluation.scorer.Scorer` field).
     """
 
     estimator: Any
     sign: float
-    threshold: float
     method: str
+    threshold: float | None = None
 
     def predict_scores(self, X: np.ndarray) -> np.ndarray:
         """Return the attack score per row: higher means more anomalous."""
         # score_samples is higher for normal-looking rows, hence the minus.
         return -self.sign * self.estimator.score_samples(X)
-
-    def decide(self, scores: np.ndarray) -> np.ndarray:
-        """Turn :meth:`predict_scores` output into 1 (attack) at or above the threshold."""
-        return (scores >= self.threshold).astype(np.int64)
 
 
 def resolve_contamination(value: Any, y_fit_binary: np.ndarray) -> float:
@@ -115,6 +112,7 @@ def fit_detector(
     contamination: Any,
     seed: int,
     keras_fit: Mapping | None = None,
+    target_fpr: float | None = None,
 ) -> tuple[FittedDetector, dict]:
     """Fit one detector, orient its score and tune its threshold on validation rows.
 
@@ -141,6 +139,9 @@ def fit_detector(
         (the federated training settings and model configs), and ``stop`` (a
         :class:`fedad.baselines.stopping.Stop`: it stops on the reconstruction loss
         of the validation slice's normal rows, the slice that sets its threshold).
+    target_fpr : float, optional
+        The decision rule ``target_fpr``: the threshold flags at most this share of
+        the validation slice's normal rows; else it maximizes their macro-F1.
 
     Returns
     -------
@@ -191,7 +192,10 @@ def fit_detector(
     flipped = fit_on == "all" and val_auc < 0.5
     if flipped:
         detector.sign, val_scores, val_auc = -1.0, -val_scores, 1.0 - val_auc
-    detector.threshold = tune_threshold(y_val_binary, val_scores)
+    if target_fpr is None:
+        detector.threshold = tune_threshold(y_val_binary, val_scores)
+    else:
+        detector.threshold = threshold_for_fpr(y_val_binary, val_scores, target_fpr)
     info = {
         "method": method,
         "fit_on": fit_on,
@@ -201,6 +205,7 @@ def fit_detector(
         "val_roc_auc": val_auc,
         "flipped": bool(flipped),
         "threshold": detector.threshold,
+        "threshold_rule": "max_macro_f1" if target_fpr is None else "target_fpr",
         **budget,
     }
     return detector, info

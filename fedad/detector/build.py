@@ -246,15 +246,30 @@ def _decision(model: ModelResult, data: PreparedData, run_dir: Path) -> dict:
             ),
         }
         note = "target_fpr: chosen on validation rows"
-    elif model.kind == "federated":
+    elif model.kind == "federated" and not model.info.get("decision"):
         note = (
             "no target_fpr rule: the federated model has no central validation rows (each "
             "site keeps its own)"
         )
     else:
         note = "no target_fpr rule: detector.target_fpr was null"
+    default = ARGMAX_RULE
+    decision = model.info.get("decision")
+    if decision:
+        # The rule the run's comparison scored this model under is the detector's default.
+        default = decision["rule"]
+        rules[default] = {
+            "threshold": decision["threshold"],
+            **({"target": decision["target_fpr"]} if decision.get("target_fpr") else {}),
+            "description": (
+                "attack when the attack score (1 - p(normal)) is at least the threshold, "
+                f"which the run chose by {default} on {decision['chosen_on']} (the decision "
+                "rule its comparison scored this model under); an attack row's class is the "
+                "most probable attack class"
+            ),
+        }
     return {
-        "default": ARGMAX_RULE,
+        "default": default,
         "attack_score": "1 - p(normal)",
         "rules": rules,
         "note": note,

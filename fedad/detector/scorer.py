@@ -18,6 +18,7 @@ from fedad.data.scaling import standardize
 from fedad.detector.adapters import ADAPTERS, ANOMALY_SCORE
 from fedad.detector.artifact import read_manifest
 from fedad.errors import FedadError
+from fedad.evaluation.decision import decide
 
 # How the model's inputs were standardized: with the training rows' StandardScaler
 # (centralized models) or the sites' pooled statistics (federated ones).
@@ -174,17 +175,12 @@ class Detector:
         if self.anomaly:
             attack = np.asarray(self.predict_model(X), dtype=np.float64)
             # An anomaly detector's rules all have a threshold (no argmax rule).
-            decided = attack >= cast(float, threshold)
-            return Scored(attack, attack, decided.astype(np.int64), unseen)
+            return Scored(attack, attack, decide(attack, cast(float, threshold)), unseen)
         full = np.zeros((len(X), len(self.class_names)), dtype=np.float64)
         full[:, self.columns] = self.predict_model(X)
-        attack = 1.0 - full[:, 0]
-        if threshold is None:
-            predicted = full.argmax(axis=1)
-        else:
-            top_attack = 1 + full[:, 1:].argmax(axis=1)
-            predicted = np.where(attack >= threshold, top_attack, 0)
-        return Scored(full, attack, predicted, unseen)
+        # The decision of the run's comparison: argmax, or attack from the threshold on and
+        # then the most probable attack class.
+        return Scored(full, 1.0 - full[:, 0], decide(full, threshold), unseen)
 
     def table(self, scored: Scored, rule: str | None = None) -> pd.DataFrame:
         """One output row per scored row: probabilities, attack score, class, rule, threshold.

@@ -80,6 +80,10 @@ BUDGETS = (
     "twin_rows",
     "twin_cap",
 )
+# Under a calibrated decision rule the metrics are the calibrated ones; these columns keep the
+# same models' argmax metrics beside them (the rule and threshold in "decision").
+ARGMAX = ("argmax_macro_f1", "argmax_fpr")
+DECISION = ("decision", "threshold", *ARGMAX)
 COUNTS = ("rounds_run", "local_epochs", "fed_rows", "twin_epochs", "twin_trees", "twin_rows")
 
 
@@ -108,7 +112,9 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
         Columns ``model``, ``kind``, ``federated``, the metrics in
         :data:`COLUMNS` (and ``attack_success`` when a model has it, under a
         targeted attack), ``train_seconds``, ``mb_exchanged``, ``twin``,
-        :data:`GAPS`, :data:`COSTS` and :data:`BUDGETS` (federated rows only)
+        :data:`GAPS`, :data:`COSTS` and :data:`BUDGETS` (federated rows only),
+        :data:`DECISION` when a model decided by a calibrated rule (its rule,
+        threshold and argmax metrics; ``info["decision"]``, ``info["argmax"]``)
         and, when a model has one, ``note`` (``ε = 3.2, δ = 1e-05`` under DP).
     """
     by_name = {r.name: r for r in results}
@@ -124,11 +130,13 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
             "train_seconds": round(float(r.train_seconds), 2),
             "mb_exchanged": _payload(r, pooling_mb),
             "note": r.info.get("note"),
+            **_decision(r),
         }
         if r.kind == "federated":
             row.update(_gaps(r, by_name))
         rows.append(row)
     notes = ["note"] if any(r.info.get("note") for r in results) else []
+    calibrated = list(DECISION) if any(r.info.get("decision") for r in results) else []
     columns = [
         "model",
         "kind",
@@ -140,6 +148,7 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
         *GAPS,
         *COSTS,
         *BUDGETS,
+        *calibrated,
         *notes,
     ]
     frame = pd.DataFrame(rows, columns=columns)
@@ -169,6 +178,18 @@ def _gaps(fed: ModelResult, by_name: dict[str, ModelResult]) -> dict:
         "gain_vs_alone": minus(alone, "macro_f1"),
         "gain_vs_worst_site": minus(worst, "macro_f1"),
         **_budgets(fed, twin),
+    }
+
+
+def _decision(result: ModelResult) -> dict:
+    """A model's :data:`DECISION` cells: its calibrated rule, threshold and argmax metrics."""
+    decision = result.info.get("decision") or {}
+    argmax = result.info.get("argmax") or {}
+    return {
+        "decision": decision.get("rule"),
+        "threshold": decision.get("threshold"),
+        "argmax_macro_f1": argmax.get("macro_f1"),
+        "argmax_fpr": argmax.get("fpr"),
     }
 
 
@@ -231,7 +252,8 @@ def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = N
     """
     notes = frame["note"] if "note" in frame else pd.Series([None] * len(frame))
     shown = frame.drop(
-        columns=["federated", "twin", *GAPS, *COSTS, *BUDGETS, "note"], errors="ignore"
+        columns=["federated", "twin", *GAPS, *COSTS, *BUDGETS, *DECISION, "note"],
+        errors="ignore",
     )
     shown = shown.copy()
     shown["model"] = [
@@ -265,6 +287,14 @@ def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = N
             + _markdown(budgets)
             + _capped_notes(budgets)
         )
+    if "decision" in frame:
+        decided = frame.loc[frame["decision"].notna(), ["model", *DECISION]]
+        text += (
+            "\nDecision rule: the metrics above are those of each model's calibrated decision, "
+            "its attack threshold chosen on validation rows only (never test rows; a federated "
+            "model's from counts its sites sent); the same models' argmax metrics beside.\n\n"
+            + _markdown(decided)
+        )
     return text
 
 
@@ -286,7 +316,7 @@ def _capped_notes(budgets: pd.DataFrame) -> str:
 
 def _markdown(frame: pd.DataFrame) -> str:
     header = "| " + " | ".join(frame.columns) + " |"
-    kinds = ("model", "kind", "twin", "twin_cap")
+    kinds = ("model", "kind", "twin", "twin_cap", "decision")
     rule = "|" + "|".join("---" if c in kinds else "---:" for c in frame.columns) + "|"
     lines = [header, rule]
     for row in frame.itertuples(index=False):

@@ -48,6 +48,10 @@ class Decision:
         return decide(scores, self.threshold)
 
 
+# Today's default: every model decides by its most probable class.
+ARGMAX = Decision("argmax")
+
+
 def check_rule(rule: str, target_fpr: float | None) -> None:
     """Raise :class:`FedadError` unless ``rule`` is known and ``target_fpr`` fits it."""
     if rule not in RULES:
@@ -187,7 +191,8 @@ def decide(scores: np.ndarray, threshold: float | None) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     if threshold is None:
         if scores.ndim == 1:
-            raise FedadError("A 1-D attack score needs a threshold to decide; none was chosen.")
+            # A programming error, not a user's: every anomaly scorer carries its threshold.
+            raise ValueError("1-D attack scores need a threshold to become predictions")
         return scores.argmax(axis=1).astype(np.int64)
     flagged = attack_score(scores) >= threshold
     if scores.ndim == 1:

@@ -16,6 +16,7 @@ from sklearn.inspection import permutation_importance
 from fedad import progress, rundir
 from fedad.data.prepared import PreparedData
 from fedad.evaluation.comparison import ModelResult
+from fedad.evaluation.decision import decide
 from fedad.evaluation.metrics import macro_f1
 
 # Figures are written to files; no display is needed (or present on servers).
@@ -35,12 +36,8 @@ class _ScoreFunction:
 
     def macro_f1(self, X: np.ndarray, y: np.ndarray) -> float:
         scores = np.asarray(self.predict_scores_fn(X))
-        if scores.ndim == 2:
-            pred = scores.argmax(axis=1)
-        elif self.threshold is None:
-            raise ValueError("1-D attack scores need a threshold to become predictions")
-        else:
-            pred = (scores >= self.threshold).astype(np.int64)
+        # The model's own decision: argmax, or its calibrated threshold (always, for 1-D).
+        pred = decide(scores, self.threshold)
         # 1-D scores are the binary view: two classes.
         return macro_f1(y, pred, scores.shape[1] if scores.ndim == 2 else 2) or 0.0
 
@@ -169,9 +166,10 @@ def explain(
     tables = {}
     with progress.steps("permutation importance", len(chosen)) as bar:
         for m in chosen:
-            # An anomaly score is one column, flagged at the model's threshold (binary view).
+            # Decided as the model decides; an anomaly score is one column (binary view).
             threshold = getattr(m.model, "threshold", None)
-            y_test = data.y_test if threshold is None else (data.y_test != 0).astype(np.int64)
+            binary_view = m.scores is not None and np.ndim(m.scores) == 1
+            y_test = (data.y_test != 0).astype(np.int64) if binary_view else data.y_test
             with bar.step(m.name):
                 table = permutation_importance_table(
                     cast(Any, m.model).predict_scores,  # every ModelResult's model has it

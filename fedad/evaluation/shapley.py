@@ -120,7 +120,7 @@ def _explain(
         output = "attack log-odds" if m.name == "xgboost" else "attack probability"
         estimator, trees = sub_forest(fitted.estimator, FOREST_TREES, seed)
         return tree_shap(estimator, fitted.classes, X), tree, output, trees
-    if hasattr(fitted, "threshold"):  # the federated autoencoder: reconstruction error
+    if fitted.predict_scores(X[:1]).ndim == 1:  # the federated autoencoder's anomaly score
         return None
     import xgboost
 
