@@ -21,6 +21,7 @@ def number(
     high: float | None = None,
     low_open: bool = False,
     high_open: bool = False,
+    hint: str = "",
 ) -> str | None:
     """Check ``values[key]`` is a number in a range; return what is wrong, or None.
 
@@ -36,6 +37,8 @@ def number(
         Require a whole number.
     low, high : float, optional
         Bounds, included unless ``low_open`` / ``high_open``.
+    hint : str
+        What the value means, added in brackets (``"0 turns early stopping off"``).
 
     Returns
     -------
@@ -47,7 +50,7 @@ def number(
     value = values[key]
     name = f"{where}.{key}" if where else key
     rule = _rule(whole, low, high, low_open, high_open)
-    wrong = f"{name} must be {rule}, got {value!r}"
+    wrong = f"{name} must be {rule}{f' ({hint})' if hint else ''}, got {value!r}"
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return wrong
     if whole and float(value) != int(value):

@@ -58,10 +58,16 @@ ROUNDS_KEY = "simulation.num_rounds"
 # Groups whose option `none` changes nothing a run computes, whatever its other keys say:
 # left out of the content then, so runs from before these groups existed stay comparable.
 NONE_GROUPS = ("attack", "privacy")
+# Federated early stopping: off (patience 0) it changes nothing a run computes, whatever its
+# metric and min_delta say, so it is left out of the content then, and runs from before it
+# existed stay comparable. On, it draws validation rows at every site and ends training.
+STOP_KEY = "simulation.stop"
 
 
 def content(cfg: DictConfig | Mapping) -> dict:
     """The settings that decide what a run contains, as dotted keys (rounds apart)."""
     flat = fingerprint(cfg, ignore=(*RUNTIME_KEYS, ROUNDS_KEY))
     idle = [f"{g}." for g in NONE_GROUPS if flat.get(f"{g}.name", "none") == "none"]
+    if not flat.get(f"{STOP_KEY}.patience", 0):
+        idle.append(f"{STOP_KEY}.")
     return {k: v for k, v in flat.items() if not any(k.startswith(g) for g in idle)}

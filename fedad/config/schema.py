@@ -22,6 +22,15 @@ class PreprocessConfig:
 
 
 @dataclass
+class StopConfig:
+    """``simulation.stop``: federated early stopping on the sites' pooled validation slices."""
+
+    metric: str = MISSING
+    patience: int = MISSING
+    min_delta: float = MISSING
+
+
+@dataclass
 class SimulationConfig:
     """``simulation``: the sites, the rounds and the engine."""
 
@@ -37,6 +46,7 @@ class SimulationConfig:
     scaling: str = MISSING
     local_sites: int = MISSING
     final_eval_fraction: float | None = MISSING
+    stop: StopConfig = MISSING
     client_resources: dict[str, float] = MISSING
     ray_init_args: dict[str, Any] = MISSING
     address: str | None = MISSING

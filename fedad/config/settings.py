@@ -24,31 +24,32 @@ RUN_KEYS = (
     "resume",
     "fingerprint",
 )
-# Keys of those groups that the driver alone reads to start the engine; never sent to a site.
+# Keys of those groups that the driver alone reads to start the engine, with everything under
+# them (simulation.client_resources.num_cpus); never sent to a site.
 ENGINE_KEYS = ("simulation.client_resources", "simulation.ray_init_args", "simulation.address")
 
 
+def _engine_key(key: str) -> bool:
+    """Whether ``key`` is one of :data:`ENGINE_KEYS` or lies under one."""
+    return any(key == k or key.startswith(f"{k}.") for k in ENGINE_KEYS)
+
+
 def _group_keys(group: str) -> list[str]:
-    """Every key any option of ``group`` sets (or, for a root section, the section's keys)."""
+    """Every key any option of ``group`` sets (or, for a root section, the section's keys).
+
+    Nested mappings are flattened to dotted keys (``simulation.stop.metric``), as
+    :func:`group_settings` and ``flwr run`` flatten them.
+    """
     folder = CONF_DIR / group
     if folder.is_dir():
         options = [OmegaConf.load(path) for path in sorted(folder.glob("*.yaml"))]
     else:
         options = [cast(DictConfig, OmegaConf.load(CONF_DIR / f"{CONFIG_NAME}.yaml"))[group]]
-    # YAML keys are strings; OmegaConf types a key as any scalar (bytes too).
-    keys = dict.fromkeys(f"{group}.{key!s}" for option in options for key in option)
+    # Unresolved: an option alone cannot resolve what it borrows (${train.learning_rate}).
+    values = [cast(dict, OmegaConf.to_container(option, resolve=False)) for option in options]
+    keys = dict.fromkeys(key for value in values for key in flatten(value, f"{group}."))
     keys.pop(f"{group}.defaults", None)  # Hydra's own list, not a setting
-    return [key for key in keys if key not in ENGINE_KEYS]
-
-
-# Every key a run can hand the apps (the Flower run config), read from conf/. Which of them
-# a run sets depends on its model and strategy; ``pyproject.toml``'s
-# ``[tool.flwr.app.config]`` must declare exactly these (tests/test_deployment.py checks).
-FLOWER_KEYS = (*RUN_KEYS, *(key for group in SETTINGS_GROUPS for key in _group_keys(group)))
-
-Scalar = bool | int | float | str
-# Flat run settings as the Flower apps receive them (a Flower run config has this shape).
-Settings = Mapping[str, Scalar]
+    return [key for key in keys if not _engine_key(key)]
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
@@ -97,6 +98,16 @@ def flatten(values: Mapping, prefix: str = "", *, keep_empty: bool = False) -> d
     return flat
 
 
+# Every key a run can hand the apps (the Flower run config), read from conf/. Which of them
+# a run sets depends on its model and strategy; ``pyproject.toml``'s
+# ``[tool.flwr.app.config]`` must declare exactly these (tests/test_deployment.py checks).
+FLOWER_KEYS = (*RUN_KEYS, *(key for group in SETTINGS_GROUPS for key in _group_keys(group)))
+
+Scalar = bool | int | float | str
+# Flat run settings as the Flower apps receive them (a Flower run config has this shape).
+Settings = Mapping[str, Scalar]
+
+
 def unflatten(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Nest dotted keys again: ``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (the inverse of flatten)."""
     nested: dict[str, Any] = {}
@@ -118,15 +129,19 @@ def section(settings: Mapping[str, Any], group: str) -> dict[str, Any]:
 def group_settings(cfg: DictConfig) -> dict[str, Scalar]:
     """The scalar settings of :data:`SETTINGS_GROUPS`, flattened to dotted keys.
 
-    A group the config lacks is left out: the apps read a missing ``attack`` or
+    Nested mappings are flattened too (``simulation.stop.patience``);
+    :data:`ENGINE_KEYS` and everything under them are left out. A group the
+    config lacks is left out: the apps read a missing ``attack`` or
     ``privacy`` group as ``none``, as they do under ``flwr run`` when it is not set.
     """
     settings: dict[str, Scalar] = {}
     for group in SETTINGS_GROUPS:
         if group not in cfg:
             continue
-        values = to_dict(cfg[group])
-        settings.update({f"{group}.{k}": v for k, v in values.items() if isinstance(v, Scalar)})
+        values = flatten(to_dict(cfg[group]), f"{group}.")
+        settings.update(
+            {k: v for k, v in values.items() if isinstance(v, Scalar) and not _engine_key(k)}
+        )
     return settings
 
 

@@ -25,6 +25,7 @@ from fedad.deployment.prepare import (
     write_connection,
 )
 from fedad.errors import FedadError, exit_with
+from fedad.federated.stopping import BEST_ROUND
 
 log = logging.getLogger("fedad")
 
@@ -38,9 +39,13 @@ def _summary(run: PreparedRun) -> str:
 
     history = pd.read_csv(run.run_dir / rundir.HISTORY_FILE)
     last = history.iloc[-1]
+    # With early stopping the kept model is the best round's, which may come before the last.
+    best = last.get(BEST_ROUND)
+    kept = last if best is None or pd.isna(best) else history[history["round"] == best].iloc[0]
+    ran = f"{int(last['round'])} rounds, kept " if kept["round"] != last["round"] else ""
     return (
-        f"round {int(last['round'])}: macro-F1 {last['macro_f1']:.4f}, ROC-AUC "
-        f"{last['roc_auc']:.4f}, FPR {last['fpr']:.4f}; outputs in {run.run_dir}"
+        f"{ran}round {int(kept['round'])}: macro-F1 {kept['macro_f1']:.4f}, ROC-AUC "
+        f"{kept['roc_auc']:.4f}, FPR {kept['fpr']:.4f}; outputs in {run.run_dir}"
     )
 
 
@@ -116,10 +121,6 @@ def main(argv: Sequence[str] | None = None) -> PreparedRun:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-
-
-if __name__ == "__main__":
-    main()
 
 
 if __name__ == "__main__":

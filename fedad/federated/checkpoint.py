@@ -21,6 +21,8 @@ from fedad.errors import FedadError
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
 
+    from fedad.federated.stopping import EarlyStopping
+
 META_KEYS = ("round", "state_file", "num_arrays", "strategy_state", "fingerprint", "history")
 
 # Strategy attributes that carry over from round to round, by strategy class name: the
@@ -53,6 +55,12 @@ class Checkpoint:
         ``content`` (the settings that decide what the run computes, see
         :func:`fedad.run.resume.content`) and ``data`` (see :func:`data_fingerprint`)
         of the run that wrote it.
+    stopping : dict or None
+        Federated early stopping's state after ``round``
+        (:meth:`~fedad.federated.stopping.EarlyStopping.state`); None when it is off.
+    best_arrays : list[np.ndarray] or None
+        The global model of its best round (stored apart only when that is
+        not ``round``); None when it is off or no round was measured yet.
     """
 
     round: int
@@ -60,6 +68,8 @@ class Checkpoint:
     strategy_state: dict
     history: list[dict]
     fingerprint: dict
+    stopping: dict | None = None
+    best_arrays: list[np.ndarray] | None = None
 
 
 def save(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
@@ -91,6 +101,13 @@ def save(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
         kinds[name] = "dict" if isinstance(value, Mapping) else "list"
         items = value.items() if isinstance(value, Mapping) else enumerate(value)
         arrays.update({f"strategy.{name}.{key}": np.asarray(a) for key, a in items})
+    stopping = None
+    if checkpoint.stopping is not None:
+        # The best round's model, unless it is this round's (then it is stored once).
+        best = checkpoint.best_arrays
+        apart = best is not None and checkpoint.stopping.get("best_round") != checkpoint.round
+        stopping = {**checkpoint.stopping, "num_best": len(best) if apart and best else 0}
+        arrays.update({f"best.{i}": a for i, a in enumerate(best or []) if apart})
     with rundir.atomic(folder / state_name) as f:
         np.savez(f, **arrays)
     meta = {
@@ -100,6 +117,7 @@ def save(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
         "strategy_state": kinds,
         "fingerprint": checkpoint.fingerprint,
         "history": checkpoint.history,
+        **({"stopping": stopping} if stopping is not None else {}),
         "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "fedad": __version__,
     }
@@ -166,7 +184,28 @@ def load(run_dir: str | Path) -> Checkpoint | None:
         prefix = f"strategy.{name}."
         items = {k.removeprefix(prefix): v for k, v in stored.items() if k.startswith(prefix)}
         state[name] = items if kind == "dict" else [items[str(i)] for i in range(len(items))]
-    return Checkpoint(meta["round"], arrays, state, meta["history"], meta["fingerprint"])
+    stopping = meta.get("stopping")
+    best = None
+    if stopping is not None and stopping.get("best_round") is not None:
+        count = int(stopping.get("num_best", 0))
+        best = [stored[f"best.{i}"] for i in range(count)] if count else arrays
+    return Checkpoint(
+        meta["round"], arrays, state, meta["history"], meta["fingerprint"], stopping, best
+    )
+
+
+def stopped_early(meta: Mapping) -> bool:
+    """Whether the checkpoint's run was ended by federated early stopping.
+
+    Such a run trains no further whatever ``simulation.num_rounds`` says:
+    resumed, it only finishes again with its best round's model.
+
+    Parameters
+    ----------
+    meta : Mapping
+        A checkpoint's :func:`read_meta`.
+    """
+    return bool((meta.get("stopping") or {}).get("stopped", False))
 
 
 def clear(run_dir: str | Path) -> None:
@@ -294,14 +333,26 @@ class Checkpointer:
         self.saved_round = saved_round
         self.latest: Checkpoint | None = None
 
-    def round_done(self, server_round: int, arrays: list[np.ndarray], history: list[dict]) -> None:
-        """Take the state after ``server_round``; save it if it is due."""
+    def round_done(
+        self,
+        server_round: int,
+        arrays: list[np.ndarray],
+        history: list[dict],
+        stopping: EarlyStopping | None = None,
+    ) -> None:
+        """Take the state after ``server_round``; save it if it is due.
+
+        ``stopping`` is federated early stopping as that round left it (its
+        state and best arrays go into the checkpoint), None when it is off.
+        """
         self.latest = Checkpoint(
             server_round,
             arrays,
             strategy_state(self.strategy),
             [dict(row) for row in history],
             self.fingerprint,
+            stopping.state() if stopping is not None else None,
+            stopping.best_arrays if stopping is not None else None,
         )
         if self.every and (server_round % self.every == 0 or server_round == self.last_round):
             self.flush()

@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -18,6 +18,8 @@ from fedad.errors import FedadError
 from fedad.federated import checkpoint
 from fedad.federated.families.base import Family
 from fedad.federated.grid import SiteGrid
+from fedad.federated.stopping import BEST_ROUND, EarlyStopping, StopTraining
+from fedad.federated.task import ASK_VALIDATION, POOLED, validation_metrics
 from fedad.progress import clock
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,33 @@ class Rounds(Strategy):
     metrics of each round are kept for the history. A model ``family`` adds
     its entries to each evaluate config and hears what the sites' aggregated
     evaluation says (the autoencoder's threshold).
+
+    Pooled counts: a metric of an evaluate reply whose key starts with
+    :data:`~fedad.federated.task.POOLED` (``sum-``) is a count, and counts
+    add up where averages do not. Such entries are summed over the round's
+    good replies (numbers as numbers, lists elementwise), taken out of the
+    replies before the strategy's weighted mean sees them (an average of
+    counts means nothing, and they would otherwise appear as ``client_*``
+    columns), kept in :attr:`pooled` by round and handed to the family's
+    ``after_evaluate`` with the aggregated metrics, under their own keys. A
+    site sends only counts there, never a row. Federated early stopping
+    uses them (the validation slices' summed loss, rows and confusion
+    matrix: :func:`~fedad.federated.task.validation_counts`); any other
+    exact pooling (histograms of validation scores) needs only a ``sum-``
+    key in the family's ``site_metrics`` and a reader in its ``after_evaluate``.
+
+    Early stopping (``stopping``, when on): each evaluate config asks the
+    sites for their validation counts; after a round's evaluation the rule
+    (:class:`~fedad.federated.stopping.EarlyStopping`) takes the pooled
+    metric and keeps that round's arrays if it improved; once it is
+    exhausted, the next :meth:`configure_train` raises
+    :class:`~fedad.federated.stopping.StopTraining`. Flower 1.42's
+    ``Strategy.start`` has no stop hook, and fedad pins flwr < 1.43, whose
+    ``should_stop`` would be one; an exception from the first step of a
+    round ends ``start`` cleanly there, with every earlier round complete,
+    evaluated and checkpointed, and leaves the ServerApp
+    (:func:`~fedad.federated.server_app.run_server`) to finish with the
+    best round's arrays.
     """
 
     def __init__(
@@ -44,15 +73,22 @@ class Rounds(Strategy):
         seed: int,
         min_replies: int,
         family: Family | None = None,
+        stopping: EarlyStopping | None = None,
     ) -> None:
         self.strategy = strategy
         self.family = family
+        self.stopping = stopping if stopping is not None and stopping.on else None
         self.done = done
         self.seed = seed
         self.min_replies = min_replies
         self.sampled = 0
         self.train_metrics: dict[int, MetricRecord] = {}
         self.evaluate_metrics: dict[int, MetricRecord] = {}
+        self.pooled: dict[int, dict[str, Any]] = {}
+        # Per round, what early stopping adds to its history row: the pooled validation
+        # metrics and the best round so far.
+        self.validation: dict[int, dict[str, Any]] = {}
+        self._evaluated: ArrayRecord | None = None
 
     def absolute(self, server_round: int) -> int:
         """Return the run's round number for Flower's ``server_round``."""
@@ -61,8 +97,17 @@ class Rounds(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
-        """Sample and configure this round's training, seeded by the absolute round."""
+        """Sample and configure this round's training, seeded by the absolute round.
+
+        Raises
+        ------
+        StopTraining
+            When early stopping decided, after the last round's evaluation,
+            that training is over.
+        """
         server_round = self.absolute(server_round)
+        if self.stopping is not None and self.stopping.exhausted:
+            raise StopTraining(f"early stopping before round {server_round}")
         random.seed(f"{self.seed}/train/{server_round}")
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self.sampled = len(messages)
@@ -95,25 +140,79 @@ class Rounds(Strategy):
         random.seed(f"{self.seed}/evaluate/{server_round}")
         if self.family is not None:
             config = ConfigRecord({**config, **self.family.evaluate_config()})
+        if self.stopping is not None:
+            config = ConfigRecord({**config, ASK_VALIDATION: True})
+        # The arrays the sites evaluate: the model early stopping keeps if the round improves.
+        self._evaluated = arrays
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Aggregate the evaluation replies and keep their metrics for the history."""
+        """Pool the replies' counts, aggregate the rest, keep both for the history; decide.
+
+        Early stopping decides here, once the round's pooled validation
+        counts are in (see the class docstring).
+        """
         server_round = self.absolute(server_round)
+        replies = list(replies)
+        pooled = pool_counts(replies)
+        self.pooled[server_round] = pooled
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        if self.family is not None and (metrics is not None or pooled):
+            self.family.after_evaluate({**(metrics or {}), **pooled})
         if metrics is not None:
-            if self.family is not None:
-                self.family.after_evaluate(metrics)
             # Lists are per-bin counts (the autoencoder's): what the history keeps is scalars.
             scalars: dict[str, Any] = {k: v for k, v in metrics.items() if not isinstance(v, list)}
             self.evaluate_metrics[server_round] = MetricRecord(scalars)
+        if self.stopping is not None:
+            self._decide(server_round, validation_metrics(pooled))
         return metrics
+
+    def _decide(self, server_round: int, values: dict[str, float]) -> None:
+        """Let the rule take the round's pooled validation metric; record it for the history."""
+        rule = cast(EarlyStopping, self.stopping)
+        evaluated = self._evaluated
+        rule.update(
+            server_round,
+            values[rule.column],
+            lambda: evaluated.to_numpy_ndarrays() if evaluated is not None else [],
+        )
+        self.validation[server_round] = {**values, BEST_ROUND: rule.best_round}
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
         self.strategy.summary()
+
+
+def pool_counts(replies: list[Message]) -> dict[str, Any]:
+    """Sum the :data:`~fedad.federated.task.POOLED` metrics of the good replies; remove them.
+
+    Parameters
+    ----------
+    replies : list[Message]
+        A round's evaluate replies; their ``sum-`` entries are deleted in place,
+        so that the strategy averages only the rest.
+
+    Returns
+    -------
+    dict
+        ``{key: sum}``: a number, or a list summed elementwise; empty when no
+        good reply holds such a key.
+    """
+    pooled: dict[str, Any] = {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        for record in reply.content.metric_records.values():
+            for key in [k for k in record if k.startswith(POOLED)]:
+                value = record.pop(key)
+                if isinstance(value, list):
+                    total = pooled.get(key, [0] * len(value))
+                    pooled[key] = [a + b for a, b in zip(total, value, strict=True)]
+                else:
+                    pooled[key] = pooled.get(key, 0) + value
+    return pooled
 
 
 class ServerEvaluator:
@@ -186,6 +285,7 @@ class ServerEvaluator:
             "round": server_round,
             **self.rounds.train_metrics.get(server_round, {}),
             **{f"client_{k}": v for k, v in client.items()},
+            **self.rounds.validation.get(server_round, {}),
             **self.family.history_fields(),
             **self.grid.take_payload(),
             **(self.fields() if self.fields else {}),
@@ -196,7 +296,9 @@ class ServerEvaluator:
         }
         self._queued = server_round
         weights = arrays.to_numpy_ndarrays()
-        self._pending.append(self._worker.submit(self._evaluate, row, weights, config))
+        # The rule as this round left it: the next round may change it before the checkpoint.
+        stopping = self.rounds.stopping.snapshot() if self.rounds.stopping else None
+        self._pending.append(self._worker.submit(self._evaluate, row, weights, config, stopping))
         return None
 
     def finish(self) -> None:
@@ -212,7 +314,13 @@ class ServerEvaluator:
         finally:
             self._worker.shutdown(wait=True)
 
-    def _evaluate(self, row: dict, weights: list[np.ndarray], config: dict) -> None:
+    def _evaluate(
+        self,
+        row: dict,
+        weights: list[np.ndarray],
+        config: dict,
+        stopping: EarlyStopping | None = None,
+    ) -> None:
         metrics = self.family.metrics(weights, self.X_test, self.y_test, config)
         # The metrics come first in the row, as they always have.
         row = {"round": row["round"], **metrics, **row}
@@ -232,9 +340,14 @@ class ServerEvaluator:
             row["seconds"],
             "".join(
                 f"  {name} {row[key]:.3g}"
-                for key, name in (("attack_success", "attack success"), ("epsilon", "ε"))
+                for key, name in (
+                    ("val_loss", "val loss"),
+                    ("val_macro_f1", "val macro-F1"),
+                    ("attack_success", "attack success"),
+                    ("epsilon", "ε"),
+                )
                 if key in row
             ),
             "?" if eta is None else clock(eta),
         )
-        self.checkpointer.round_done(row["round"], weights, self.rows)
+        self.checkpointer.round_done(row["round"], weights, self.rows, stopping)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -22,9 +23,11 @@ from fedad.config.resolvers import sampled_sites
 from fedad.data import scaling
 from fedad.errors import FedadError
 from fedad.federated import attacks, checkpoint, privacy, shards
+from fedad.federated.families.base import Family
 from fedad.federated.families.registry import family_for
 from fedad.federated.grid import PAYLOAD, POLL_SECONDS, SiteGrid
 from fedad.federated.rounds import Rounds, ServerEvaluator
+from fedad.federated.stopping import EarlyStopping, StopTraining
 from fedad.federated.strategies import build_strategy
 from fedad.federated.task import Settings, run_settings
 
@@ -128,6 +131,15 @@ def run_server(
     the pooled statistics are the best estimate of the population the global
     model serves.
 
+    Early stopping: with ``simulation.stop.patience`` above 0,
+    ``num_rounds`` is the most rounds; every site then sends its validation
+    slice's counts with each evaluation, and training ends once the pooled
+    ``simulation.stop.metric`` has not improved for ``patience`` rounds
+    (:class:`~fedad.federated.rounds.Rounds`). The best round's global model
+    is the one the final evaluation at the sites scores and the one saved;
+    ``history.csv`` holds every round run, with ``val_loss``,
+    ``val_macro_f1`` and ``best_round``.
+
     Attacks and privacy: under a targeted attack (``attack.*``) each round's
     row holds the attack success on the global test set; under differential
     privacy (``privacy.*``) the strategy runs inside Flower's DP wrapper and
@@ -198,13 +210,16 @@ def run_server(
     if dp["name"] != "none":
         sim = {**section(settings, "simulation"), "num_clients": len(node_ids)}
         runner = privacy.Private(strategy, dp, len(node_ids), sampled_sites(sim))
+    stopping = EarlyStopping.from_settings(settings)
     if previous:
         checkpoint.restore_strategy_state(strategy, previous.strategy_state)
         family.restore(previous.history[-1])
         if isinstance(runner, privacy.Private):
             runner.restore(previous.history[-1])
+        if previous.stopping is not None:
+            stopping.restore(previous.stopping, previous.best_arrays)
         log.info("resuming after round %d of %d from %s", done, num_rounds, run_dir)
-    rounds = Rounds(runner, done, seed, int(settings["simulation.min_clients"]), family)
+    rounds = Rounds(runner, done, seed, int(settings["simulation.min_clients"]), family, stopping)
     checkpointer = checkpoint.Checkpointer(
         run_dir,
         int(settings.get("simulation.checkpoint_every", 1)),
@@ -226,16 +241,27 @@ def run_server(
         fields=runner.history_fields if isinstance(runner, privacy.Private) else None,
     )
     try:
-        rounds.start(
-            grid=sites,
-            initial_arrays=ArrayRecord(previous.arrays if previous else family.initial_arrays()),
-            num_rounds=num_rounds - done,
-            timeout=timeout,
-            train_config=ConfigRecord(dict(config)),
-            evaluate_config=ConfigRecord(dict(config)),
-            evaluate_fn=evaluator,
-        )
+        # Early stopping ends training before a round (Rounds.configure_train raises), every
+        # round before it complete; not flwr 1.43's Strategy.should_stop: fedad pins flwr
+        # < 1.43 (see Rounds).
+        with contextlib.suppress(StopTraining):
+            rounds.start(
+                grid=sites,
+                initial_arrays=ArrayRecord(
+                    previous.arrays if previous else family.initial_arrays()
+                ),
+                num_rounds=num_rounds - done,
+                timeout=timeout,
+                train_config=ConfigRecord(dict(config)),
+                evaluate_config=ConfigRecord(dict(config)),
+                evaluate_fn=evaluator,
+            )
         evaluator.close()
+        # The last round is saved whatever checkpoint_every says, so that resuming a run
+        # that stopped early does not train again the rounds after the last checkpoint.
+        checkpointer.flush()
+        if stopping.on:
+            log.info(stopping.message(num_rounds))
     except Exception as error:
         # Whatever stopped the run, the last complete round is still worth keeping: its
         # evaluation is waited for (an error there is the one to report, if any).
@@ -253,6 +279,7 @@ def run_server(
             ) from None
         raise failure from None
 
+    final_arrays = _kept_model(evaluator, stopping, family)
     final_config = ConfigRecord(
         {**config, **family.evaluate_config(), "server-round": num_rounds, "final": True}
     )
@@ -260,8 +287,6 @@ def run_server(
     chosen = final_evaluation_sites(
         len(node_ids), None if fraction in (None, "") else float(fraction), seed
     )
-    # The evaluator keeps the model of each round it scored: the final one now.
-    final_arrays = cast(ArrayRecord, evaluator.arrays)
     clients = _final_site_metrics(
         sites, final_arrays, final_config, counts, len(node_ids), timeout, chosen
     )
@@ -271,6 +296,21 @@ def run_server(
         evaluator.rows[-1][key] += value
     _history(evaluator.rows).to_csv(run_dir / rundir.HISTORY_FILE, index=False)
     family.save(final_arrays.to_numpy_ndarrays(), run_dir)
+
+
+def _kept_model(evaluator: ServerEvaluator, stopping: EarlyStopping, family: Family) -> ArrayRecord:
+    """The global model a run keeps, scores at every site and saves.
+
+    With early stopping on, its best round's (and the family's state of that
+    round: the autoencoder's threshold, from the round's history row); else,
+    or when no round was measured, the last round's, which the evaluator
+    kept as it scored each round.
+    """
+    if stopping.on and stopping.best_arrays is not None:
+        row = next(r for r in evaluator.rows if r["round"] == stopping.best_round)
+        family.restore(row)
+        return ArrayRecord(stopping.best_arrays)
+    return cast(ArrayRecord, evaluator.arrays)
 
 
 def _wait_for_nodes(sites: SiteGrid, expected: int, timeout: float = 300.0) -> list[int]:

@@ -23,7 +23,7 @@ from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.evaluation.comparison import ModelResult
 from fedad.evaluation.metrics import attack_success_rate, compute_metrics
-from fedad.federated import attacks, checkpoint, privacy, shards, site_state
+from fedad.federated import attacks, checkpoint, privacy, shards, site_state, stopping
 from fedad.federated.client_app import client_app
 from fedad.federated.families.registry import family_class, load_scorer
 from fedad.federated.local_only import train_alone
@@ -41,8 +41,12 @@ class FederatedResult(ModelResult):
     ``info`` holds, besides what every result holds, ``strategy``, ``rounds``,
     ``validation_macro_f1`` (the sites' held-out slices, safe to tune on),
     ``twin``, ``mb_exchanged``, ``curve`` (per-round test macro-F1, cumulative
-    seconds and MB), ``attack`` (its settings, the malicious sites, the
-    attackers the strategy assumed), ``privacy`` (its settings and the final
+    seconds and MB), ``stopping`` (federated early stopping: ``metric``,
+    ``patience``, ``min_delta``, ``rounds_run``, ``best_round`` — the round
+    whose model is scored and saved — and ``reason``: ``patience``,
+    ``max_rounds`` or ``off``; :func:`fedad.federated.stopping.summary`),
+    ``attack`` (its settings, the malicious sites, the attackers the
+    strategy assumed), ``privacy`` (its settings and the final
     epsilon), ``note`` (what the comparison shows beside the model, ``ε = 3.2,
     δ = 1e-05``) and ``scaling_sites`` (how many sites' sums gave the pooled
     scaling statistics: all, or a sample past ``server_app.SCALING_SITES``).
@@ -155,7 +159,10 @@ def run_federated(
         metrics["attack_success"] = attack_success_rate(metrics["confusion"], targets)
     if info["privacy"]["name"] != "none":
         metrics["epsilon"] = info["privacy"]["epsilon"]
-    validation = history["client_macro_f1"].dropna()
+    info["stopping"] = stopping.summary(settings, history.to_dict("records"))
+    # The kept round's: with early stopping, the best round's, not the last one's.
+    kept = history[history["round"] <= info["stopping"]["best_round"]]
+    validation = kept["client_macro_f1"].dropna()
     federated = FederatedResult(
         name=federated_name(str(cfg.model.name)),
         kind="federated",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict, UserConfigValue
@@ -22,6 +22,19 @@ CLIENT_METRICS = (
     # How many classes the slice holds: 1 marks a site whose local test slice cannot
     # measure a detector (one class), kept, not refused.
     "classes_scored",
+)
+# Reply metrics whose key starts with this are counts, pooled exactly: the server sums them
+# over a round's replies (lists elementwise) instead of averaging them, and keeps them out of
+# the strategy's weighted mean (fedad.federated.rounds.Rounds).
+POOLED = "sum-"
+# The evaluate-config key that asks a site for its validation slice's counts.
+ASK_VALIDATION = "validation-counts"
+# Those counts: the loss summed over the rows it is defined on, those rows, and the
+# confusion matrix (rows = true class, columns = predicted) flattened row by row.
+VAL_LOSS, VAL_ROWS, VAL_CONFUSION = (
+    f"{POOLED}val-loss",
+    f"{POOLED}val-rows",
+    f"{POOLED}val-confusion",
 )
 
 
@@ -115,8 +128,62 @@ def cross_entropy(y: np.ndarray, scores: np.ndarray) -> float:
     """Mean negative log-probability of the true class (NaN for no rows)."""
     if len(y) == 0:
         return math.nan
+    return float(np.mean(row_losses(y, scores)))
+
+
+def row_losses(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each row's negative log-probability of its true class (probabilities clipped at 1e-7)."""
     p = scores[np.arange(len(y)), np.asarray(y, dtype=np.int64)]
-    return float(-np.mean(np.log(np.clip(p, 1e-7, 1.0))))
+    return -np.log(np.clip(p, 1e-7, 1.0))
+
+
+def validation_counts(
+    y: np.ndarray, y_pred: np.ndarray, losses: np.ndarray, n_classes: int
+) -> dict[str, Any]:
+    """A site's validation slice as counts only, for the server to pool exactly.
+
+    Parameters
+    ----------
+    y, y_pred : np.ndarray
+        True and predicted class codes of the slice's rows.
+    losses : np.ndarray
+        The loss of each row it is defined on (every row, or an autoencoder's
+        normal rows).
+    n_classes : int
+        Classes of the task: the confusion matrix is ``n_classes`` square.
+
+    Returns
+    -------
+    dict
+        :data:`VAL_LOSS` (the sum), :data:`VAL_ROWS` (how many losses) and
+        :data:`VAL_CONFUSION` (flattened), ready for a MetricRecord.
+    """
+    codes = np.asarray(y, dtype=np.int64) * n_classes + np.asarray(y_pred, dtype=np.int64)
+    confusion = np.bincount(codes, minlength=n_classes * n_classes)
+    return {
+        VAL_LOSS: float(np.sum(losses, dtype=np.float64)),
+        VAL_ROWS: len(losses),
+        VAL_CONFUSION: [int(v) for v in confusion],
+    }
+
+
+def validation_metrics(pooled: Mapping[str, Any]) -> dict[str, float]:
+    """``val_loss`` and ``val_macro_f1`` of the sites' pooled :func:`validation_counts`.
+
+    The loss is the pooled sum over the pooled rows; macro-F1 averages the F1
+    of the classes the pooled rows hold, as
+    :func:`fedad.evaluation.metrics.macro_f1` does for rows. NaN without rows.
+    """
+    rows = int(pooled.get(VAL_ROWS, 0))
+    loss = float(pooled[VAL_LOSS]) / rows if rows else math.nan
+    cells = np.asarray(pooled.get(VAL_CONFUSION, []), dtype=np.float64)
+    k = math.isqrt(cells.size)
+    confusion = cells.reshape(k, k)
+    tp = np.diag(confusion)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    present = support > 0
+    f1 = 2 * tp[present] / (support[present] + predicted[present])
+    return {"val_loss": loss, "val_macro_f1": float(np.mean(f1)) if present.any() else math.nan}
 
 
 def load_site(

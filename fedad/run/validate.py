@@ -19,6 +19,7 @@ from fedad.errors import JobSkipped
 from fedad.federated.attacks import check_config as check_attack
 from fedad.federated.faults import FAILURE_MODES
 from fedad.federated.privacy import check_config as check_privacy
+from fedad.federated.stopping import METRICS as STOP_METRICS
 from fedad.federated.strategies import byzantine_bound
 from fedad.federated.strategies import check_config as check_strategy
 from fedad.models import OPTIMIZERS
@@ -49,6 +50,7 @@ def validate(cfg: DictConfig) -> None:
     """
     values = to_dict(cfg)
     sim, train, pre = values["simulation"], values["train"], values["preprocess"]
+    stop = sim["stop"] if isinstance(sim.get("stop"), dict) else {}
     problems = [
         checks.number(values, "seed", "", whole=True, low=0, high=2**32 - 1),
         checks.choice(values, "task", "", TASKS),
@@ -68,6 +70,7 @@ def validate(cfg: DictConfig) -> None:
         None
         if sim.get("final_eval_fraction") is None
         else checks.number(sim, "final_eval_fraction", "simulation", low=0, high=1, low_open=True),
+        *_stop(stop),
         checks.number(train, "local_epochs", "train", whole=True, low=1),
         checks.number(train, "batch_size", "train", whole=True, low=1),
         checks.number(train, "learning_rate", "train", low=0, low_open=True),
@@ -81,6 +84,12 @@ def validate(cfg: DictConfig) -> None:
         problems.append(
             f"simulation.min_clients ({sim['min_clients']}) cannot exceed the "
             f"simulation.num_clients={sim['num_clients']} sites"
+        )
+    if not any(problems) and stop.get("patience", 0) > 0 and not train["val_fraction"] > 0:
+        problems.append(
+            "simulation.stop watches the sites' pooled validation slices: with "
+            f"simulation.stop.patience={stop['patience']} train.val_fraction must be > 0 "
+            "(or set simulation.stop.patience=0 to train simulation.num_rounds)"
         )
     if not any(problems) and train["val_fraction"] + train["test_fraction"] >= 1:
         problems.append(
@@ -118,6 +127,20 @@ def validate(cfg: DictConfig) -> None:
     checks.raise_problems(problems, "Cannot start the run")
     if bound:
         raise JobSkipped(f"Cannot start the run: {bound}.")
+
+
+def _stop(stop: dict) -> list[str | None]:
+    """``simulation.stop``: a whole patience >= 0, a known metric, a min_delta >= 0."""
+    where = "simulation.stop"
+    return [
+        checks.number(
+            stop, "patience", where, whole=True, low=0, hint="rounds without improvement; 0 = off"
+        ),
+        checks.choice(stop, "metric", where, STOP_METRICS),
+        checks.number(
+            stop, "min_delta", where, low=0, hint="the change an improvement must exceed"
+        ),
+    ]
 
 
 def expected_replies(sim: dict) -> int:

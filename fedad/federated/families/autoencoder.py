@@ -13,7 +13,7 @@ import numpy as np
 from fedad import rundir
 from fedad.evaluation.metrics import compute_metrics
 from fedad.federated.families.classifier import KerasFamily, KerasScorer, local_model, train_local
-from fedad.federated.task import Site, client_metrics
+from fedad.federated.task import Site, client_metrics, validation_counts
 from fedad.models.inference import SERVER_BATCH, predict, reconstruction_error
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,21 @@ class AutoencoderFamily(KerasFamily):
             counts, _ = np.histogram(errors[rows], bins=edges)
             out[f"hist-{name}"] = counts.astype(np.int64).tolist()
         return out
+
+    def validation_counts(
+        self, arrays: list[np.ndarray], site: Site, config: Mapping
+    ) -> dict[str, Any]:
+        """Counts of the validation slice: the error summed over its normal rows, the confusion.
+
+        The loss is what the site trains down: the reconstruction error of
+        normal traffic (attack rows are meant to reconstruct badly). The
+        confusion flags rows at the threshold in force (``config``), attack
+        rows included.
+        """
+        errors = self.scores(arrays, site.X_val) if len(site.y_val) else np.empty(0)
+        threshold = float(config.get("threshold", math.inf))
+        attack = (np.asarray(site.y_val) != 0).astype(np.int64)
+        return validation_counts(attack, errors >= threshold, errors[attack == 0], 2)
 
     def evaluate_config(self) -> dict[str, Any]:
         """The bin edges, and the threshold so far (for the sites' test-slice metrics)."""

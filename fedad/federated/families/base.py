@@ -12,7 +12,14 @@ import numpy as np
 
 from fedad.config import Settings
 from fedad.evaluation.scorer import Scorer
-from fedad.federated.task import Site, evaluation_metrics
+from fedad.federated.stopping import EarlyStopping
+from fedad.federated.task import (
+    ASK_VALIDATION,
+    Site,
+    evaluation_metrics,
+    row_losses,
+    validation_counts,
+)
 
 
 class RunScorer(Scorer):
@@ -49,8 +56,14 @@ class Family(ABC):
         """Set up the site's process before its first model call (nothing by default)."""
 
     def val_fraction(self) -> float:
-        """Share of a site's rows held out for validation (early stopping, thresholds)."""
-        use = int(self.settings["train.early_stopping_patience"]) > 0
+        """Share of a site's rows held out for validation (early stopping, thresholds).
+
+        Drawn when local (``train.early_stopping_patience``) or federated
+        (``simulation.stop.patience``) early stopping is on; else none, so the
+        site trains on every row that is not its local test slice.
+        """
+        local = int(self.settings["train.early_stopping_patience"]) > 0
+        use = local or EarlyStopping.from_settings(self.settings).on
         return float(self.settings["train.val_fraction"]) if use else 0.0
 
     def seed_initial(self, seed: int) -> None:  # noqa: B027
@@ -85,9 +98,36 @@ class Family(ABC):
         return evaluation_metrics(y, self.scores(arrays, X), self.class_names, targets)
 
     def site_metrics(self, arrays: list[np.ndarray], site: Site, config: Mapping) -> dict[str, Any]:
-        """What a site's evaluate reply holds: metrics on its local test slice."""
+        """What a site's evaluate reply holds: metrics on its local test slice.
+
+        When the config asks (:data:`~fedad.federated.task.ASK_VALIDATION`:
+        federated early stopping), also its validation slice's counts
+        (:meth:`validation_counts`), which the server sums over the sites.
+        """
         metrics = self.metrics(arrays, site.X_test, site.y_test, config)
-        return {**metrics, "num-examples": len(site.y_test)}
+        out = {**metrics, "num-examples": len(site.y_test)}
+        if config.get(ASK_VALIDATION, False):
+            out.update(self.validation_counts(arrays, site, config))
+        return out
+
+    def validation_counts(
+        self, arrays: list[np.ndarray], site: Site, config: Mapping
+    ) -> dict[str, Any]:
+        """The validation slice as counts: cross-entropy summed over its rows, argmax confusion.
+
+        For a family whose :meth:`scores` are class probabilities (Keras
+        classifiers, boosters); see :func:`fedad.federated.task.validation_counts`.
+        """
+        n_classes = len(self.class_names)
+        if not len(site.y_val):
+            return validation_counts(site.y_val, site.y_val, np.empty(0), n_classes)
+        probabilities = self.scores(arrays, site.X_val)
+        return validation_counts(
+            site.y_val,
+            probabilities.argmax(axis=1),
+            row_losses(site.y_val, probabilities),
+            n_classes,
+        )
 
     def evaluate_config(self) -> dict[str, Any]:
         """Extra entries of each round's evaluate config (none for most families)."""
