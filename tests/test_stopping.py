@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -197,6 +198,22 @@ def test_resuming_a_run_that_stopped_early_trains_no_further(stopped, data, part
     assert again.metrics["macro_f1"] == result.metrics["macro_f1"]
     # No site trained a round 4 (a site writes its optimizer state after each round it trains).
     assert not list((run_dir / rundir.SHARD_DIR).glob("client_*/state-round0004.npz"))
+
+
+@pytest.mark.slow
+def test_a_finished_run_that_stopped_early_is_done_whatever_its_round_budget(stopped, tmp_path):
+    from fedad.run.resume import Decision, decide
+
+    _, stopped_dir = stopped
+    run_dir = tmp_path / "finished"
+    shutil.copytree(stopped_dir / rundir.CHECKPOINT_DIR, run_dir / rundir.CHECKPOINT_DIR)
+    rundir.save_results(run_dir, {"status": rundir.DONE})
+    for rounds in (6, 9):
+        cfg = compose([*BASE, *PLATEAU, f"simulation.num_rounds={rounds}"])
+        assert decide(cfg, run_dir) == Decision.DONE
+    # Other settings still refuse, whatever the stop.
+    with pytest.raises(FedadError):
+        decide(compose([*BASE, *PLATEAU, "simulation.num_rounds=9", "seed=5"]), run_dir)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
@@ -24,14 +24,12 @@ from fedad.config import checks
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.evaluation.comparison import Kind, ModelResult
-from fedad.evaluation.decision import ARGMAX, Decision, threshold_from_scores
+from fedad.evaluation.decision import ARGMAX, Decision, calibrate, threshold_from_scores
 from fedad.evaluation.metrics import (
-    TABLE_METRICS,
     attack_score,
     compute_metrics,
     threshold_for_fpr,
 )
-from fedad.evaluation.scorer import Scorer
 from fedad.models.catalog import TWINS
 
 BASELINES = tuple(SUPERVISED_DEFAULTS) + tuple(UNSUPERVISED_DEFAULTS)
@@ -448,31 +446,6 @@ def _run_validated(
     if threshold is not None:
         calibrate(result, threshold, decision, data.y_test, list(data.class_names))
     return result
-
-
-def calibrate(
-    result: ModelResult,
-    threshold: float,
-    decision: Decision,
-    y_test: np.ndarray,
-    class_names: list[str],
-) -> None:
-    """Score ``result`` under its calibrated ``threshold``, keeping its argmax metrics beside.
-
-    The model decides by the threshold from now on (importance, SHAP and its
-    detector follow it); ``info["decision"]`` records the rule and threshold.
-    """
-    model = cast(Scorer, result.model)
-    result.info["argmax"] = {k: result.metrics.get(k) for k in TABLE_METRICS}
-    model.threshold = threshold
-    scores = cast(np.ndarray, result.scores)
-    result.metrics = compute_metrics(y_test, scores, class_names, y_pred=model.decide(scores))
-    result.info["decision"] = {
-        "rule": decision.rule,
-        "target_fpr": decision.target_fpr,
-        "threshold": threshold,
-        "chosen_on": "validation rows",
-    }
 
 
 def _hold_out(

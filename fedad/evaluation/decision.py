@@ -13,11 +13,21 @@ probable attack class.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from fedad.errors import FedadError
-from fedad.evaluation.metrics import attack_score, threshold_for_fpr, tune_threshold
+from fedad.evaluation.metrics import (
+    TABLE_METRICS,
+    attack_score,
+    compute_metrics,
+    threshold_for_fpr,
+    tune_threshold,
+)
+
+if TYPE_CHECKING:
+    from fedad.evaluation.comparison import ModelResult
 
 RULES = ("argmax", "max_macro_f1", "target_fpr")
 # Bin edges of a probability's attack score for the sites' histograms: 0 .. 1 in steps of
@@ -199,3 +209,29 @@ def decide(scores: np.ndarray, threshold: float | None) -> np.ndarray:
         return flagged.astype(np.int64)
     attack_class = 1 + scores[:, 1:].argmax(axis=1)
     return np.where(flagged, attack_class, 0).astype(np.int64)
+
+
+def calibrate(
+    result: ModelResult,
+    threshold: float,
+    decision: Decision,
+    y_test: np.ndarray,
+    class_names: list[str],
+) -> None:
+    """Score ``result`` under its calibrated ``threshold``, keeping its argmax metrics beside.
+
+    The model decides by the threshold from now on (importance, SHAP and its
+    detector follow it); ``info["decision"]`` records the rule and threshold.
+    """
+    # A Scorer (fedad.evaluation.scorer imports this module, so it is not named here).
+    model: Any = result.model
+    result.info["argmax"] = {k: result.metrics.get(k) for k in TABLE_METRICS}
+    model.threshold = threshold
+    scores = cast(np.ndarray, result.scores)
+    result.metrics = compute_metrics(y_test, scores, class_names, y_pred=model.decide(scores))
+    result.info["decision"] = {
+        "rule": decision.rule,
+        "target_fpr": decision.target_fpr,
+        "threshold": threshold,
+        "chosen_on": "validation rows",
+    }

@@ -72,7 +72,9 @@ def decide(cfg: DictConfig, run_dir: Path, required: bool = False) -> Decision:
     if done_rounds is not None and rounds < done_rounds:
         problems.append(f"{ROUNDS_KEY} ({rounds} is below the {done_rounds} rounds it holds)")
     if not problems:
-        if finished and rounds == done_rounds:
+        # A run its stopping rule ended is done whatever round budget it is given again.
+        stopped = meta is not None and checkpoint.stopped_early(meta)
+        if finished and (rounds == done_rounds or stopped):
             return Decision.DONE
         if meta is not None:
             # A damaged state file fails here, before the data is prepared again.
