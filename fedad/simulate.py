@@ -16,12 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedad import rundir
 from fedad.baselines.runner import run_baselines, with_twin
+from fedad.baselines.twins import cache_inputs
 from fedad.config import CONF_DIR, CONFIG_NAME, available_options, load_option
 from fedad.data.sources import check_files
 from fedad.detector.build import write_detectors
 from fedad.errors import FedadError, JobSkipped, exit_with
 from fedad.evaluation import comparison
 from fedad.evaluation.comparison import ModelResult
+from fedad.evaluation.decision import Rule
 from fedad.evaluation.importance import explain
 from fedad.evaluation.plots import plot_confusion, plot_eda, plot_roc
 from fedad.evaluation.shapley import explain_shap
@@ -141,8 +143,7 @@ def _baselines(cfg: DictConfig, prepared: RunData) -> list[ModelResult]:
     # Architectures for the central Keras baselines: the federated one as configured.
     model_cfgs = {name: load_option("model", name) for name in available_options("model")}
     model_cfgs[cfg.model.name] = cfg.model
-    from fedad.baselines.twins import cache_inputs
-
+    decision = Rule(str(cfg.decision.rule), target_fpr=cfg.decision.target_fpr)
     # The twin (always run beside a federated model) fits on every training row unless capped.
     baselines = with_twin(cfg.baselines, cfg.model.name) if cfg.federated else cfg.baselines
     inputs = {
@@ -158,6 +159,8 @@ def _baselines(cfg: DictConfig, prepared: RunData) -> list[ModelResult]:
         "models": model_cfgs,
         # The validation refit and its threshold exist to choose and tune a detector.
         "detector": cfg.detector,
+        # A calibrated rule rescores every model (argmax, as before it existed, adds nothing).
+        **({"decision": cfg.decision} if decision.rule != "argmax" else {}),
     }
     return cache.cached(
         _cache_dir(cfg),
@@ -171,6 +174,7 @@ def _baselines(cfg: DictConfig, prepared: RunData) -> list[ModelResult]:
             model_cfgs=model_cfgs,
             validate=bool(cfg.detector.write),
             target_fpr=cfg.detector.target_fpr,
+            decision=decision,
         ),
     )
 

@@ -8,7 +8,7 @@ import pytest
 from fedad.errors import FedadError
 from fedad.evaluation.decision import (
     PROBABILITY_EDGES,
-    Decision,
+    Rule,
     check_rule,
     decide,
     score_counts,
@@ -69,7 +69,7 @@ def test_a_site_sends_counts_only():
 def test_argmax_needs_no_threshold_and_matches_the_most_probable_class():
     y, scores = _validation(4, n_classes=4)
     assert threshold_from_scores(y, scores, "argmax") is None
-    np.testing.assert_array_equal(Decision("argmax").decide(scores), scores.argmax(axis=1))
+    np.testing.assert_array_equal(Rule("argmax").decide(scores), scores.argmax(axis=1))
 
 
 def test_in_multiclass_the_threshold_decides_attack_and_the_class_is_the_likeliest_attack():
@@ -133,7 +133,7 @@ def _shifted(n: int, seed: int):
 def test_every_centralized_model_is_scored_under_the_runs_rule_chosen_on_validation_rows(rule):
     from fedad.baselines.runner import run_baselines
     from fedad.evaluation import comparison
-    from fedad.evaluation.decision import Decision
+    from fedad.evaluation.decision import Rule
 
     data = _shifted(1600, 0)
     config = {
@@ -144,7 +144,7 @@ def test_every_centralized_model_is_scored_under_the_runs_rule_chosen_on_validat
         },
         "val_fraction": 0.25,
     }
-    decision = Decision(rule, target_fpr=0.05 if rule == "target_fpr" else None)
+    decision = Rule(rule, target_fpr=0.05 if rule == "target_fpr" else None)
     results = run_baselines(config, data, {}, 1, 0, decision=decision)
     _, X_test = data.scaled()
     for r in results:

@@ -24,7 +24,7 @@ from fedad.config import checks
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.evaluation.comparison import Kind, ModelResult
-from fedad.evaluation.decision import ARGMAX, Decision, calibrate, threshold_from_scores
+from fedad.evaluation.decision import ARGMAX, Rule, calibrate, threshold_from_scores
 from fedad.evaluation.metrics import (
     attack_score,
     compute_metrics,
@@ -44,7 +44,7 @@ def run_baselines(
     model_cfgs: Mapping[str, Mapping] | None = None,
     validate: bool = False,
     target_fpr: float | None = None,
-    decision: Decision = ARGMAX,
+    decision: Rule = ARGMAX,
 ) -> list[ModelResult]:
     """Fit every baseline named in the config on ``data.scaled()`` and score it on test.
 
@@ -90,7 +90,7 @@ def run_baselines(
         With ``validate``, also choose the attack-score threshold that flags
         at most this share of the validation rows' normal traffic (a detector's
         extra ``target_fpr`` rule).
-    decision : Decision
+    decision : Rule
         The run's decision rule (``decision.*``): a calibrated rule
         (``max_macro_f1``, ``target_fpr``) chooses each supervised model's
         threshold on its validation rows (as with ``validate``) and scores the
@@ -408,7 +408,7 @@ def _run_validated(
     fraction: float,
     target_fpr: float | None,
     split: tuple[np.ndarray, np.ndarray] | None = None,
-    decision: Decision = ARGMAX,
+    decision: Rule = ARGMAX,
 ) -> ModelResult:
     """A supervised model's result and its validation macro-F1 on a held-out share of train.
 

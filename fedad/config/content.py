@@ -62,6 +62,8 @@ NONE_GROUPS = ("attack", "privacy")
 # metric and min_delta say, so it is left out of the content then, and runs from before it
 # existed stay comparable. On, it draws validation rows at every site and ends training.
 STOP_KEY = "simulation.stop"
+# The decision rule: argmax, as every run before it decided, leaves it out of the content.
+DECISION_KEY = "decision"
 
 
 def content(cfg: DictConfig | Mapping) -> dict:
@@ -70,4 +72,6 @@ def content(cfg: DictConfig | Mapping) -> dict:
     idle = [f"{g}." for g in NONE_GROUPS if flat.get(f"{g}.name", "none") == "none"]
     if not flat.get(f"{STOP_KEY}.patience", 0):
         idle.append(f"{STOP_KEY}.")
+    if flat.get(f"{DECISION_KEY}.rule", "argmax") == "argmax":
+        idle.append(f"{DECISION_KEY}.")
     return {k: v for k, v in flat.items() if not any(k.startswith(g) for g in idle)}

@@ -68,6 +68,14 @@ class TrainConfig:
 
 
 @dataclass
+class DecisionConfig:
+    """``decision``: the rule every model of the comparison is scored under."""
+
+    rule: str = MISSING
+    target_fpr: float | None = MISSING
+
+
+@dataclass
 class DetectorConfig:
     """``detector``: the ready-to-use detectors a run saves (see docs/detector.md)."""
 
@@ -99,6 +107,7 @@ class RootConfig:
     simulation: SimulationConfig = MISSING
     train: TrainConfig = MISSING
     detector: DetectorConfig = MISSING
+    decision: DecisionConfig = MISSING
 
 
 ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)

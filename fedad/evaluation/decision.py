@@ -12,6 +12,7 @@ probable attack class.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -36,7 +37,7 @@ PROBABILITY_EDGES = np.linspace(0.0, 1.0, 4097)
 
 
 @dataclass(frozen=True)
-class Decision:
+class Rule:
     """A decision rule and, for a calibrated one, the threshold it chose.
 
     Attributes
@@ -59,7 +60,7 @@ class Decision:
 
 
 # Today's default: every model decides by its most probable class.
-ARGMAX = Decision("argmax")
+ARGMAX = Rule("argmax")
 
 
 def check_rule(rule: str, target_fpr: float | None) -> None:
@@ -75,6 +76,34 @@ def check_rule(rule: str, target_fpr: float | None) -> None:
             f"{target_fpr!r}: the share of normal validation rows a detector may flag, e.g. "
             "decision.target_fpr=0.01."
         )
+
+
+def check_config(cfg_decision: Mapping[str, Any], task: str) -> list[str]:
+    """What is wrong with a ``decision`` config for ``task``: one phrase per problem.
+
+    ``max_macro_f1`` is refused in a multiclass task: one threshold on the attack
+    score would tune the attack-versus-normal macro-F1, not the per-class macro-F1
+    the comparison reports.
+    """
+    rule, target = cfg_decision.get("rule"), cfg_decision.get("target_fpr")
+    if rule not in RULES:
+        return [f"decision.rule must be one of {', '.join(RULES)}, got {rule!r}"]
+    problems = []
+    if rule == "target_fpr" and not (
+        isinstance(target, int | float) and not isinstance(target, bool) and 0 < target < 1
+    ):
+        problems.append(
+            f"decision.target_fpr must be a number in (0, 1) with decision.rule=target_fpr, "
+            f"got {target!r} (the share of normal validation rows a model may flag)"
+        )
+    if rule == "max_macro_f1" and task == "multiclass":
+        problems.append(
+            "decision.rule=max_macro_f1 cannot apply with task=multiclass: one attack threshold "
+            "would tune the attack-versus-normal macro-F1, not the per-class macro-F1 the "
+            "comparison reports; use decision.rule=target_fpr (attack versus normal at that "
+            "threshold, then the likeliest attack class) or argmax"
+        )
+    return problems
 
 
 def threshold_from_scores(
@@ -214,7 +243,7 @@ def decide(scores: np.ndarray, threshold: float | None) -> np.ndarray:
 def calibrate(
     result: ModelResult,
     threshold: float,
-    decision: Decision,
+    decision: Rule,
     y_test: np.ndarray,
     class_names: list[str],
 ) -> None:

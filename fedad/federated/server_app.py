@@ -22,14 +22,21 @@ from fedad.config import section
 from fedad.config.resolvers import sampled_sites
 from fedad.data import scaling
 from fedad.errors import FedadError
+from fedad.evaluation.decision import PROBABILITY_EDGES, Rule, threshold_from_counts
 from fedad.federated import attacks, checkpoint, privacy, shards
 from fedad.federated.families.base import Family
 from fedad.federated.families.registry import family_for
 from fedad.federated.grid import PAYLOAD, POLL_SECONDS, SiteGrid
-from fedad.federated.rounds import Rounds, ServerEvaluator
+from fedad.federated.rounds import Rounds, ServerEvaluator, pool_counts
 from fedad.federated.stopping import EarlyStopping, StopTraining
 from fedad.federated.strategies import build_strategy
-from fedad.federated.task import Settings, run_settings
+from fedad.federated.task import (
+    ASK_SCORES,
+    SCORE_ATTACK,
+    SCORE_NORMAL,
+    Settings,
+    run_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -281,16 +288,25 @@ def run_server(
 
     final_arrays = _kept_model(evaluator, stopping, family)
     final_config = ConfigRecord(
-        {**config, **family.evaluate_config(), "server-round": num_rounds, "final": True}
+        {
+            **config,
+            **family.evaluate_config(),
+            "server-round": num_rounds,
+            "final": True,
+            # A calibrated decision's threshold comes from this pass over the kept model.
+            **({ASK_SCORES: True} if family.calibrated else {}),
+        }
     )
     fraction = settings.get("simulation.final_eval_fraction")
     chosen = final_evaluation_sites(
         len(node_ids), None if fraction in (None, "") else float(fraction), seed
     )
-    clients = _final_site_metrics(
+    clients, pooled = _final_site_metrics(
         sites, final_arrays, final_config, counts, len(node_ids), timeout, chosen
     )
     clients.to_csv(run_dir / rundir.CLIENTS_FILE, index=False)
+    if family.calibrated:
+        _save_threshold(run_dir, family.decision, pooled)
     # The final pass over every site is the last exchange: counted with the last round.
     for key, value in sites.take_payload().items():
         evaluator.rows[-1][key] += value
@@ -428,12 +444,13 @@ def _final_site_metrics(
     n_sites: int,
     timeout: float,
     chosen: list[int],
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Evaluate the final global model at the ``chosen`` sites; one row per site of the run.
 
     Sites not chosen have ``evaluated`` False and no metrics; a chosen site
     that failed has its ``error``. ``n_examples`` (the shard's rows) is known
     for the sites the scaling query asked (``counts``), empty for the others.
+    The replies' counts (``sum-`` metrics) are summed apart, not kept per site.
     """
     node_of = {pid: node for node, pid in sites.partition_of.items()}
     messages = [
@@ -450,7 +467,9 @@ def _final_site_metrics(
     }
     for pid in chosen:
         rows[pid]["evaluated"] = True
-    for reply in sites.send_and_receive(messages, timeout=timeout):
+    replies = list(sites.send_and_receive(messages, timeout=timeout))
+    pooled = pool_counts(replies)
+    for reply in replies:
         row = rows[sites.partition_of[reply.metadata.src_node_id]]
         if reply.has_error():
             row["error"] = reply.error.reason
@@ -458,7 +477,34 @@ def _final_site_metrics(
             metrics = dict(reply.content["metrics"])
             row["n_test"] = metrics.pop("num-examples")
             row.update(metrics)
-    return pd.DataFrame([rows[pid] for pid in sorted(rows)])
+    return pd.DataFrame([rows[pid] for pid in sorted(rows)]), pooled
+
+
+def _save_threshold(run_dir: Path, decision: Rule, pooled: Mapping[str, Any]) -> None:
+    """The calibrated threshold of the kept model, from the sites' pooled score counts.
+
+    Written to ``threshold.json`` beside the model: the scorer of the run and its
+    detector decide by it. Counts only reached the server (no row's score).
+    """
+    normal = pooled.get(SCORE_NORMAL, [0] * (len(PROBABILITY_EDGES) - 1))
+    attack = pooled.get(SCORE_ATTACK, [0] * (len(PROBABILITY_EDGES) - 1))
+    threshold = threshold_from_counts(
+        PROBABILITY_EDGES,
+        np.asarray(normal),
+        np.asarray(attack),
+        decision.rule,
+        decision.target_fpr,
+    )
+    rundir.write_json(
+        run_dir / rundir.THRESHOLD_FILE,
+        {
+            "threshold": threshold,
+            "rule": decision.rule,
+            "target_fpr": decision.target_fpr,
+            "chosen_on": "counts of the sites' validation rows' attack scores",
+            "validation_rows": int(sum(normal) + sum(attack)),
+        },
+    )
 
 
 def _history(rows: list[dict]) -> pd.DataFrame:

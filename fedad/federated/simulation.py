@@ -22,7 +22,8 @@ from fedad.data import scaling
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
 from fedad.evaluation.comparison import ModelResult
-from fedad.evaluation.metrics import attack_success_rate, compute_metrics
+from fedad.evaluation.decision import decide
+from fedad.evaluation.metrics import TABLE_METRICS, attack_success_rate, compute_metrics
 from fedad.federated import attacks, checkpoint, privacy, shards, site_state, stopping
 from fedad.federated.client_app import client_app
 from fedad.federated.families.registry import family_class, load_scorer
@@ -159,6 +160,17 @@ def run_federated(
         metrics["attack_success"] = attack_success_rate(metrics["confusion"], targets)
     if info["privacy"]["name"] != "none":
         metrics["epsilon"] = info["privacy"]["epsilon"]
+    if scores.ndim == 2 and scorer.threshold is not None:
+        # A calibrated decision (decision.rule): the metrics above are under its threshold,
+        # chosen from the sites' counts; the argmax ones go beside them.
+        argmax = compute_metrics(y_true, scores, data.class_names, y_pred=decide(scores, None))
+        info["argmax"] = {k: argmax[k] for k in TABLE_METRICS}
+        info["decision"] = rundir.read_object(run_dir / rundir.THRESHOLD_FILE)
+    # The budget of the federated side, beside its twin's (the comparison's price table).
+    info["local_epochs"] = int(
+        cfg.model.local_rounds if "local_rounds" in cfg.model else cfg.train.local_epochs
+    )
+    info["train_rows"] = int(sum(len(p) for p in partitions))
     info["stopping"] = stopping.summary(settings, history.to_dict("records"))
     # The kept round's: with early stopping, the best round's, not the last one's.
     kept = history[history["round"] <= info["stopping"]["best_round"]]

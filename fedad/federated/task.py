@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, RecordDict, UserConfigValue
 
 from fedad.config import Settings
 from fedad.data import scaling
+from fedad.evaluation.decision import Rule
 from fedad.evaluation.metrics import METRIC_NAMES, attack_success_rate, compute_metrics
 from fedad.federated import shards
 
@@ -31,6 +32,11 @@ POOLED = "sum-"
 ASK_VALIDATION = "validation-counts"
 # Those counts: the loss summed over the rows it is defined on, those rows, and the
 # confusion matrix (rows = true class, columns = predicted) flattened row by row.
+# The final evaluation's key that asks a site for counts of its validation rows' attack scores
+# on the bin edges of fedad.evaluation.decision (the calibrated decision's histogram protocol),
+# and those counts, normal and attack rows apart: counts only, no row's score leaves a site.
+ASK_SCORES = "score-counts"
+SCORE_NORMAL, SCORE_ATTACK = f"{POOLED}score-normal", f"{POOLED}score-attack"
 VAL_LOSS, VAL_ROWS, VAL_CONFUSION = (
     f"{POOLED}val-loss",
     f"{POOLED}val-rows",
@@ -184,6 +190,15 @@ def validation_metrics(pooled: Mapping[str, Any]) -> dict[str, float]:
     present = support > 0
     f1 = 2 * tp[present] / (support[present] + predicted[present])
     return {"val_loss": loss, "val_macro_f1": float(np.mean(f1)) if present.any() else math.nan}
+
+
+def run_decision(settings: Mapping[str, Any]) -> Rule:
+    """The run's decision rule (``decision.*``); argmax for settings written before it existed."""
+    target = settings.get("decision.target_fpr")
+    return Rule(
+        str(settings.get("decision.rule", "argmax") or "argmax"),
+        target_fpr=None if target in (None, "") else float(cast(float, target)),
+    )
 
 
 def load_site(

@@ -16,6 +16,7 @@ from fedad.data.scaling import SCALINGS
 from fedad.data.sources import check_config as check_dataset
 from fedad.detector.build import check_config as check_detector
 from fedad.errors import JobSkipped
+from fedad.evaluation.decision import check_config as check_decision
 from fedad.federated.attacks import check_config as check_attack
 from fedad.federated.faults import FAILURE_MODES
 from fedad.federated.privacy import check_config as check_privacy
@@ -101,6 +102,7 @@ def validate(cfg: DictConfig) -> None:
     problems += check_baselines(values["baselines"])
     problems += check_tracking(values["tracking"])
     problems += check_detector(values["detector"])
+    problems += check_decision(values["decision"], values["task"])
     bound = None
     if values["federated"]:
         problems += check_model(values["model"], values["task"])

@@ -39,6 +39,11 @@ class AutoencoderFamily(KerasFamily):
         super().__init__(settings)
         self.threshold = math.inf
 
+    @property
+    def calibrated(self) -> bool:
+        """False: the autoencoder's threshold has its own protocol (error histograms)."""
+        return False
+
     def val_fraction(self) -> float:
         """The threshold needs validation rows whether or not early stopping is on."""
         return float(self.settings["train.val_fraction"])

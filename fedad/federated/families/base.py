@@ -10,14 +10,20 @@ from typing import Any
 
 import numpy as np
 
+from fedad import rundir
 from fedad.config import Settings
+from fedad.evaluation.decision import score_counts
 from fedad.evaluation.scorer import Scorer
 from fedad.federated.stopping import EarlyStopping
 from fedad.federated.task import (
+    ASK_SCORES,
     ASK_VALIDATION,
+    SCORE_ATTACK,
+    SCORE_NORMAL,
     Site,
     evaluation_metrics,
     row_losses,
+    run_decision,
     validation_counts,
 )
 
@@ -32,6 +38,12 @@ class RunScorer(Scorer):
     """
 
     path: Path
+
+    def load_threshold(self, run_dir: Path) -> None:
+        """Decide by the run's calibrated threshold (``threshold.json``), when it chose one."""
+        path = Path(run_dir) / rundir.THRESHOLD_FILE
+        if path.is_file():
+            self.threshold = float(rundir.read_object(path)["threshold"])
 
 
 class Family(ABC):
@@ -51,6 +63,16 @@ class Family(ABC):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.class_names: list[str] = json.loads(str(settings["class-names"]))
+        self.decision = run_decision(settings)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the global model decides by a threshold the sites' counts calibrate.
+
+        True under a calibrated ``decision.rule`` for a family whose scores are class
+        probabilities; the autoencoder keeps its own threshold protocol.
+        """
+        return self.decision.rule != "argmax"
 
     def init_runtime(self) -> None:  # noqa: B027
         """Set up the site's process before its first model call (nothing by default)."""
@@ -63,7 +85,7 @@ class Family(ABC):
         site trains on every row that is not its local test slice.
         """
         local = int(self.settings["train.early_stopping_patience"]) > 0
-        use = local or EarlyStopping.from_settings(self.settings).on
+        use = local or EarlyStopping.from_settings(self.settings).on or self.calibrated
         return float(self.settings["train.val_fraction"]) if use else 0.0
 
     def seed_initial(self, seed: int) -> None:  # noqa: B027
@@ -102,12 +124,19 @@ class Family(ABC):
 
         When the config asks (:data:`~fedad.federated.task.ASK_VALIDATION`:
         federated early stopping), also its validation slice's counts
-        (:meth:`validation_counts`), which the server sums over the sites.
+        (:meth:`validation_counts`), which the server sums over the sites; and
+        (:data:`~fedad.federated.task.ASK_SCORES`: a calibrated decision, in
+        the final evaluation) counts of its validation rows' attack scores per
+        bin (:func:`fedad.evaluation.decision.score_counts`).
         """
         metrics = self.metrics(arrays, site.X_test, site.y_test, config)
-        out = {**metrics, "num-examples": len(site.y_test)}
+        out: dict[str, Any] = {**metrics, "num-examples": len(site.y_test)}
         if config.get(ASK_VALIDATION, False):
             out.update(self.validation_counts(arrays, site, config))
+        if config.get(ASK_SCORES, False):
+            scores = self.scores(arrays, site.X_val) if len(site.y_val) else np.empty((0, 2))
+            normal, attack = score_counts(site.y_val, scores)
+            out.update({SCORE_NORMAL: normal, SCORE_ATTACK: attack})
         return out
 
     def validation_counts(

@@ -77,6 +77,7 @@ class BoosterScorer(RunScorer):
         self.path = Path(run_dir) / rundir.BOOSTER_FILE
         self.model = booster.load(self.path.read_bytes())
         self.n_classes = n_classes
+        self.load_threshold(run_dir)
 
     def predict_scores(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities."""

@@ -102,6 +102,7 @@ class KerasScorer(RunScorer):
     def __init__(self, run_dir: Path, name: str = rundir.MODEL_FILE) -> None:
         self.path = Path(run_dir) / name
         self.model = keras.models.load_model(self.path, compile=False)
+        self.load_threshold(run_dir)
 
     def predict_scores(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities, ``SERVER_BATCH`` rows a call, as the server scored them."""
