@@ -145,13 +145,17 @@ def test_one_rule_for_every_row_of_a_runs_comparison_and_its_detector(kdd_dir, t
         "model=logistic",
         "decision.rule=target_fpr",
         "decision.target_fpr=0.02",
+        "simulation.local_sites=2",
     )
     table = pd.read_csv(tmp_path / rundir.COMPARISON_CSV)
-    scored = table[table["kind"].isin(["federated", "supervised"])]
+    scored = table[table["kind"].isin(["federated", "local", "supervised"])]
     assert {"federated_logistic", "central_logistic", "logistic_regression"} <= set(scored["model"])
-    assert (scored["decision"] == "target_fpr").all() and scored["threshold"].notna().all()
+    assert (scored["decision"] == "target_fpr").all()
+    # One threshold per model; the sites alone each chose their own on their validation rows.
+    assert scored.loc[scored["kind"] != "local", "threshold"].notna().all()
     for name in scored["model"]:
         assert results["models"][name]["info"]["decision"]["target_fpr"] == 0.02
+    assert {"local_logistic", "local_logistic_worst"} <= set(scored["model"])
     # The federated detector decides by the run's threshold by default.
     detector = Detector.load(tmp_path / rundir.DETECTOR_DIR / "federated_logistic")
     assert detector.default_rule == "target_fpr"

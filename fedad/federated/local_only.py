@@ -15,11 +15,14 @@ from flwr.app import ConfigRecord
 from fedad.config import Settings
 from fedad.data import scaling
 from fedad.data.prepared import PreparedData
+from fedad.errors import FedadError
 from fedad.evaluation.comparison import ModelResult
+from fedad.evaluation.decision import decide, threshold_from_scores
 from fedad.evaluation.metrics import compute_metrics
 from fedad.federated import shards
+from fedad.federated.families.base import Family
 from fedad.federated.families.registry import family_for
-from fedad.federated.task import load_site, site_scaling
+from fedad.federated.task import Site, load_site, run_decision, site_scaling
 from fedad.models.catalog import local_name
 
 log = logging.getLogger(__name__)
@@ -79,7 +82,16 @@ def train_alone(
         # In the driver process, whose TensorFlow is already set up: no init_runtime here.
         results = [site_alone(alone, pid, *test) for pid in sites]
     seconds = float(np.mean([result[3] for result in results]))
-    return _summaries(str(settings["model.name"]), [result[:3] for result in results], seconds)
+    summaries = _summaries(str(settings["model.name"]), [r[:3] for r in results], seconds)
+    rule = run_decision(settings)
+    if rule.rule != "argmax" and family_for(settings).calibrated:
+        for summary in summaries:
+            summary.info["decision"] = {
+                "rule": rule.rule,
+                "target_fpr": rule.target_fpr,
+                "chosen_on": "each site's own validation rows (argmax where they hold one class)",
+            }
+    return summaries
 
 
 def site_alone(
@@ -124,8 +136,25 @@ def site_alone(
     if scores.ndim == 1:
         y_true = (y_test != 0).astype(np.int64)
         y_pred = (scores >= (threshold if threshold is not None else np.inf)).astype(int)
+    elif family.calibrated:
+        # The run's decision rule, calibrated on this site's own validation rows.
+        y_pred = decide(scores, _site_threshold(family, arrays, site))
     metrics = compute_metrics(y_true, scores, class_names, y_pred=y_pred)
     return pid, metrics, scores, time.perf_counter() - started
+
+
+def _site_threshold(family: Family, arrays: list[np.ndarray], site: Site) -> float | None:
+    """The run's rule on the site's validation rows; argmax (None) where they cannot tell.
+
+    A site may hold no normal validation row (or only one class): no threshold can be
+    chosen there, so that site alone decides by the most probable class.
+    """
+    rule = family.decision
+    try:
+        scores = family.scores(arrays, site.X_val)
+        return threshold_from_scores(site.y_val, scores, rule.rule, rule.target_fpr)
+    except FedadError:
+        return None
 
 
 def _workers(settings: Settings, sites: list[int], rows: int) -> int:
