@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from collections.abc import Iterable, Sequence
 
 import matplotlib
@@ -15,6 +17,18 @@ from fedad.evaluation.metrics import attack_score
 
 # Figures are written to files; no display is needed (or present on servers).
 matplotlib.use("Agg")
+
+
+def settled_imports() -> None:
+    """Wait until no other thread is half-way through importing IPython.
+
+    The engine starts in a thread while the data is prepared and plotted, and its TensorFlow
+    import pulls in Keras, which imports IPython when it is installed; matplotlib, creating a
+    figure, reads ``sys.modules["IPython"]`` without the import lock, and a half-imported
+    module there ends the run. ``import`` takes that lock, so it returns once IPython is whole.
+    """
+    if "IPython" in sys.modules:
+        importlib.import_module("IPython")
 
 
 def plot_roc(
@@ -139,6 +153,7 @@ def plot_partition(
     counts = summary[list(class_names)].to_numpy(dtype=float)
     shares = counts / counts.sum(axis=1, keepdims=True)
     height = min(0.25 * len(summary) + 1.5, 14)
+    settled_imports()
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(class_names) + 2.5), height))
     image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
@@ -208,6 +223,7 @@ def plot_eda(
 
     cols = 4
     hist_rows = -(-len(best) // cols)
+    settled_imports()
     fig = plt.figure(figsize=(4 * cols + 7, 3 * max(hist_rows, 2)))
     grid = fig.add_gridspec(max(hist_rows, 2), cols + 2)
     for k, i in enumerate(best):
