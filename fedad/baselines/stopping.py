@@ -10,11 +10,11 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from fedad.config import checks
-from fedad.models.catalog import TWINS
+from fedad.models.catalog import TWIN_NAMES
 
 # The models that stop when ``baselines.stop.patience`` is above 0: every centralized twin
 # (Keras epochs, XGBoost boosting rounds). The forest keeps its stated budget, n_estimators.
-STOPPING = frozenset(TWINS.values())
+STOPPING = TWIN_NAMES
 STOP_KEYS = ("patience", "min_delta", "val_fraction")
 
 

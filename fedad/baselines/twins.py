@@ -11,14 +11,12 @@ from fedad.baselines.supervised import AUTO, FIT_ROWS, SUPERVISED_DEFAULTS
 from fedad.baselines.unsupervised import UNSUPERVISED_DEFAULTS
 from fedad.config import checks
 from fedad.data.prepared import PreparedData
-from fedad.models.catalog import TWINS
+from fedad.models.catalog import TWIN_NAMES
 
 # An XGBoost twin above this many classes keeps FIT_ROWS even so: it grows one tree per class
 # per boosting round, and at 34 classes on ~840,000 rows a round took about 53 s here, so an
 # uncapped one is out of any budget fedad runs in. The comparison flags that capped reference.
 MANY_CLASSES = 10
-# The models whose max_fit_rows may be AUTO: those that can be a run's twin.
-TWIN_MODELS = frozenset(TWINS.values())
 
 
 def fit_cap(
@@ -128,10 +126,10 @@ def check_caps(cfg_baselines: Mapping) -> list[str]:
         if "max_fit_rows" not in (params or {}):
             continue
         value = params["max_fit_rows"]
-        auto = name in TWIN_MODELS and value == AUTO
+        auto = name in TWIN_NAMES and value == AUTO
         if not auto and checks.number(params, "max_fit_rows", "", whole=True, low=1):
             problems.append(
                 f"baselines.models.{name}.max_fit_rows must be a whole number >= 1 or null "
-                f"(no cap){', or auto' if name in TWIN_MODELS else ''}, got {value!r}"
+                f"(no cap){', or auto' if name in TWIN_NAMES else ''}, got {value!r}"
             )
     return problems

@@ -21,6 +21,8 @@ TWINS = {
     "autoencoder": "central_autoencoder",
     "xgboost": "xgboost",
 }
+# The centralized models that are some federated model's twin.
+TWIN_NAMES = frozenset(TWINS.values())
 FEDERATED_PREFIX, LOCAL_PREFIX, WORST_SUFFIX = "federated_", "local_", "_worst"
 
 

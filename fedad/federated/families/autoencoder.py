@@ -6,11 +6,12 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from fedad import rundir
+from fedad.evaluation.decision import threshold_from_counts as counted_threshold
 from fedad.evaluation.metrics import compute_metrics
 from fedad.federated.families.classifier import KerasFamily, KerasScorer, local_model, train_local
 from fedad.federated.task import Site, client_metrics, validation_counts
@@ -170,10 +171,6 @@ class AutoencoderScorer(KerasScorer):
         """Reconstruction errors (higher = more attack-like)."""
         return reconstruction_error(X, super().predict_scores(X))
 
-    def decide(self, scores: np.ndarray) -> np.ndarray:
-        """1 (attack) where the error reaches the threshold."""
-        return (np.asarray(scores) >= self.threshold).astype(np.int64)
-
 
 def anomaly_metrics(
     y: np.ndarray,
@@ -215,11 +212,5 @@ def threshold_from_counts(edges: np.ndarray, normal: np.ndarray, attack: np.ndar
     if attack.sum() == 0:
         share = np.cumsum(normal) / normal.sum()
         return float(edges[int(np.searchsorted(share, NORMAL_QUANTILE)) + 1])
-    # Flagging from edge j (j = 0 .. k) flags every row in bins j .. k-1.
-    tp = np.concatenate([np.cumsum(attack[::-1])[::-1], [0.0]])
-    fp = np.concatenate([np.cumsum(normal[::-1])[::-1], [0.0]])
-    fn, tn = attack.sum() - tp, normal.sum() - fp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1_attack = np.nan_to_num(2 * tp / (2 * tp + fp + fn))
-        f1_normal = np.nan_to_num(2 * tn / (2 * tn + fn + fp))
-    return float(edges[int(np.argmax(f1_attack + f1_normal))])
+    # The calibrated decision's count rule, on the error histograms.
+    return cast(float, counted_threshold(edges, normal, attack, "max_macro_f1"))
