@@ -20,7 +20,9 @@ from fedad.data.prepared import PreparedData
 from fedad.detector.adapters import ADAPTERS
 from fedad.federated import shards
 from fedad.federated.families.autoencoder import (
+    ERROR_ATTACK,
     ERROR_EDGES,
+    ERROR_NORMAL,
     AutoencoderFamily,
     AutoencoderScorer,
     threshold_from_counts,
@@ -194,7 +196,7 @@ def test_a_site_sends_the_model_and_its_counts_never_a_row(tiny, model):
     assert set(evaluation) - lists == scalars
     if model == "autoencoder":
         # Per-bin counts of the validation rows' errors, on the server's edges: no value.
-        assert lists == {"hist-normal", "hist-attack"}
+        assert lists == {ERROR_NORMAL, ERROR_ATTACK}
         counts = [evaluation[k] for k in sorted(lists)]
         assert all(len(c) == len(ERROR_EDGES) - 1 for c in counts)
         assert sum(map(sum, counts)) == len(site.y_val)

@@ -12,6 +12,7 @@ import pytest
 from fedad.errors import FedadError
 from fedad.report import collect, summarize
 from fedad.report.__main__ import main, write_report
+from fedad.versions import __version__
 
 METRICS = ("accuracy", "precision", "recall", "f1", "macro_f1", "roc_auc", "pr_auc", "fpr")
 # Federated, twin centralized and best-baseline macro-F1 per (strategy, seed).
@@ -69,7 +70,7 @@ def make_run(
     results = {
         "status": status,
         "settings": {**base, **(settings or {})},
-        "versions": {"fedad": "0.1.0"},
+        "versions": {"fedad": __version__},
         "data": {"n_train": 100, "n_test": 50},
         "partition": {"clients": 4, "label_skew": 0.3},
         "models": {name: _scores(f1, kind) for name, (f1, kind) in (models or {}).items()},
@@ -374,6 +375,16 @@ def test_the_price_per_family_and_macro_f1_against_megabytes(tmp_path):
             for name, entry in results["models"].items():
                 entry["mb_exchanged"] = 40.0 if name.startswith("federated") else 5.0
             (run / "results.json").write_text(json.dumps(results))
+            # The comparison's calibrated-decision and cost cells, read back beside results.json.
+            pd.DataFrame(
+                {
+                    "model": [f"federated_{model}", twin],
+                    "argmax_macro_f1": [0.70 + 0.02 * seed, 0.88],
+                    "kept_round": [4 + 2 * seed, None],
+                    "kept_seconds": [10.0 + seed, None],
+                    "kept_mb": [20.0, None],
+                }
+            ).to_csv(run / "comparison.csv", index=False)
     text = write_report(sweep, tmp_path / "out").read_text()
     price = text.split("## The price of federation per setting and family")[1].split("##")[0]
     # Each family against its own twin (xgboost's is `xgboost`, not the best forest), with
@@ -381,6 +392,33 @@ def test_the_price_per_family_and_macro_f1_against_megabytes(tmp_path):
     assert (
         "| xgboost | `federated_xgboost` | xgboost | 2 | 0.810 ± 0.014 | 0.900 ± 0.000 |" in price
     )
-    assert "-0.090 ± 0.014 | -0.090 ± 0.014 | +0.090 ± 0.014 | +0.110 ± 0.014 |" in price
+    # Then the same gap at argmax, and the cost of the answer: the kept round, seconds and MB.
+    gaps = "-0.090 ± 0.014 | -0.090 ± 0.014 | +0.090 ± 0.014 | -0.170 ± 0.014 | +0.110 ± 0.014 |"
+    assert gaps + " 5.0 ± 1.4 | 10.5 ± 0.7 | 20.0 ± 0.0 |" in price
     assert (tmp_path / "out" / "f1_vs_mb.png").stat().st_size > 0
     assert "(f1_vs_mb.png)" in text
+
+
+def test_a_job_of_another_fedad_version_is_listed_apart_never_averaged(tmp_path):
+    root = tmp_path / "sweep"
+    for num, seed in enumerate((0, 1)):
+        make_run(
+            root / str(num),
+            [f"seed={seed}"],
+            {"seed": seed},
+            {"federated_cnn": (0.80, "federated"), "central_cnn": (0.90, "supervised")},
+        )
+    old = make_run(
+        root / "2",
+        ["seed=2"],
+        {"seed": 2},
+        {"federated_cnn": (0.10, "federated"), "central_cnn": (0.90, "supervised")},
+    )
+    results = json.loads((old / "results.json").read_text())
+    results["versions"]["fedad"] = "0.0.1"
+    (old / "results.json").write_text(json.dumps(results))
+    text = write_report(root, tmp_path / "out").read_text()
+    assert "3 job(s): 2 done, 0 failed, 0 incomplete, 1 of another fedad version." in text
+    assert f"written by fedad 0.0.1; this report is fedad {__version__}" in text
+    # The old job's 0.10 is in no aggregate.
+    assert "| `federated_cnn` | central_cnn | 2 | 0.800 ± 0.000 | 0.900 ± 0.000 |" in text

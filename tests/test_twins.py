@@ -265,6 +265,30 @@ def test_stop_off_and_an_uncapped_twin_give_the_numbers_of_before():
     assert now["central_cnn"].info["epochs_run"] == 2 and now["xgboost"].info["trees"] == 30
 
 
+def test_the_price_states_the_kept_round_and_reaches_the_twin_like_with_like():
+    # A calibrated twin (0.95) whose argmax macro-F1 is 0.90; the federated curve, scored at
+    # argmax each round, reaches 0.895 at round 3; early stopping kept round 4 of 6.
+    twin_metrics = {"macro_f1": 0.95, "roc_auc": 0.99, "fpr": 0.05}
+    twin_info = {"argmax": {"macro_f1": 0.90, "fpr": 0.10}, "decision": {"rule": "max_macro_f1"}}
+    twin = ModelResult("xgboost", "supervised", twin_metrics, None, 1.0, None, twin_info)
+    curve = {
+        "round": [0, 1, 2, 3, 4, 5, 6],
+        "macro_f1": [0.4, 0.7, 0.85, 0.895, 0.91, 0.90, 0.905],
+        "seconds": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        "mb": [0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0],
+    }
+    stop = {"rounds_run": 6, "best_round": 4}
+    fed = _federated(twin, {"twin": "xgboost", "curve": curve, "stopping": stop})
+    row = comparison.table([fed, twin]).iloc[0]
+    assert (row["kept_round"], row["kept_seconds"], row["kept_mb"]) == (4, 4.0, 8.0)
+    assert (row["reach_round"], row["reach_seconds"], row["reach_mb"]) == (3, 3.0, 6.0)
+    assert row["gap_macro_f1"] == pytest.approx(-0.01)
+    # Without early stopping the last round is the one kept; a twin out of reach gives none.
+    far = ModelResult("xgboost", "supervised", {"macro_f1": 0.99}, None, 1.0, None, {})
+    row = comparison.table([_federated(far, {"twin": "xgboost", "curve": curve}), far]).iloc[0]
+    assert row["kept_round"] == 6 and pd.isna(row["reach_round"])
+
+
 @pytest.mark.parametrize(
     ("stop", "models", "needle"),
     [

@@ -63,10 +63,15 @@ EXTRA = ("attack_success",)
 # The price of federation, on each federated row: the gap to its centralized twin (federated
 # minus twin; for FPR a positive gap means more false alarms) and the gain over going alone.
 GAPS = ("gap_macro_f1", "gap_roc_auc", "gap_fpr", "gain_vs_alone", "gain_vs_worst_site")
+# The cost of the answer: the round whose global model is the one scored (the best round under
+# early stopping, else the last), and the seconds and payload MB spent until it.
+KEPT = ("kept_round", "kept_seconds", "kept_mb")
 # The cost to reach the twin: the first round whose test macro-F1 comes within REACH of the
-# twin's, the seconds and payload MB until then (None: not reached in the run).
+# twin's, the seconds and payload MB until then (None: not reached in the run). Each round is
+# scored at argmax (no site sends score counts before the final evaluation), so the twin's
+# argmax macro-F1 is the target under every decision rule: like is compared with like.
 REACH = 0.01
-COSTS = ("reach_round", "reach_seconds", "reach_mb")
+COSTS = (*KEPT, "reach_round", "reach_seconds", "reach_mb")
 # The budgets of both sides, so a reader sees they are comparable: the federated rounds run x
 # local epochs (XGBoost: the boosting rounds a site adds per round) on the sites' training rows;
 # the twin's epochs run (Keras) or trees (XGBoost: one per class and round above two classes; the
@@ -84,7 +89,17 @@ BUDGETS = (
 # same models' argmax metrics beside them (the rule and threshold in "decision").
 ARGMAX = ("argmax_macro_f1", "argmax_fpr")
 DECISION = ("decision", "threshold", *ARGMAX)
-COUNTS = ("rounds_run", "local_epochs", "fed_rows", "twin_epochs", "twin_trees", "twin_rows")
+# The columns of a comparison a report reads back beside results.json's metrics.
+REPORTED = (*ARGMAX, *KEPT, "rounds_run")
+COUNTS = (
+    "rounds_run",
+    "local_epochs",
+    "fed_rows",
+    "twin_epochs",
+    "twin_trees",
+    "twin_rows",
+    "kept_round",
+)
 
 
 def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd.DataFrame:
@@ -219,19 +234,25 @@ def _payload(result: ModelResult, pooling_mb: float | None) -> float | None:
 
 
 def _reach(fed: ModelResult, twin: ModelResult | None) -> dict[str, float | None]:
-    """The first round within :data:`REACH` macro-F1 of the twin, and its seconds and MB."""
+    """:data:`COSTS`: the kept round, and the first round within :data:`REACH` of the twin."""
     curve = fed.info.get("curve")
-    target = None if twin is None else twin.metrics.get("macro_f1")
-    if not curve or target is None:
-        return dict.fromkeys(COSTS)
+    costs: dict[str, float | None] = dict.fromkeys(COSTS)
+    if not curve:
+        return costs
+    kept = (fed.info.get("stopping") or {}).get("best_round", curve["round"][-1])
+    if kept in curve["round"]:
+        i = curve["round"].index(kept)
+        costs.update(zip(KEPT, (kept, curve["seconds"][i], curve["mb"][i]), strict=True))
+    argmax = (twin.info.get("argmax") or twin.metrics) if twin is not None else {}
+    target = argmax.get("macro_f1")
+    if target is None:
+        return costs
     for i, value in enumerate(curve["macro_f1"]):
         if value is not None and value >= target - REACH:
-            return {
-                "reach_round": curve["round"][i],
-                "reach_seconds": curve["seconds"][i],
-                "reach_mb": curve["mb"][i],
-            }
-    return dict.fromkeys(COSTS)
+            reached = (curve["round"][i], curve["seconds"][i], curve["mb"][i])
+            costs.update(zip(COSTS[len(KEPT) :], reached, strict=True))
+            break
+    return costs
 
 
 def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = None) -> str:
@@ -270,12 +291,14 @@ def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = N
     price = frame.loc[frame["federated"], ["model", "twin", *GAPS, *COSTS]]
     if len(price):
         text += (
-            "\nThe price of federation: federated minus its centralized twin; gains over each "
-            "site training alone, on average and for the worst site; the round, seconds and "
-            f"payload MB until the test macro-F1 first came within {REACH} of the twin's "
-            "(– : not reached). MB exchanged: the federated model's payload (model arrays, "
-            "metrics and configs, both ways); centrally, the training rows pooling would "
-            "move (float32 features plus int32 labels).\n\n" + _markdown(price)
+            "\nThe price of federation: federated minus its centralized twin, each under the "
+            "decision rule of the table above; gains over each site training alone, on average "
+            "and for the worst site; the cost of the answer (kept: the round whose model is "
+            "scored, the seconds and payload MB until it); and the round, seconds and MB until "
+            f"the test macro-F1 first came within {REACH} of the twin's (both at argmax, as "
+            "every round is scored; – : not reached). MB exchanged: the federated model's "
+            "payload (model arrays, metrics and configs, both ways); centrally, the training "
+            "rows pooling would move (float32 features plus int32 labels).\n\n" + _markdown(price)
         )
     budgets = frame.loc[frame["federated"], ["model", "twin", *BUDGETS]]
     if len(budgets) and "rounds_run" in frame:
@@ -338,5 +361,8 @@ def _cell(value: object) -> str:
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
+        if value and abs(value) < 1e-3:
+            # A small threshold keeps its magnitude: 1.0e-06, never 0.0000.
+            return f"{value:.1e}"
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)

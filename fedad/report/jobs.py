@@ -10,6 +10,8 @@ import pandas as pd
 import yaml
 
 from fedad import rundir
+from fedad.evaluation.comparison import REPORTED
+from fedad.versions import __version__
 
 # Override keys that name a settings field under another name, or that would clash with a
 # column of the tidy table ("model" is the per-row model name, "federated" the per-row flag).
@@ -19,7 +21,13 @@ ALIASES = {
     "partition.alpha": "alpha",
     "simulation.num_clients": "num_clients",
     "simulation.num_rounds": "num_rounds",
+    "decision.rule": "decision",
 }
+
+
+# Statuses of a job the report leaves out of its aggregates, beside failed and skipped: it never
+# marked its results done, or another fedad version wrote them.
+INCOMPLETE, OTHER_VERSION = "incomplete", "other version"
 
 
 class Unreadable(Exception):
@@ -43,7 +51,8 @@ def read_job(root: Path, job_dir: Path) -> dict:
     Returns
     -------
     dict
-        ``job``, ``status`` (``done``, ``failed``, ``skipped`` or ``incomplete``),
+        ``job``, ``status`` (``done``, ``failed``, ``skipped``, ``incomplete`` or
+        ``other version``: done by another fedad version, named in ``error``),
         ``overrides`` and ``settings`` (mappings of scalar values), ``models``
         (one mapping per model), ``label_skew``, ``wall_seconds`` and ``error``.
     """
@@ -72,7 +81,12 @@ def read_job(root: Path, job_dir: Path) -> dict:
         # A sweep skipped it: valid settings outside the chosen method's bound.
         status = rundir.SKIPPED
     else:
-        status = rundir.DONE if results.get("status") == rundir.DONE else "incomplete"
+        status = rundir.DONE if results.get("status") == rundir.DONE else INCOMPLETE
+    written_by = (results.get("versions") or {}).get("fedad") if status == rundir.DONE else None
+    if written_by is not None and written_by != __version__:
+        # Numbers of another version may come from other code: listed apart, never averaged in.
+        status = OTHER_VERSION
+        error = f"written by fedad {written_by}; this report is fedad {__version__}"
     return {
         "job": job_dir.relative_to(root).as_posix(),
         "status": status,
@@ -174,7 +188,16 @@ def _models(results: dict, job_dir: Path, problems: list[str]) -> list[dict]:
             if k != "kind" and isinstance(v, int | float) and not isinstance(v, bool)
         }
         rows.append({"model": name, "kind": kind, "federated": kind == "federated", **scalars})
-    return rows
+    return _with_comparison(rows, read_table(job_dir / rundir.COMPARISON_CSV))
+
+
+def _with_comparison(rows: list[dict], frame: pd.DataFrame | None) -> list[dict]:
+    """``rows`` with the comparison's :data:`~fedad.evaluation.comparison.REPORTED` cells."""
+    if frame is None or "model" not in frame:
+        return rows
+    columns = [c for c in REPORTED if c in frame]
+    cells = frame.set_index("model")[columns].to_dict("index") if columns else {}
+    return [{**row, **cells.get(row["model"], {})} for row in rows]
 
 
 def _kind(value: object) -> str:

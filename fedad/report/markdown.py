@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedad.evaluation.comparison import KEPT
+from fedad.report.jobs import OTHER_VERSION
+
 _CAPTIONS = {
     "f1_vs_alpha": "Federated macro-F1 against Dirichlet alpha (log scale; smaller alpha, "
     "more label skew), mean ± std over seeds; dashed lines: centralized references.",
@@ -88,6 +91,7 @@ def render(
         f"{len(jobs)} job(s): {count.get('done', 0)} done, {count.get('failed', 0)} failed, "
         f"{count.get('incomplete', 0)} incomplete"
         + (f", {count['skipped']} skipped" if count.get("skipped") else "")
+        + (f", {count[OTHER_VERSION]} of another fedad version" if count.get(OTHER_VERSION) else "")
         + ". Aggregates cover the done jobs: mean ± sample "
         "standard deviation (ddof=1) over seeds, n = jobs averaged. Every job and model: "
         "`report.csv`; aggregates: `summary.csv`.",
@@ -112,14 +116,19 @@ def render(
         lines += [
             "gap = federated − the centralized twin trained in the same job (its family "
             "trained on the pooled rows: `central_<model>`, `xgboost` for `federated_xgboost`; "
-            "else the job's best centralized model), in macro-F1, ROC-AUC and FPR; alone = "
-            "federated macro-F1 − the mean of the sites each trained alone; averaged over seeds.",
+            "else the job's best centralized model), in macro-F1, ROC-AUC and FPR, each under "
+            "the job's decision rule (a calibrated rule: thresholds chosen on validation rows "
+            "only); gap at argmax = the same at argmax, where the job decided otherwise; alone = "
+            "federated macro-F1 − the mean of the sites each trained alone; kept round, seconds "
+            "and MB = the cost of the answer: the round whose model is scored (the best round "
+            "under early stopping) and the seconds and payload MB until it; averaged over seeds.",
             "",
         ]
         header = [
             *keys,
             *("federated model", "reference", "n", "federated", "reference", "gap"),
-            *("gap ROC-AUC", "gap FPR", "gain vs alone"),
+            *("gap ROC-AUC", "gap FPR", "gap at argmax", "gain vs alone"),
+            *("kept round", "seconds", "MB"),
         ]
         rows = [
             [
@@ -132,8 +141,9 @@ def render(
                 _pm(r["gap_mean"], r["gap_std"], signed=True),
                 *(
                     _pm(r.get(f"{v}_mean"), r.get(f"{v}_std"), signed=True)
-                    for v in ("gap_roc_auc", "gap_fpr", "gain_vs_alone")
+                    for v in ("gap_roc_auc", "gap_fpr", "gap_argmax", "gain_vs_alone")
                 ),
+                *(_pm(r.get(f"{v}_mean"), r.get(f"{v}_std"), digits=1) for v in KEPT),
             ]
             for _, r in gaps.iterrows()
         ]
@@ -252,11 +262,11 @@ def row_labels(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
     ]
 
 
-def _pm(mean: float, std: float, signed: bool = False) -> str:
+def _pm(mean: float, std: float, signed: bool = False, digits: int = 3) -> str:
     if pd.isna(mean):
         return "–"
-    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
-    return text if pd.isna(std) else f"{text} ± {std:.3f}"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if pd.isna(std) else f"{text} ± {std:.{digits}f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> list[str]:
@@ -323,6 +333,11 @@ def _failures(
         finished = ", ".join(f"`{m}`" for m in models) or "none"
         if job["status"] == "skipped":
             text = f"**skipped**: {job['error']}"
+        elif job["status"] == OTHER_VERSION:
+            text = (
+                f"**{OTHER_VERSION}**: {job['error']}. Its numbers may come from other code: "
+                "rerun it with this version to include it."
+            )
         elif job["status"] == "failed":
             text = f"**failed**: {job['error'] or 'no error message was saved.'}"
             if len(models):

@@ -12,6 +12,7 @@ import pandas as pd
 
 from fedad import rundir
 from fedad.errors import FedadError
+from fedad.evaluation.comparison import KEPT
 from fedad.evaluation.metrics import METRIC_NAMES
 from fedad.models.catalog import TWINS, local_name, model_of
 from fedad.report.jobs import read_job, read_table
@@ -28,6 +29,7 @@ SETTINGS = (
     "num_rounds",
     "federated_model",
     "strategy",
+    "decision",
     "seed",
 )
 METRICS = (*METRIC_NAMES, "train_seconds")
@@ -52,7 +54,8 @@ def collect(path: str | os.PathLike) -> pd.DataFrame:
     pd.DataFrame
         One row per job and model; a job without any model result keeps one row with an
         empty ``model``. Columns, in order: ``job`` (path relative to ``path``),
-        ``status`` (``done``, ``failed``, ``skipped`` or ``incomplete``), the settings
+        ``status`` (``done``, ``failed``, ``skipped``, ``incomplete`` or ``other version``),
+        the settings
         (swept override keys first, then the :data:`SETTINGS` fields), ``model``, ``kind``,
         ``federated``, the metrics, then ``label_skew``, ``wall_seconds`` and ``error``.
         :func:`summarize` relies on the settings lying between ``status`` and ``model``.
@@ -206,6 +209,9 @@ def job_gaps(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
                     "gap": fed["macro_f1"] - ref["macro_f1"],
                     "gap_roc_auc": fed["roc_auc"] - ref["roc_auc"],
                     "gap_fpr": fed["fpr"] - ref["fpr"],
+                    "gap_argmax": fed.get("argmax_macro_f1", np.nan)
+                    - ref.get("argmax_macro_f1", np.nan),
+                    **{k: fed.get(k, np.nan) for k in KEPT},
                     "gain_vs_alone": fed["macro_f1"] - alone["macro_f1"].iloc[0]
                     if len(alone)
                     else np.nan,
@@ -258,6 +264,7 @@ def gap_table(gaps: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     if gaps.empty:
         return pd.DataFrame(columns=["gap_mean"])
     values = ["federated_f1", "reference_f1", "gap", "gap_roc_auc", "gap_fpr", "gain_vs_alone"]
+    values += ["gap_argmax", *KEPT]
     table = aggregate(gaps, [*keys, "model"], values, text=["reference"])
     return table.sort_values("gap_mean", kind="stable", ignore_index=True)
 

@@ -14,7 +14,7 @@ from fedad import rundir
 from fedad.evaluation.decision import threshold_from_counts as counted_threshold
 from fedad.evaluation.metrics import compute_metrics
 from fedad.federated.families.classifier import KerasFamily, KerasScorer, local_model, train_local
-from fedad.federated.task import Site, client_metrics, validation_counts
+from fedad.federated.task import POOLED, Site, client_metrics, validation_counts
 from fedad.models.inference import SERVER_BATCH, predict, reconstruction_error
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # Bin edges of the reconstruction errors that sites count (mean squared error of the
 # standardized features): log-spaced, 5.9 % apart, from 1e-4 to 1e4, with open ends.
 ERROR_EDGES = np.concatenate([[0.0], np.logspace(-4, 4, 321), [np.inf]])
+# The validation errors' counts per bin, normal and attack rows apart: pooled counts (summed
+# over the sites exactly, never averaged).
+ERROR_NORMAL, ERROR_ATTACK = f"{POOLED}error-normal", f"{POOLED}error-attack"
 # With no attack among the validation rows, flag what is above this share of normal rows.
 NORMAL_QUANTILE = 0.99
 
@@ -103,9 +106,9 @@ class AutoencoderFamily(KerasFamily):
         out = super().site_metrics(arrays, site, config)
         edges = np.asarray(config.get("error-edges", ERROR_EDGES), dtype=np.float64)
         errors = self.scores(arrays, site.X_val)
-        for name, rows in (("normal", site.y_val == 0), ("attack", site.y_val != 0)):
+        for key, rows in ((ERROR_NORMAL, site.y_val == 0), (ERROR_ATTACK, site.y_val != 0)):
             counts, _ = np.histogram(errors[rows], bins=edges)
-            out[f"hist-{name}"] = counts.astype(np.int64).tolist()
+            out[key] = counts.astype(np.int64).tolist()
         return out
 
     def validation_counts(
@@ -132,11 +135,11 @@ class AutoencoderFamily(KerasFamily):
 
     def after_evaluate(self, aggregated: Mapping[str, Any]) -> None:
         """Choose the threshold from the pooled validation counts."""
-        if "hist-normal" in aggregated:
+        if ERROR_NORMAL in aggregated:
             self.threshold = threshold_from_counts(
                 ERROR_EDGES,
-                np.asarray(aggregated["hist-normal"]),
-                np.asarray(aggregated["hist-attack"]),
+                np.asarray(aggregated[ERROR_NORMAL]),
+                np.asarray(aggregated[ERROR_ATTACK]),
             )
 
     def history_fields(self) -> dict[str, float]:
