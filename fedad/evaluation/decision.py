@@ -82,12 +82,13 @@ def check_rule(rule: str, target_fpr: float | None) -> None:
         )
 
 
-def check_config(cfg_decision: Mapping[str, Any], task: str) -> list[str]:
-    """What is wrong with a ``decision`` config for ``task``: one phrase per problem.
+def check_config(cfg_decision: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a ``decision`` config: one phrase per problem.
 
-    ``max_macro_f1`` is refused in a multiclass task: one threshold on the attack
-    score would tune the attack-versus-normal macro-F1, not the per-class macro-F1
-    the comparison reports.
+    Every rule applies to every task: in a multiclass task a threshold decides
+    attack versus normal (``max_macro_f1`` tunes that decision's macro-F1 on
+    validation rows, ``target_fpr`` its FPR), then the row's class is the
+    likeliest attack class (:func:`decide`).
     """
     rule, target = cfg_decision.get("rule"), cfg_decision.get("target_fpr")
     if rule not in RULES:
@@ -99,13 +100,6 @@ def check_config(cfg_decision: Mapping[str, Any], task: str) -> list[str]:
         problems.append(
             f"decision.target_fpr must be a number in (0, 1) with decision.rule=target_fpr, "
             f"got {target!r} (the share of normal validation rows a model may flag)"
-        )
-    if rule == "max_macro_f1" and task == "multiclass":
-        problems.append(
-            "decision.rule=max_macro_f1 cannot apply with task=multiclass: one attack threshold "
-            "would tune the attack-versus-normal macro-F1, not the per-class macro-F1 the "
-            "comparison reports; use decision.rule=target_fpr (attack versus normal at that "
-            "threshold, then the likeliest attack class) or argmax"
         )
     return problems
 

@@ -102,7 +102,7 @@ def validate(cfg: DictConfig) -> None:
     problems += check_baselines(values["baselines"])
     problems += check_tracking(values["tracking"])
     problems += check_detector(values["detector"])
-    problems += check_decision(values["decision"], values["task"])
+    problems += check_decision(values["decision"])
     bound = None
     if values["federated"]:
         problems += check_model(values["model"], values["task"])
