@@ -237,3 +237,170 @@ def _jsonable(value: object) -> object:
     if isinstance(value, Path):
         return str(value)
     return str(value)
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: one path once resolved, or one inode (hard link)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): two names, two files
+        return False
+
+
+def output_problem(out: str | Path, inputs: list[Path], overwrite: bool) -> str | None:
+    """Why ``out`` may not be written, as a clause naming the fix; None when it may.
+
+    Checked before any work starts: ``out`` must not be one of ``inputs`` (by
+    path, resolved path or hard link), must not be a folder or a device, must
+    lie in an existing folder this process can write, and must not exist
+    unless ``overwrite``.
+
+    Parameters
+    ----------
+    out : str or Path
+        The file a command is about to write.
+    inputs : list[Path]
+        The files the command reads.
+    overwrite : bool
+        Whether an existing ``out`` may be replaced.
+
+    Returns
+    -------
+    str or None
+    """
+    out = Path(out)
+    for given in inputs:
+        if same_file(out, given):
+            return (
+                f"it is the input {given}, which would be destroyed; give an output path of its "
+                "own (the input was left as it is)"
+            )
+    if out.is_dir():
+        return "it is a folder; give a file path"
+    folder = out.parent
+    if not folder.is_dir():
+        return f"there is no folder {folder}; create it first, or give a path in an existing folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable; give a path in a folder you can write"
+    if out.exists() and not out.is_file():
+        return "it is not a regular file (a device, pipe or socket); give a file path"
+    if not overwrite and (out.exists() or out.is_symlink()):
+        return (
+            "it already exists and was left as it is; give --overwrite to replace it, or "
+            "another path"
+        )
+    return None
+
+
+def write_failure(out: str | Path, err: OSError) -> str:
+    """One paragraph for a write to ``out`` that failed (a full disk, a lost folder...)."""
+    import errno
+
+    out = Path(out)
+    code = errno.errorcode.get(err.errno or 0, "")
+    left = "kept its earlier content" if out.exists() else "was not created"
+    return (
+        f"Writing {out} failed: {err.strerror or err}{f' ({code})' if code else ''}. Nothing was "
+        f"replaced: {out} {left}, and no partial file was left. Free space (or fix the folder) "
+        "and run the command again."
+    )
+
+
+@contextmanager
+def atomic_new(path: str | Path, mode: str = "wb", overwrite: bool = False) -> Iterator[IO]:
+    """As :func:`atomic`, but never replacing ``path`` unless ``overwrite``, nor any other file.
+
+    The temporary file gets a name of its own (a file named like it is never
+    touched); without ``overwrite`` the finished file is linked into place, so
+    a ``path`` that appeared meanwhile is kept (FileExistsError).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write.
+    mode : str
+        ``"wb"`` or ``"w"``.
+    overwrite : bool
+        Whether an existing ``path`` may be replaced.
+
+    Yields
+    ------
+    file object
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x")) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        place(tmp, path, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def place(tmp: str | Path, path: str | Path, overwrite: bool) -> None:
+    """Give the finished file ``tmp`` the name ``path`` in one step; replace only if ``overwrite``.
+
+    Raises FileExistsError when ``path`` exists and ``overwrite`` is false;
+    ``tmp`` is left for the caller to remove.
+    """
+    import errno
+
+    tmp, path = Path(tmp), Path(path)
+    if overwrite:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)  # fails on an existing path, where a rename would replace it
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system: checked, then renamed
+            if path.exists():
+                raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+            os.replace(tmp, path)
+    sync_folder(path.parent)
+
+
+def write_json_new(path: str | Path, value: Any, overwrite: bool = False) -> Path:
+    """As :func:`write_json`, but replacing an existing ``path`` only if ``overwrite``."""
+    with atomic_new(path, "w", overwrite) as f:
+        f.write(json.dumps(value, indent=2, default=_jsonable))
+    return Path(path)
+
+
+def publish(staged: str | Path, folder: str | Path, overwrite: bool) -> list[Path]:
+    """Move every file under ``staged`` to the same place under ``folder``, each in one step.
+
+    Each file is flushed to disk before it is renamed into place, so a crash
+    leaves every output whole: the earlier one or the new one. Without
+    ``overwrite`` an existing file is never replaced (FileExistsError); the
+    caller checks for clashes first to refuse before any file moves.
+
+    Parameters
+    ----------
+    staged : str or Path
+        A folder filled with finished files, on the file system of ``folder``.
+    folder : str or Path
+        Where the files go; subfolders are created as needed.
+    overwrite : bool
+        Whether existing files may be replaced.
+
+    Returns
+    -------
+    list[Path]
+        The files written, under ``folder``.
+    """
+    staged, folder = Path(staged), Path(folder)
+    written = []
+    for file in sorted(p for p in staged.rglob("*") if p.is_file()):
+        with open(file, "rb+") as f:
+            os.fsync(f.fileno())
+        target = folder / file.relative_to(staged)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        place(file, target, overwrite)
+        written.append(target)
+    return written

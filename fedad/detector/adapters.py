@@ -5,11 +5,17 @@ A new model family joins by adding one :class:`Adapter` to :data:`ADAPTERS`.
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import os
 import shutil
+import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,14 +24,38 @@ from fedad.errors import FedadError
 from fedad.evaluation.scorer import Scorer
 from fedad.models.inference import SERVER_BATCH, predict, reconstruction_error
 
+log = logging.getLogger("fedad")
+
 # What a saved scikit-learn model may hold beyond the types skops trusts by itself; anything
 # else in a .skops file is refused rather than loaded.
 SKOPS_TRUSTED = ("sklearn.tree._tree.Tree",)
 # What a model's ``predict`` returns: class probabilities ``(n, n_classes)``, or one anomaly
 # score per row (higher = more attack-like), which only a threshold turns into a class.
 PROBABILITIES, ANOMALY_SCORE = "probabilities", "anomaly_score"
+# The opt-in for a Keras model whose layers carry Python code (a Lambda layer, custom
+# layers): off unless set to 1, for the commands that take no Python argument.
+TRUST_ENV = "FEDAD_TRUST_CUSTOM_CODE"
+# The Python modules a Keras model that fedad wrote names in its config.json.
+KERAS_MODULES = ("keras",)
+# A config.json larger than this is no model fedad wrote (the federated CNN's is ~10 kB).
+KERAS_CONFIG_BYTES = 16 << 20
+# How much of a library's own error a message quotes.
+QUOTED = 300
 
 Predict = Callable[[np.ndarray], np.ndarray]
+
+
+class Loader(Protocol):
+    """``load(path, data=None, trust_custom_code=False) -> predict``.
+
+    ``data`` is the file's content, already checked against the manifest's
+    checksum (read from ``path`` when None); ``path`` names the file in messages.
+    """
+
+    def __call__(
+        self, path: Path, data: bytes | None = None, trust_custom_code: bool = False
+    ) -> Predict:
+        """The model's ``predict``; FedadError naming ``path`` when it is not loaded."""
 
 
 @dataclass(frozen=True)
@@ -45,9 +75,11 @@ class Adapter:
         ``accepts(model) -> bool``: whether this adapter saves ``model``.
     save : callable
         ``save(model, path)``: write the model to ``path``.
-    load : callable
-        ``load(path) -> predict``, where ``predict(X)`` returns the model's
-        output for scaled rows ``X``, as ``output`` says.
+    load : Loader
+        ``load(path, data=None, trust_custom_code=False) -> predict``, where
+        ``predict(X)`` returns the model's output for scaled rows ``X``, as
+        ``output`` says; FedadError (one paragraph naming ``path``) when the file
+        is damaged or holds what fedad does not load.
     output : str
         :data:`PROBABILITIES` (``(n, n_classes)``) or :data:`ANOMALY_SCORE` (``(n,)``).
     """
@@ -57,7 +89,7 @@ class Adapter:
     libraries: tuple[str, ...]
     accepts: Callable[[object], bool]
     save: Callable[[object, Path], None]
-    load: Callable[[Path], Predict]
+    load: Loader
     output: str = PROBABILITIES
 
 
@@ -91,15 +123,111 @@ def _keras_save(model: Any, path: Path) -> None:
         _copy_run_file(model, path)
 
 
-def load_keras(path: Path):
-    """The Keras model in ``path``, loaded with ``safe_mode`` (no stored Python code runs)."""
+def trusted_by_environment() -> bool:
+    """Whether :data:`TRUST_ENV` is ``1``: Keras layers that carry code may load."""
+    value = os.environ.get(TRUST_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise FedadError(
+            f"{TRUST_ENV} is '{value}'; set it to 1 to load Keras layers that carry Python code "
+            "(only for a model whose code you trust), or to 0 or nothing to refuse them."
+        )
+    return value == "1"
+
+
+def _quote(err: BaseException) -> str:
+    """A library's error in one line, cut short: its first line (many add a stack trace)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    text = text if len(text) <= QUOTED else text[:QUOTED] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def damaged(path: Path, what: str, err: BaseException | str) -> FedadError:
+    """The refusal of a file that cannot be read as ``what``: the folder is damaged."""
+    why = err if isinstance(err, str) else _quote(err)
+    return FedadError(
+        f"{path} cannot be read as {what} ({why}): the detector folder is damaged, or its "
+        "file was replaced with its checksum. Copy the whole folder again, or write it again "
+        "with python -m fedad.simulate."
+    )
+
+
+def _opt_in_hint() -> str:
+    return (
+        "If the model is your own and you trust its code, load it with "
+        f"Detector.load(folder, trust_custom_code=True) or set {TRUST_ENV}=1 (after importing "
+        "the module that registers its layers)."
+    )
+
+
+def _foreign_modules(path: Path, data: bytes) -> list[str]:
+    """The Python modules outside Keras that the model's ``config.json`` names."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            info = archive.getinfo("config.json")
+            if info.file_size > KERAS_CONFIG_BYTES:
+                raise damaged(path, "a Keras model", f"a config.json of {info.file_size} bytes")
+            stack = [json.loads(archive.read(info))]
+    except (zipfile.BadZipFile, KeyError, ValueError, RecursionError, OSError) as err:
+        raise damaged(path, "a Keras model", err) from None
+    found = set()
+    # A walk without recursion: a crafted config can nest deeper than Python's stack.
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            module = node.get("module")
+            if isinstance(module, str) and module.split(".")[0] not in KERAS_MODULES:
+                found.add(module)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return sorted(found)
+
+
+def load_keras(path: Path, data: bytes | None = None, trust_custom_code: bool | None = None):
+    """The Keras model in ``path`` (content ``data``), loaded with no stored Python code run.
+
+    The model's config may name Keras' own classes only, and Keras loads it in
+    ``safe_mode``, which refuses a ``Lambda`` layer's code. ``trust_custom_code``
+    lifts both (a user's own custom layers; None: :data:`TRUST_ENV` decides); a
+    refusal is one FedadError.
+    """
     import keras
 
-    return keras.models.load_model(path, compile=False, safe_mode=True)
+    data = path.read_bytes() if data is None else data
+    if trust_custom_code is None:
+        trust_custom_code = trusted_by_environment()
+    if trust_custom_code:
+        log.warning("loading %s with trust_custom_code: code stored in the model may run", path)
+    else:
+        foreign = _foreign_modules(path, data)
+        if foreign:
+            raise FedadError(
+                f"{path} is not loaded: its Keras config names Python code outside Keras "
+                f"({', '.join(foreign)}), such as custom layers or functions, which fedad "
+                "never writes into a detector and which would run on loading. " + _opt_in_hint()
+            )
+    # Keras reads a path: the checked bytes go to a private copy, not the folder's file,
+    # which could have changed since it was checked.
+    with tempfile.TemporaryDirectory(prefix="fedad-model-") as tmp:
+        copy = Path(tmp) / "model.keras"
+        copy.write_bytes(data)
+        try:
+            return keras.models.load_model(copy, compile=False, safe_mode=not trust_custom_code)
+        # Keras raises many types for a damaged or refused file; each ends here as one paragraph.
+        except Exception as err:
+            if "safe_mode" in str(err):
+                raise FedadError(
+                    f"{path} is not loaded: it holds a Keras layer that carries Python code "
+                    "(a Lambda layer, which Keras' safe mode refuses: the code would run on "
+                    "loading), and fedad never writes such a layer into a detector. "
+                    + _opt_in_hint()
+                ) from None
+            raise damaged(path, "a Keras model", err) from None
 
 
-def _keras_load(path: Path) -> Predict:
-    model = load_keras(path)
+def _keras_load(path: Path, data: bytes | None = None, trust_custom_code: bool = False) -> Predict:
+    model = load_keras(path, data, trust_custom_code)
     # Scored as the server scores the global model: a direct call per batch, no data pipeline.
     return lambda X: predict(model, X, batch_size=SERVER_BATCH)
 
@@ -110,10 +238,17 @@ def _sklearn_save(model: object, path: Path) -> None:
     skops.io.dump(model, path)
 
 
-def _sklearn_load(path: Path) -> Predict:
+def _sklearn_load(
+    path: Path, data: bytes | None = None, trust_custom_code: bool = False
+) -> Predict:
     import skops.io
 
-    untrusted = skops.io.get_untrusted_types(file=path)
+    data = path.read_bytes() if data is None else data
+    # skops raises many types for a damaged file; each ends here as one paragraph.
+    try:
+        untrusted = skops.io.get_untrusted_types(data=data)
+    except Exception as err:
+        raise damaged(path, "a scikit-learn model (skops)", err) from None
     unexpected = sorted(set(untrusted) - set(SKOPS_TRUSTED))
     if unexpected:
         raise FedadError(
@@ -121,34 +256,51 @@ def _sklearn_load(path: Path) -> Predict:
             "so it is not loaded: loading them could run code from the file. Use a detector "
             "that fedad.simulate wrote."
         )
-    return skops.io.load(path, trusted=untrusted).predict_proba
+    try:
+        model = skops.io.loads(data, trusted=untrusted)
+    except Exception as err:
+        raise damaged(path, "a scikit-learn model (skops)", err) from None
+    if not callable(getattr(model, "predict_proba", None)):
+        raise damaged(path, "a classifier", f"it holds a {type(model).__name__}")
+    return model.predict_proba
 
 
 def _xgboost_save(model: Any, path: Path) -> None:
     model.save_model(str(path))
 
 
-def _xgboost_load(path: Path) -> Predict:
+def _xgboost_load(
+    path: Path, data: bytes | None = None, trust_custom_code: bool = False
+) -> Predict:
     from xgboost import XGBClassifier
 
     model = XGBClassifier()
-    model.load_model(str(path))
+    try:
+        model.load_model(bytearray(path.read_bytes() if data is None else data))
+    # XGBoostError, or a ValueError/TypeError of its Python side, for a damaged file.
+    except Exception as err:
+        raise damaged(path, "an XGBoost model", err) from None
     return model.predict_proba
 
 
-def _booster_load(path: Path) -> Predict:
-    import json
-
+def _booster_load(
+    path: Path, data: bytes | None = None, trust_custom_code: bool = False
+) -> Predict:
     from fedad.models import booster
 
-    raw = path.read_bytes()
-    classes = int(json.loads(raw)["learner"]["learner_model_param"]["num_class"]) or 2
-    model = booster.load(raw)
+    raw = path.read_bytes() if data is None else data
+    try:
+        classes = int(json.loads(raw)["learner"]["learner_model_param"]["num_class"]) or 2
+        model = booster.load(raw)
+    except Exception as err:
+        raise damaged(path, "an XGBoost booster", err) from None
     return lambda X: booster.probabilities(model, X, classes)
 
 
-def _autoencoder_load(path: Path) -> Predict:
-    model = load_keras(path)
+def _autoencoder_load(
+    path: Path, data: bytes | None = None, trust_custom_code: bool = False
+) -> Predict:
+    model = load_keras(path, data, trust_custom_code)
     # The error as the run computed it: the reconstruction of SERVER_BATCH rows a call.
     return lambda X: reconstruction_error(X, predict(model, X, batch_size=SERVER_BATCH))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import numpy as np
 
 from fedad import __version__, rundir
 from fedad.data.preprocess import Preprocessor, preprocessor_to_dict
-from fedad.detector.adapters import ADAPTERS, adapter_for
+from fedad.detector.adapters import adapter_for
+from fedad.detector.contents import consistency_problems, manifest_problems
 from fedad.errors import FedadError
 from fedad.versions import versions
 
@@ -20,6 +22,10 @@ log = logging.getLogger("fedad")
 FORMAT_VERSION = 1
 # Libraries every detector needs (reading, preprocessing); each model kind adds its own.
 COMMON_LIBRARIES = ("numpy", "pandas", "scikit-learn")
+# A manifest larger than this is none fedad wrote (they hold a few kB).
+MANIFEST_BYTES = 16 << 20
+# The files every detector loads besides its model (``model.file``).
+LOADED = (rundir.DETECTOR_PREPROCESSING, rundir.DETECTOR_SCALING)
 
 
 def write(
@@ -58,7 +64,7 @@ def write(
         rundir.write_json(tmp / rundir.DETECTOR_PREPROCESSING, preprocessor_to_dict(preprocessor))
         with rundir.atomic(tmp / rundir.DETECTOR_SCALING) as f:
             np.savez(f, mean=np.asarray(mean, np.float64), std=np.asarray(std, np.float64))
-        files = sorted([adapter.file, rundir.DETECTOR_PREPROCESSING, rundir.DETECTOR_SCALING])
+        files = sorted([adapter.file, *LOADED])
         full = {
             "format_version": FORMAT_VERSION,
             **manifest,
@@ -69,7 +75,7 @@ def write(
                 "output": adapter.output,
             },
             "versions": versions((*COMMON_LIBRARIES, *adapter.libraries)),
-            "files": {name: _checksum(tmp / name) for name in files},
+            "files": {name: _checksum((tmp / name).read_bytes()) for name in files},
         }
         rundir.write_json(tmp / rundir.DETECTOR_MANIFEST, full)
     log.info("detector for %s written to %s", manifest["model"]["name"], folder)
@@ -77,11 +83,15 @@ def write(
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """The manifest of a detector folder, once the folder is known to be complete and readable.
+    """The manifest of a detector folder, once the folder is known to be complete and unaltered.
 
-    Refuses (FedadError) a path that is no detector folder, a manifest of
-    another format version, and a missing or altered file; logs a warning
-    for each library whose installed version differs from the one that wrote it.
+    Refuses (FedadError, one paragraph) a path that is no detector folder, a
+    manifest that is no JSON object, of another format version, or with an
+    entry missing or mistyped; a file name that is not a plain name inside the
+    folder (``..``, an absolute path, a link leading out of it); a file it
+    loads that has no checksum entry; and a missing or altered file. Logs a
+    warning for each library whose installed version differs from the one that
+    wrote it.
 
     Parameters
     ----------
@@ -93,46 +103,140 @@ def read_manifest(folder: str | Path) -> dict:
     dict
     """
     folder = Path(folder)
-    path = folder / rundir.DETECTOR_MANIFEST
-    if not path.is_file():
+    if not (folder / rundir.DETECTOR_MANIFEST).is_file():
         raise FedadError(f"{folder} is not a detector folder: {_what_is_there(folder)}")
+    path = inside(folder, rundir.DETECTOR_MANIFEST, "its own name")
     try:
-        manifest = rundir.read_json(path)
-    except (OSError, ValueError) as err:
+        raw = _read(path, MANIFEST_BYTES)
+        if len(raw) > MANIFEST_BYTES:
+            raise ValueError(f"it is larger than {MANIFEST_BYTES} bytes")
+        manifest = json.loads(raw)
+    except (OSError, ValueError, RecursionError) as err:
         raise FedadError(
-            f"{path} cannot be read as JSON ({err}); the detector folder is damaged. Write it "
-            "again with python -m fedad.simulate."
+            f"{path} cannot be read as JSON ({' '.join(str(err).split())[:200]}); the detector "
+            "folder is damaged. Write it again with python -m fedad.simulate."
         ) from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        writer = manifest.get("versions", {}).get("fedad", "unknown") if version else "unknown"
+    if not isinstance(manifest, dict):
         raise FedadError(
-            f"{folder} holds a detector in format version {version!r} (written by fedad "
+            f"{path} holds no JSON object, so it is no detector manifest; the detector folder "
+            "is damaged. Write it again with python -m fedad.simulate."
+        )
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION or type(version) is not int:
+        recorded = manifest.get("versions")
+        writer = recorded.get("fedad") if isinstance(recorded, dict) else None
+        writer = writer if isinstance(writer, str) and version else "unknown"
+        raise FedadError(
+            f"{folder} holds a detector in format version {repr(version)[:40]} (written by fedad "
             f"{writer}), but this fedad {__version__} reads format version {FORMAT_VERSION} "
             f"only. Score it with fedad {writer}, or write the detector again with this "
             "fedad's python -m fedad.simulate."
         )
-    if manifest["model"]["kind"] not in ADAPTERS:
-        raise FedadError(
-            f"{folder} holds a model of kind '{manifest['model']['kind']}', which this fedad "
-            f"cannot load (it loads: {', '.join(ADAPTERS)})."
-        )
-    for name, expected in manifest["files"].items():
-        file = folder / name
-        if not file.is_file():
+    _refuse(path, manifest_problems(manifest))
+    inside(folder, manifest["model"]["file"], "model.file")
+    for name in manifest["files"]:
+        inside(folder, name, f"files.{name}")
+    _refuse(path, consistency_problems(manifest))
+    loaded = [manifest["model"]["file"], *LOADED]
+    for name in loaded:
+        if name not in manifest["files"]:
             raise FedadError(
-                f"{folder} is incomplete: {name} is missing (the detector needs "
-                f"{', '.join(manifest['files'])}). Copy the whole folder, or write it again "
-                "with python -m fedad.simulate."
+                f"{path} has no checksum for {name} (under files), so fedad does not load it: "
+                "every file a detector loads must be covered by its manifest. The folder is "
+                "damaged or was not written by fedad; write it again with python -m "
+                "fedad.simulate."
             )
-        if _checksum(file) != expected:
-            raise FedadError(
-                f"{file} is not the file the detector was written with (its size or checksum "
-                "differs): it was changed or damaged. Copy the whole folder again, or write it "
-                "again with python -m fedad.simulate."
-            )
+    for name in manifest["files"]:
+        read_file(folder, manifest, name)
     _warn_versions(manifest["versions"], folder)
     return manifest
+
+
+def _refuse(path: Path, problems: list[str]) -> None:
+    if problems:
+        raise FedadError(
+            f"{path} does not describe a detector this fedad can load: {'; '.join(problems)}. "
+            "The folder is damaged or was not written by fedad; write it again with python -m "
+            "fedad.simulate."
+        )
+
+
+def inside(folder: Path, name: object, entry: str) -> Path:
+    """``folder / name``, once ``name`` is known to be a plain file name whose file stays inside.
+
+    Parameters
+    ----------
+    folder : Path
+        The detector folder.
+    name : object
+        A file name the manifest gives.
+    entry : str
+        The manifest entry that gives it, for the message.
+
+    Raises
+    ------
+    FedadError
+        When ``name`` is no plain file name (a folder part, ``..``, an absolute
+        path), or a link makes it lead out of ``folder``.
+    """
+    plain = isinstance(name, str) and name not in ("", ".", "..")
+    if not plain or any(c in str(name) for c in "/\\\0:"):
+        raise FedadError(
+            f"The manifest of {folder} names {json.dumps(name)[:80]} as {entry}, which is not a "
+            "plain file name inside the detector folder (no folders, '..' or absolute paths), "
+            "so fedad reads nothing from it. The folder is damaged or was not written by fedad."
+        )
+    path = folder / str(name)
+    real = path.resolve()
+    if not real.is_relative_to(folder.resolve()):
+        raise FedadError(
+            f"{path} ({entry} of the manifest) is a link to {real}, outside the detector "
+            "folder, so fedad reads nothing from it. Copy the file itself into the folder."
+        )
+    return path
+
+
+def read_file(folder: Path, manifest: dict, name: str) -> bytes:
+    """The content of the file ``name`` of a checked manifest, once it matches its checksum.
+
+    The bytes returned are the ones that were checked, so a file changed after
+    :func:`read_manifest` is refused rather than loaded.
+
+    Raises
+    ------
+    FedadError
+        When the file is missing, not a regular file, or differs from the checksum.
+    """
+    path = inside(folder, name, f"files.{name}")
+    expected = manifest["files"].get(name)
+    if not isinstance(expected, dict) or set(expected) != {"sha256", "bytes"}:
+        raise FedadError(
+            f"The manifest of {folder} gives files.{name} as {json.dumps(expected)[:80]}, not "
+            '{"sha256": ..., "bytes": ...}; the folder is damaged. Write it again with '
+            "python -m fedad.simulate."
+        )
+    # A regular file only: a pipe or a device would hang or never end.
+    if not path.resolve().is_file():
+        raise FedadError(
+            f"{folder} is incomplete: {name} is missing or is no regular file (the detector "
+            f"needs {', '.join(manifest['files'])}). Copy the whole folder, or write it again "
+            "with python -m fedad.simulate."
+        )
+    size = expected["bytes"]
+    data = _read(path, size if type(size) is int and size >= 0 else None)
+    if _checksum(data) != expected:
+        raise FedadError(
+            f"{path} is not the file the detector was written with (its size or checksum "
+            "differs): it was changed or damaged. Copy the whole folder again, or write it "
+            "again with python -m fedad.simulate."
+        )
+    return data
+
+
+def _read(path: Path, size: int | None) -> bytes:
+    """The file's bytes; past ``size``, one more byte only (enough to see that it differs)."""
+    with open(path.resolve(), "rb") as f:
+        return f.read(-1 if size is None else size + 1)
 
 
 def _warn_versions(recorded: dict, folder: Path) -> None:
@@ -153,12 +257,8 @@ def _warn_versions(recorded: dict, folder: Path) -> None:
         )
 
 
-def _checksum(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+def _checksum(data: bytes) -> dict:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def _what_is_there(folder: Path) -> str:

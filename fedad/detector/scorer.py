@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -13,10 +14,10 @@ from sklearn.preprocessing import StandardScaler
 
 from fedad import rundir
 from fedad.data.labels import classify
-from fedad.data.preprocess import preprocessor_from_dict
 from fedad.data.scaling import standardize
-from fedad.detector.adapters import ADAPTERS, ANOMALY_SCORE
-from fedad.detector.artifact import read_manifest
+from fedad.detector.adapters import ADAPTERS, ANOMALY_SCORE, trusted_by_environment
+from fedad.detector.artifact import read_file, read_manifest
+from fedad.detector.contents import PROBE_ROWS, check_model, read_preprocessing, read_scaling
 from fedad.errors import FedadError
 from fedad.evaluation.decision import decide
 
@@ -45,12 +46,45 @@ class Scored:
         Class codes under the rule used.
     unseen : dict[str, int]
         Cells per categorical column holding a category never seen in training.
+    too_large : dict[str, int]
+        Cells per numeric column too large for ``float32`` (after the log
+        transform), scored as the training median, as the run's preparation does.
+    beyond_training : dict[str, int]
+        Cells per numeric column outside the training range (see
+        :attr:`Detector.training_reach`), scored as they are.
     """
 
     scores: np.ndarray
     attack_score: np.ndarray
     predicted: np.ndarray
     unseen: dict[str, int]
+    too_large: dict[str, int] = field(default_factory=dict)
+    beyond_training: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Truth:
+    """What the label cells of a batch say, checked against the detector's label vocabulary.
+
+    Attributes
+    ----------
+    codes : np.ndarray
+        Class code per row; -1 where the label is empty or (multiclass) names
+        a class the detector lacks.
+    known : int
+        Labelled rows whose label the detector knows.
+    unknown : dict[str, int]
+        Label values the detector does not know, with their row counts.
+    checked : bool
+        False for a binary detector whose attacks have no recorded names (a
+        text normal value without ``class_map``): then only the normal value
+        is known, and ``unknown`` holds every other value.
+    """
+
+    codes: np.ndarray
+    known: int
+    unknown: dict[str, int]
+    checked: bool
 
 
 class Detector:
@@ -60,36 +94,80 @@ class Detector:
     before anything in it is read.
     """
 
-    def __init__(self, folder: Path, manifest: dict) -> None:
+    def __init__(self, folder: Path, manifest: dict, trust_custom_code: bool = False) -> None:
         self.folder = folder
         self.manifest = manifest
-        self.preprocessor = preprocessor_from_dict(
-            rundir.read_json(folder / rundir.DETECTOR_PREPROCESSING)
+        self.trust_custom_code = trust_custom_code
+        # Each file is read once, checked against its checksum, and loaded from those bytes.
+        self.preprocessor = read_preprocessing(
+            read_file(folder, manifest, rundir.DETECTOR_PREPROCESSING),
+            manifest,
+            folder / rundir.DETECTOR_PREPROCESSING,
         )
-        with np.load(folder / rundir.DETECTOR_SCALING) as stats:
-            self.mean, self.std = stats["mean"], stats["std"]
+        self.mean, self.std = read_scaling(
+            read_file(folder, manifest, rundir.DETECTOR_SCALING),
+            manifest,
+            folder / rundir.DETECTOR_SCALING,
+        )
+        if manifest["scaling"]["rule"] not in (TRAIN_ROWS, POOLED_SITES):
+            raise FedadError(
+                f"The manifest of {folder} gives scaling.rule '{manifest['scaling']['rule']}'; "
+                f"fedad knows {TRAIN_ROWS} and {POOLED_SITES}. The folder is damaged or was not "
+                "written by fedad; write it again with python -m fedad.simulate."
+            )
         # The run's own transform, so scores match the ones it recorded to the last bit.
         self.scaler = StandardScaler()
         self.scaler.mean_, self.scaler.scale_, self.scaler.var_ = self.mean, self.std, self.std**2
         self.scaler.n_features_in_ = len(self.mean)
         model = manifest["model"]
         adapter = ADAPTERS[model["kind"]]
-        self.predict_model = adapter.load(folder / model["file"])
+        path = folder / model["file"]
+        self.predict_model = adapter.load(
+            path, read_file(folder, manifest, model["file"]), trust_custom_code
+        )
+        probe = np.zeros((PROBE_ROWS, len(self.mean)), dtype=np.float32)
+        check_model(self.predict_model, self.standardize(probe), manifest, path)
         self.anomaly = adapter.output == ANOMALY_SCORE
         self.columns = np.asarray(model["classes"], dtype=np.int64)
         # The preprocessor counts unseen categories as it goes: one batch at a time.
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, folder: str | Path) -> Detector:
-        """Check and load the detector in ``folder`` (FedadError when it cannot be used)."""
+    def load(cls, folder: str | Path, trust_custom_code: bool | None = None) -> Detector:
+        """Check and load the detector in ``folder`` (FedadError when it cannot be used).
+
+        Every file is checked (format version, manifest entries, names inside
+        the folder, checksums) before it is loaded, and nothing in the folder is
+        unpickled or run; see docs/detector.md.
+
+        Parameters
+        ----------
+        folder : str or Path
+            A ``detector/<model>`` folder.
+        trust_custom_code : bool, optional
+            Load a Keras model whose layers carry Python code (a ``Lambda``
+            layer, custom layers registered by your code), which would run. Only
+            for a model whose code you trust. Default: the environment variable
+            ``FEDAD_TRUST_CUSTOM_CODE=1``, else off.
+
+        Returns
+        -------
+        Detector
+        """
         folder = Path(folder)
-        return cls(folder, read_manifest(folder))
+        trust = trusted_by_environment() if trust_custom_code is None else trust_custom_code
+        return cls(folder, read_manifest(folder), trust)
 
     @property
     def name(self) -> str:
         """The model's name in its run, e.g. ``federated_cnn``."""
         return self.manifest["model"]["name"]
+
+    @property
+    def files(self) -> list[Path]:
+        """The files of the detector's folder: its manifest and each file it lists."""
+        names = [rundir.DETECTOR_MANIFEST, *self.manifest["files"]]
+        return [self.folder / name for name in names]
 
     @property
     def class_names(self) -> list[str]:
@@ -163,24 +241,32 @@ class Detector:
         Scored
         """
         threshold = self.check_rule(rule)
+        pre = self.preprocessor
         with self._lock:
-            before = dict(self.preprocessor.unseen)
-            X = self.preprocessor.transform(frame)
+            unseen, large = dict(pre.unseen), dict(pre.out_of_range)
+            X = pre.transform(frame)
             unseen = {
-                col: n - before.get(col, 0)
-                for col, n in self.preprocessor.unseen.items()
-                if n > before.get(col, 0)
+                c: n - unseen.get(c, 0) for c, n in pre.unseen.items() if n > unseen.get(c, 0)
+            }
+            large = {
+                c: n - large.get(c, 0) for c, n in pre.out_of_range.items() if n > large.get(c, 0)
             }
         X = self.standardize(X)
+        far = (np.abs(X[:, : len(pre.numeric)]) > self.training_reach).sum(axis=0)
+        facts = {
+            "unseen": unseen,
+            "too_large": large,
+            "beyond_training": {c: int(n) for c, n in zip(pre.numeric, far, strict=True) if n},
+        }
         if self.anomaly:
             attack = np.asarray(self.predict_model(X), dtype=np.float64)
             # An anomaly detector's rules all have a threshold (no argmax rule).
-            return Scored(attack, attack, decide(attack, cast(float, threshold)), unseen)
+            return Scored(attack, attack, decide(attack, cast(float, threshold)), **facts)
         full = np.zeros((len(X), len(self.class_names)), dtype=np.float64)
         full[:, self.columns] = self.predict_model(X)
         # The decision of the run's comparison: argmax, or attack from the threshold on and
         # then the most probable attack class.
-        return Scored(full, 1.0 - full[:, 0], decide(full, threshold), unseen)
+        return Scored(full, 1.0 - full[:, 0], decide(full, threshold), **facts)
 
     def table(self, scored: Scored, rule: str | None = None) -> pd.DataFrame:
         """One output row per scored row: probabilities, attack score, class, rule, threshold.
@@ -200,25 +286,65 @@ class Detector:
         columns["threshold"] = np.nan if threshold is None else threshold
         return pd.DataFrame(columns)
 
-    def true_classes(self, frame: pd.DataFrame) -> np.ndarray | None:
-        """Class codes of labelled rows (-1 where the label is empty or an unknown class).
+    @property
+    def training_reach(self) -> float:
+        """How far, in standard deviations, a standardized value may lie from the training mean.
 
-        None when ``frame`` lacks the label column (or, multiclass, the class column).
+        No value of ``n`` training rows lies farther than ``sqrt(n - 1)``
+        population standard deviations from their mean (Samuelson's
+        inequality), so a value beyond that lies outside the range of the
+        training rows, whatever their distribution.
+        """
+        return math.sqrt(max(int(self.manifest["data"]["n_train"]) - 1, 1))
+
+    def true_classes(self, frame: pd.DataFrame) -> Truth | None:
+        """The labels of ``frame`` as class codes, checked against the detector's vocabulary.
+
+        Known labels: the normal value; for a multiclass detector its class
+        names (after ``class_map``); for a binary one any number when the
+        normal value is a number (a 0/1 flag), else the names of
+        ``class_map``. A binary detector counts every other label as an
+        attack, as its run did; a multiclass one leaves unknown classes out.
+        None when ``frame`` lacks the label column (or, multiclass, the class
+        column).
         """
         labels = self.manifest["labels"]
-        needed = [labels["label_column"]]
-        if labels["task"] != "binary":
-            needed.append(labels.get("class_column") or labels["label_column"])
-        if any(col not in frame.columns for col in needed):
+        label = labels["label_column"]
+        column = label if labels["task"] == "binary" else labels.get("class_column") or label
+        if label not in frame.columns or column not in frame.columns:
             return None
-        empty = frame[needed].isna().any(axis=1).to_numpy()
-        _, classes, _ = classify(frame, labels, labels["task"])
+        cells = frame[list(dict.fromkeys([label, column]))]
+        empty = (cells.isna() | (cells.astype(str).apply(lambda s: s.str.strip()) == "")).any(
+            axis=1
+        )
+        empty = empty.to_numpy()
+        attack, classes, _ = classify(frame, labels, labels["task"])
         codes = pd.Index(self.class_names).get_indexer(classes)
+        values = frame[column].astype(str).str.strip()
+        checked = True
+        if labels["task"] != "binary":
+            known = codes >= 0
+        elif _is_number(labels["normal_value"]):
+            known = (attack == 0) | pd.to_numeric(values, errors="coerce").notna().to_numpy()
+        elif labels.get("class_map"):
+            fold = labels.get("label_case") == "insensitive"
+            names = {str(n).strip() for pair in labels["class_map"].items() for n in pair}
+            vocabulary = {n.casefold() for n in names} if fold else names
+            known = (attack == 0) | (values.str.casefold() if fold else values).isin(vocabulary)
+        else:
+            known, checked = attack == 0, False
+        known = np.asarray(known) & ~empty
         codes[empty] = -1
-        return codes
+        counts = values[~known & ~empty].value_counts()
+        unknown = {str(v): int(n) for v, n in counts.items()}
+        return Truth(codes, int(known.sum()), unknown, checked)
 
     def standardize(self, X: np.ndarray) -> np.ndarray:
         """Standardize encoded rows as the model was trained to expect (``float32``)."""
         if self.manifest["scaling"]["rule"] == POOLED_SITES:
             return standardize(X, self.mean, self.std)
         return self.scaler.transform(X).astype(np.float32, copy=False)
+
+
+def _is_number(value: object) -> bool:
+    return bool(pd.notna(pd.to_numeric(pd.Series([str(value).strip()]), errors="coerce")[0]))

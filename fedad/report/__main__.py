@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,19 +35,30 @@ from fedad.report.tables import (
     summarize,
 )
 
+# The report's own page: its presence marks a folder that holds a report.
+REPORT_MD = "report.md"
 
-def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+
+def write_report(
+    path: str | os.PathLike, out: str | os.PathLike | None = None, overwrite: bool = False
+) -> Path:
     """Write ``report.csv``, ``summary.csv``, the figures and ``report.md``.
 
     A folder with attacked or private runs also gets ``poisoning.csv`` and
-    ``privacy.csv`` and their figures (:mod:`fedad.report.security`).
+    ``privacy.csv`` and their figures (:mod:`fedad.report.security`). Every
+    file is made in a hidden folder inside the output folder and moved into
+    place only once the whole report is made, each in one step: a failure
+    (a full disk) leaves the folder as it was. An earlier report's files are
+    replaced only with ``overwrite``.
 
     Parameters
     ----------
     path : str or PathLike
         A run directory or a folder above run directories (see :func:`collect`).
     out : str or PathLike, optional
-        Output folder; ``path`` itself by default.
+        Output folder, created if missing; ``path`` itself by default.
+    overwrite : bool
+        Replace the files of an earlier report (default: refuse, before any work).
 
     Returns
     -------
@@ -56,29 +68,71 @@ def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None) 
     Raises
     ------
     FedadError
-        If ``path`` does not exist or holds no run.
+        If ``path`` does not exist or holds no run, the output folder cannot
+        be written, it holds a report and ``overwrite`` is false, or a write fails.
     """
     root = Path(path)
     tidy = collect(root)
     out_dir = Path(out) if out is not None else root
+    if not overwrite and (out_dir / REPORT_MD).exists():
+        raise _clash(out_dir, [Path(REPORT_MD)])
+    stage = _stage(out_dir)
+    try:
+        _make(root, out_dir, stage, tidy)
+        made = sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
+        clashes = [p for p in made if os.path.lexists(out_dir / p)]
+        if clashes and not overwrite:
+            raise _clash(out_dir, clashes)
+        rundir.publish(stage, out_dir, overwrite)
+    except FileExistsError as err:
+        raise _clash(out_dir, [Path(err.filename or REPORT_MD)]) from None
+    except OSError as err:
+        raise FedadError(
+            f"Writing the report to {out_dir} failed: {err.strerror or err}. No file of an "
+            "earlier report was replaced unless its new version was complete, and no partial "
+            "file was left. Free space (or fix the folder) and run the command again."
+        ) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out_dir / REPORT_MD
+
+
+def _stage(out_dir: Path) -> Path:
+    """A hidden folder inside ``out_dir`` (created if missing) to make the report in."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FedadError(
+            f"Cannot write the report to {out_dir}: it is a file. Give --out a folder (by "
+            "default the report goes into the run directory itself)."
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ".write-probe").touch()
-        (out_dir / ".write-probe").unlink()
+        return Path(tempfile.mkdtemp(prefix=".report-", suffix=".tmp", dir=out_dir))
     except OSError as err:
         raise FedadError(
             f"Cannot write the report to {out_dir}: {err.strerror}. Give --out a folder you can "
             "write (by default the report goes into the run directory itself)."
-        ) from err
-    tidy.to_csv(out_dir / "report.csv", index=False)
+        ) from None
+
+
+def _clash(out_dir: Path, clashes: list[Path]) -> FedadError:
+    shown = ", ".join(str(p) for p in clashes[:5]) + (" ..." if len(clashes) > 5 else "")
+    return FedadError(
+        f"{out_dir} already holds a report ({shown}), left as it is. Give --overwrite to "
+        "replace its files, or --out another folder."
+    )
+
+
+def _make(root: Path, out_dir: Path, stage: Path, tidy: pd.DataFrame) -> None:
+    """Make every file of the report in ``stage``, its links written as from ``out_dir``."""
+    tidy.to_csv(stage / "report.csv", index=False)
     summary = summarize(tidy)
-    summary.to_csv(out_dir / "summary.csv", index=False)
+    summary.to_csv(stage / "summary.csv", index=False)
     keys = group_keys(tidy)
     done = finished_jobs(tidy)
     gaps = job_gaps(done, keys)
     sites = job_sites(root, done, keys)
-    made = _figures(root, out_dir, done, summary, gaps, sites, keys)
-    heatmaps = _copy_heatmaps(root, out_dir, done, keys)
+    made = _figures(root, stage, done, summary, gaps, sites, keys)
+    heatmaps = _copy_heatmaps(root, stage, done, keys)
     settings = settings_columns(tidy)
     text = render(
         root,
@@ -92,17 +146,16 @@ def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None) 
         fixed=fixed(done, settings, keys),
         seeds=sorted(done["seed"].dropna().unique(), key=sortable),
         metrics=SUMMARY_METRICS,
-        made=made,
-        heatmaps=heatmaps,
+        # Linked where they will be once moved out of the stage.
+        made={name: out_dir / p.relative_to(stage) for name, p in made.items()},
+        heatmaps=[(label, out_dir / p.relative_to(stage)) for label, p in heatmaps],
     )
     # Poisoning and privacy: sections of their own, when the folder holds such runs.
     skipped = tidy.loc[tidy["status"] == "skipped", ["job", "error"]].drop_duplicates("job")
-    extra = security.write(root, out_dir, list(done["job"].unique()), skipped)
+    extra = security.write(root, stage, list(done["job"].unique()), skipped)
     if extra:
         text = text.rstrip("\n") + "\n\n" + "\n".join(extra)
-    report = out_dir / "report.md"
-    report.write_text(text)
-    return report
+    (stage / REPORT_MD).write_text(text)
 
 
 def _figures(
@@ -193,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ------
     SystemExit
         With status 2 and one paragraph on stderr, no traceback, on a user error
-        (a missing path, a folder without runs).
+        (a missing path, a folder without runs, an earlier report without
+        ``--overwrite``, an output folder that cannot be written).
     """
     parser = argparse.ArgumentParser(
         prog="python -m fedad.report",
@@ -201,9 +255,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("path", help="run directory or multirun directory")
     parser.add_argument("--out", help="output folder (default: the given directory)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of an earlier report in the output folder (default: refuse)",
+    )
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.path, args.out)
+        report = write_report(args.path, args.out, args.overwrite)
     except FedadError as err:
         exit_with(err)
     print(report)
