@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import time
@@ -27,7 +28,7 @@ from fedad.evaluation.decision import Rule
 from fedad.evaluation.importance import explain
 from fedad.evaluation.plots import plot_confusion, plot_eda, plot_roc
 from fedad.evaluation.shapley import explain_shap
-from fedad.run import cache, commandline
+from fedad.run import cache, commandline, continuation
 from fedad.run.pipeline import RunData, prepare_run
 from fedad.run.resume import Decision, decide
 from fedad.run.validate import validate
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from fedad.federated.engine import EngineStart
 
 log = logging.getLogger("fedad")
+# Errors of a write the user can fix (space, permissions); any other OSError is a bug to show.
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 # Flower's import sets up alembic, whose INFO lines would bury the run's own.
 logging.getLogger("alembic").setLevel(logging.WARNING)
 # Keras warns about tf.function retracing when batch shapes vary; harmless here.
@@ -70,6 +73,12 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     # An earlier attempt's failure no longer describes this folder.
     (run_dir / rundir.FAILED_FILE).unlink(missing_ok=True)
+    if resume and continuation.keep(run_dir):
+        log.info(
+            "%s holds a finished run: it is kept in %s/ until this continuation completes",
+            run_dir,
+            continuation.KEPT_DIR,
+        )
     rundir.write_text(run_dir / rundir.CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     results: dict = {"status": rundir.RUNNING, "settings": _settings(cfg), "versions": versions()}
     rundir.save_results(run_dir, results)
@@ -113,6 +122,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     results["status"] = rundir.DONE
     results["wall_seconds"] = round(time.perf_counter() - started, 2)
     rundir.save_results(run_dir, results)
+    continuation.finish(run_dir)
     table = comparison.table(models, results["data"]["pooling_mb"])
     small = results["data"]["small_test_classes"]
     print(comparison.to_markdown(table, small) if models else "no models ran")
@@ -232,6 +242,7 @@ def _settings(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
         "attack": cfg.get("attack", {}).get("name", "none"),
         "privacy": cfg.get("privacy", {}).get("name", "none"),
+        "decision": cfg.decision.rule,
     }
 
 
@@ -262,21 +273,49 @@ def job(cfg: DictConfig) -> float | None:
         rundir.mark_skipped(run_dir, " ".join(str(err).split()), _settings(cfg))
         log.warning("job skipped: %s", err)
     except FedadError as err:
-        rundir.mark_failed(run_dir, " ".join(str(err).split()))
+        _failed(run_dir, " ".join(str(err).split()))
         log.error("job failed: %s", err)
         if not sweeping:
             exit_with(err)
     except KeyboardInterrupt:
-        rundir.mark_failed(run_dir, "interrupted (Ctrl-C or SIGTERM)")
+        _failed(run_dir, "interrupted (Ctrl-C or SIGTERM)")
         print(f"fedad: interrupted; {_how_to_continue(run_dir, sweeping)}.", file=sys.stderr)
         raise SystemExit(130) from None
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        problem = FedadError(
+            f"Writing into {run_dir} failed: {err.strerror} ({err.filename}). Free space or "
+            "fix the folder's permissions, or write elsewhere (hydra.run.dir=...). Every file "
+            "fedad writes is replaced whole or not at all, so what was complete is kept."
+        )
+        _failed(run_dir, str(problem))
+        if not sweeping:
+            exit_with(problem)
+        log.error("job failed: %s", problem)
     except Exception as err:
-        rundir.mark_failed(run_dir, f"{type(err).__name__}: {err}")
+        _failed(run_dir, f"{type(err).__name__}: {err}")
         if not sweeping:
             raise
         # One broken job must not end the sweep; the report lists it as failed.
         log.exception("job failed")
     return None
+
+
+def _failed(run_dir: Path, error: str) -> None:
+    """Record the failure; a failed continuation gives the folder back its complete run."""
+    try:
+        restored = continuation.fail(run_dir, error)
+    except OSError:
+        # A full disk may refuse this record too; the complete files are kept either way.
+        return
+    if restored:
+        log.warning(
+            "the continuation did not complete (%s); %s keeps the finished run it held "
+            "(results.json, comparison, models and detectors put back)",
+            error,
+            run_dir,
+        )
 
 
 def _how_to_continue(run_dir: Path, sweeping: bool) -> str:

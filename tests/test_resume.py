@@ -556,3 +556,39 @@ def test_too_few_replies_stop_the_run_with_a_resumable_checkpoint(data, tmp_path
     # Lowering the minimum is allowed on resume.
     cfg.simulation.min_clients = 1
     assert decide(cfg, tmp_path) is Decision.RESUME
+
+
+@pytest.mark.slow
+def test_an_interrupted_continuation_leaves_the_finished_run_as_it_was(tmp_path):
+    """A finished 2-round run continued to 8 rounds and interrupted after round 3: the folder
+    still says done, with the earlier results, comparison and detector, byte for byte."""
+    run_dir = tmp_path / "run"
+    args = [*BASE, "simulation.stop.patience=0", f"hydra.run.dir={run_dir}"]
+    finished = _cli(*args, "simulation.num_rounds=2", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    kept = ["results.json", "comparison.csv", "comparison.md", "history.csv"]
+    before = {name: (run_dir / name).read_bytes() for name in kept}
+    files = [p for p in (run_dir / "detector").rglob("*") if p.is_file()]
+    detector = {p.relative_to(run_dir): p.read_bytes() for p in files}
+    assert detector
+
+    longer = _Launch([*args, "simulation.num_rounds=8"], tmp_path)
+    longer.wait_for_checkpoint(run_dir, 3)
+    assert longer.stop(signal.SIGINT) == 130, longer.output()
+    assert "keeps the finished run it held" in longer.output()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "done" and results["settings"]["num_rounds"] == 2
+    assert results["continuation"]["status"] == "failed"
+    assert "interrupted" in results["continuation"]["error"]
+    for name in kept[1:]:
+        assert (run_dir / name).read_bytes() == before[name], name
+    for name, saved in detector.items():
+        assert (run_dir / name).read_bytes() == saved, name
+    assert not (run_dir / "failed.json").exists() and not (run_dir / "last_complete").exists()
+    # The checkpoint went on: the same continuation resumes after round 3 and completes.
+    again = _cli(*args, "simulation.num_rounds=8", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resuming after round" in again.stdout + again.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "done" and "continuation" not in results
+    assert results["settings"]["num_rounds"] == 8
