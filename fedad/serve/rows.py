@@ -1,0 +1,97 @@
+"""Validated request rows scored without a pandas frame (pandas took 5 ms of a 10 ms request)."""
+
+from __future__ import annotations
+
+from operator import itemgetter
+from typing import Any
+
+import numpy as np
+
+from fedad.data.preprocess import FLOAT32_MAX, signed_log1p
+from fedad.detector import Detector, Scored
+from fedad.evaluation.decision import decide
+
+# One-hot rows kept per combination of categories, for one-row requests (0.3 ms each to encode).
+KEPT_ENCODINGS = 4096
+
+
+class RowScorer:
+    """What ``detector.score`` answers for validated records, built from plain lists.
+
+    The encoding follows ``Preprocessor.transform`` (signed log, too-large values to the
+    training median, one-hot through the saved vocabulary, unseen categories counted),
+    the rest ``Detector.score``; tests/test_serve.py checks that both agree.
+
+    Parameters
+    ----------
+    detector : Detector
+        The loaded detector.
+    """
+
+    def __init__(self, detector: Detector) -> None:
+        self.detector = detector
+        pre = detector.preprocessor
+        self.numeric, self.categorical = list(pre.numeric), list(pre.categorical)
+        self.vocabularies = {col: set(known) for col, known in detector.categories.items()}
+        self.encoded: dict[tuple[str, ...], np.ndarray] = {}
+
+    def __call__(self, rows: list[dict[str, Any]], rule: str) -> Scored:
+        """Score ``rows`` under ``rule``.
+
+        Parameters
+        ----------
+        rows : list[dict]
+            Validated records: every feature present, numbers finite floats,
+            categories text or whole numbers.
+        rule : str
+            One of ``detector.rules``.
+
+        Returns
+        -------
+        Scored
+        """
+        detector, pre, n = self.detector, self.detector.preprocessor, len(rows)
+        values = np.array(list(map(_getter(self.numeric), rows)), np.float64)
+        values = values.reshape(n, len(self.numeric))
+        if pre.log_transform:
+            values = signed_log1p(values)
+        too_large = np.abs(values) > FLOAT32_MAX
+        values[too_large] = np.broadcast_to(pre.medians, values.shape)[too_large]
+        parts, unseen = [values.astype(np.float32)], {}
+        if self.categorical:
+            cells = map(_getter(self.categorical), rows)
+            text = np.array([[str(v).strip() for v in row] for row in cells], object)
+            text = text.reshape(n, len(self.categorical))
+            for i, col in enumerate(self.categorical):
+                vocabulary = self.vocabularies[col]
+                if count := sum(value not in vocabulary for value in text[:, i]):
+                    unseen[col] = count
+            parts.append(self._one_hot(text))
+        X = detector.standardize(np.hstack(parts))
+        threshold = detector.check_rule(rule)
+        if detector.anomaly:
+            attack = np.asarray(detector.predict_model(X), dtype=np.float64)
+            return Scored(attack, attack, decide(attack, threshold), unseen)
+        full = np.zeros((n, len(detector.class_names)), dtype=np.float64)
+        full[:, detector.columns] = detector.predict_model(X)
+        return Scored(full, 1.0 - full[:, 0], decide(full, threshold), unseen)
+
+    def _one_hot(self, text: np.ndarray) -> np.ndarray:
+        """The saved vocabulary's encoding of ``text``; a one-row one kept for next time."""
+        if len(text) != 1:
+            return self.detector.preprocessor.encoder.transform(text)
+        key = tuple(text[0])
+        found = self.encoded.get(key)
+        if found is None:
+            found = self.detector.preprocessor.encoder.transform(text)
+            if len(self.encoded) < KEPT_ENCODINGS:  # a flood of made-up categories: no more
+                self.encoded[key] = found
+        return found
+
+
+def _getter(columns: list[str]) -> Any:
+    """The cells of ``columns`` in a record, always as a tuple (of one cell, or none, too)."""
+    if len(columns) > 1:
+        return itemgetter(*columns)
+    get = itemgetter(*columns) if columns else None
+    return lambda record: (get(record),) if get else ()
