@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from detector_helpers import synthetic_run
 from kdd_sample import run_small, write_sample
 
+from fedad import rundir
 from fedad.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,3 +48,11 @@ def make_cfg():
         return compose(overrides)
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def detector_folder(tmp_path_factory) -> Path:
+    """A logistic-regression detector of a small synthetic run (the service's tests)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    synthetic_run(run_dir, {"logistic_regression": {}})
+    return run_dir / rundir.DETECTOR_DIR / "logistic_regression"

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from detector_helpers import raw_rows, synthetic_run
+from detector_helpers import raw_rows
 from serve_helpers import Server, run_serve
 
-from fedad import rundir
 from fedad.detector import Detector
 
 MAX_BATCH = 50
-
-
-@pytest.fixture(scope="module")
-def detector_folder(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run")
-    synthetic_run(run_dir, {"logistic_regression": {}})
-    return run_dir / rundir.DETECTOR_DIR / "logistic_regression"
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,11 @@ import re
 import select
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from detector_helpers import synthetic_run
 from serve_helpers import Server, free_port
 
-from fedad import rundir
 from fedad.serve import main
 
 # Half a request head: what a client that takes a connection and sends no more sends.
@@ -21,13 +18,6 @@ HALF_HEAD = b"POST /score HTTP/1.1\r\nHost: test\r\nContent-"
 HEAD = b"POST /score HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
 # Every wait below is a bound for failure, never a timing to meet.
 PATIENCE = 30.0
-
-
-@pytest.fixture(scope="module")
-def detector_folder(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run")
-    synthetic_run(run_dir, {"logistic_regression": {}})
-    return run_dir / rundir.DETECTOR_DIR / "logistic_regression"
 
 
 @pytest.fixture(scope="module")
