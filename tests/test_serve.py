@@ -149,6 +149,10 @@ def test_the_service_scores_as_the_detector_does_at_the_edges(server, detector_f
     assert body["predicted"] == [detector.class_names[i] for i in want.predicted]
     assert body["unseen_categories"] == want.unseen
     assert want.unseen.get("service") == 1
+    # 1e300 and -1e300 lie beyond every training value: counted alike by both paths.
+    assert body["beyond_training"] == want.beyond_training
+    assert want.beyond_training.get("fwd_bytes") == 1 and want.beyond_training.get("bwd_bytes") == 1
+    assert body["too_large"] == want.too_large
     for row in rows[:4]:  # one row at a time: its encoding is kept, then reused
         want = detector.score(pd.DataFrame([row])[detector.features])
         for _ in range(2):

@@ -251,12 +251,37 @@ class Detector:
             large = {
                 c: n - large.get(c, 0) for c, n in pre.out_of_range.items() if n > large.get(c, 0)
             }
+        return self.score_encoded(X, threshold, unseen, large)
+
+    def score_encoded(
+        self,
+        X: np.ndarray,
+        threshold: float | None,
+        unseen: dict[str, int],
+        too_large: dict[str, int],
+    ) -> Scored:
+        """Score encoded rows (the preprocessing's output): standardize, run the model, decide.
+
+        Parameters
+        ----------
+        X : np.ndarray
+            Encoded rows, as :attr:`preprocessor` makes them.
+        threshold : float or None
+            The rule's threshold (:meth:`check_rule`).
+        unseen, too_large : dict[str, int]
+            The encoding's counts per column (see :class:`Scored`).
+
+        Returns
+        -------
+        Scored
+        """
         X = self.standardize(X)
-        far = (np.abs(X[:, : len(pre.numeric)]) > self.training_reach).sum(axis=0)
+        far = (np.abs(X[:, : len(self.preprocessor.numeric)]) > self.training_reach).sum(axis=0)
+        numeric = self.preprocessor.numeric
         facts = {
             "unseen": unseen,
-            "too_large": large,
-            "beyond_training": {c: int(n) for c, n in zip(pre.numeric, far, strict=True) if n},
+            "too_large": too_large,
+            "beyond_training": {c: int(n) for c, n in zip(numeric, far, strict=True) if n},
         }
         if self.anomaly:
             attack = np.asarray(self.predict_model(X), dtype=np.float64)

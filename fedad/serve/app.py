@@ -140,6 +140,9 @@ def create_app(
                 name: scored.scores[:, i].tolist() for i, name in enumerate(detector.class_names)
             }
         answer["unseen_categories"] = scored.unseen
+        # Cells scored though too large for float32 (as the median) or beyond any training value.
+        answer["too_large"] = scored.too_large
+        answer["beyond_training"] = scored.beyond_training
         answer["ignored_columns"] = sorted(extra)
         # Serialised here: FastAPI's own encoder walks every value in Python.
         return Response(json.dumps(answer), media_type="application/json")

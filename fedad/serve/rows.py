@@ -9,7 +9,6 @@ import numpy as np
 
 from fedad.data.preprocess import FLOAT32_MAX, signed_log1p
 from fedad.detector import Detector, Scored
-from fedad.evaluation.decision import decide
 
 # One-hot rows kept per combination of categories, for one-row requests (0.3 ms each to encode).
 KEPT_ENCODINGS = 4096
@@ -19,8 +18,9 @@ class RowScorer:
     """What ``detector.score`` answers for validated records, built from plain lists.
 
     The encoding follows ``Preprocessor.transform`` (signed log, too-large values to the
-    training median, one-hot through the saved vocabulary, unseen categories counted),
-    the rest ``Detector.score``; tests/test_serve.py checks that both agree.
+    training median, one-hot through the saved vocabulary, unseen categories counted) on
+    plain lists; the rest is ``Detector.score_encoded``, as ``Detector.score``'s.
+    tests/test_serve.py checks that both agree.
 
     Parameters
     ----------
@@ -57,6 +57,7 @@ class RowScorer:
             values = signed_log1p(values)
         too_large = np.abs(values) > FLOAT32_MAX
         values[too_large] = np.broadcast_to(pre.medians, values.shape)[too_large]
+        large = {c: int(k) for c, k in zip(self.numeric, too_large.sum(axis=0), strict=True) if k}
         parts, unseen = [values.astype(np.float32)], {}
         if self.categorical:
             cells = map(_getter(self.categorical), rows)
@@ -67,14 +68,7 @@ class RowScorer:
                 if count := sum(value not in vocabulary for value in text[:, i]):
                     unseen[col] = count
             parts.append(self._one_hot(text))
-        X = detector.standardize(np.hstack(parts))
-        threshold = detector.check_rule(rule)
-        if detector.anomaly:
-            attack = np.asarray(detector.predict_model(X), dtype=np.float64)
-            return Scored(attack, attack, decide(attack, threshold), unseen)
-        full = np.zeros((n, len(detector.class_names)), dtype=np.float64)
-        full[:, detector.columns] = detector.predict_model(X)
-        return Scored(full, 1.0 - full[:, 0], decide(full, threshold), unseen)
+        return detector.score_encoded(np.hstack(parts), detector.check_rule(rule), unseen, large)
 
     def _one_hot(self, text: np.ndarray) -> np.ndarray:
         """The saved vocabulary's encoding of ``text``; a one-row one kept for next time."""
