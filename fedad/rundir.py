@@ -30,6 +30,8 @@ SCALING_FILE = "scaling.npz"
 # The federated autoencoder's threshold; the federated booster's model.
 THRESHOLD_FILE = "threshold.json"
 BOOSTER_FILE = "global_model.json"
+# A histogram run's bin edges and pooled class counts (strategy=fedxgb_histogram).
+PINNING_FILE = "histogram_pins.npz"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_META = "meta.json"
 SHARD_DIR = "shards"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedad.data import scaling
 from fedad.federated import attacks, faults, privacy, shards, site_state
 from fedad.federated.families.registry import family_for
+from fedad.federated.histogram import session as histogram
 from fedad.federated.task import Settings, load_site, run_settings
 
 
@@ -57,8 +59,19 @@ app = client_app()
 
 
 def handle_query(msg: Message, context: Context, settings: Settings) -> Message:
-    """Reply with the row count and per-feature sums of this site's whole shard."""
+    """Reply with the row count and per-feature sums of this site's whole shard.
+
+    Asked for class counts (a histogram run's count query, before its first
+    session), reply with those of the rows the site trains on instead.
+    """
     pid = int(context.node_config["partition-id"])
+    config = cast(ConfigRecord, msg.content.config_records.get("config") or ConfigRecord())
+    if config.get(histogram.COUNT_QUERY, False):
+        family = family_for(settings)
+        site = load_site(settings, pid, config, family.val_fraction())
+        counts = np.bincount(site.y_train, minlength=len(family.class_names))
+        record = MetricRecord({"partition-id": pid, histogram.CLASS_COUNTS: counts.tolist()})
+        return Message(RecordDict({"counts": record}), reply_to=msg)
     run_dir = cast(str, settings["run-dir"])
     X, _ = shards.read_shard(shards.shard_path(run_dir, pid), shards.site_reader(pid))
     count, total, squares = scaling.site_sums(X)

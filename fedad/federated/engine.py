@@ -10,14 +10,17 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import ray
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.supercore.date import now
+
+from fedad.federated.histogram.cohort import ray_cpus
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -58,6 +61,7 @@ def simulate(
     stop: threading.Event | None = None,
     started: EngineStart | None = None,
     partitions: Future | None = None,
+    cohort: int = 0,
 ) -> None:
     """Run ``server_app`` against ``num_clients`` virtual sites on Ray, then stop Ray.
 
@@ -85,6 +89,10 @@ def simulate(
     partitions : concurrent.futures.Future, optional
         Given the engine's ``{node id: partition id}`` as soon as it has
         registered the sites, so the ServerApp need not ask each site.
+    cohort : int
+        Sites that must run at once (a histogram session's,
+        :func:`fedad.federated.histogram.cohort.actors_needed`); 0: no need.
+        See :func:`ray_options`.
 
     Raises
     ------
@@ -103,7 +111,7 @@ def simulate(
     clean. An actor whose process dies (a crashed site) is restarted by Ray;
     the message it was running comes back as an error reply.
     """
-    init_args, resources = ray_options(client_resources, ray_init_args, address)
+    init_args, resources = ray_options(client_resources, ray_init_args, address, cohort)
     backend_config = {"client_resources": resources, "init_args": init_args}
     # Flower logs every step at INFO (the per-round line comes from the ServerApp),
     # and alembic, which it uses for its state, logs its plugins.
@@ -127,6 +135,7 @@ def simulate(
             _pickup_from_waiting_nodes(partitions),
             _actors_killed_at_the_end(),
             _backend_adopts(pool),
+            _a_worker_per_actor(pool),
         ):
             run_simulation(
                 server_app=server_app,
@@ -167,6 +176,8 @@ class EngineStart:
     warm_up : callable, optional
         Run by each actor as it starts (Flower's ``on_actor_init_fn``): the
         imports its first message would otherwise wait for.
+    cohort : int
+        As :func:`simulate` gets it.
     """
 
     def __init__(
@@ -175,8 +186,11 @@ class EngineStart:
         ray_init_args: Mapping | None = None,
         address: str | None = None,
         warm_up: Callable[[], object] | None = None,
+        cohort: int = 0,
     ) -> None:
-        self.init_args, self.resources = ray_options(client_resources, ray_init_args, address)
+        self.init_args, self.resources = ray_options(
+            client_resources, ray_init_args, address, cohort
+        )
         self.warm_up = warm_up
         self.pool: BasicActorPool | None = None
         self.error: BaseException | None = None
@@ -261,15 +275,50 @@ def _backend_adopts(pool: BasicActorPool | None) -> Iterator[None]:
         cast(Any, RayBackend).build = flower_build
 
 
+@contextmanager
+def _a_worker_per_actor(pool: BasicActorPool | None) -> Iterator[None]:
+    """Let Flower's engine run as many messages at once as ``pool`` has actors.
+
+    Flower's engine (``vce_api.run_api``, flwr 1.42) runs its
+    per-actor workers in a ``ThreadPoolExecutor()``, at most ``min(32, CPUs + 4)``
+    threads: more actors than that (a histogram session's cohort: every site
+    at once, :mod:`fedad.federated.histogram.cohort`) would leave the rest idle
+    and the session blocked.
+    """
+    if pool is None:
+        yield
+        return
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    flower_executor = vce_api.ThreadPoolExecutor
+    workers = max(min(32, (os.cpu_count() or 1) + 4), pool.num_actors)
+    # flower-internal: test_flowers_engine_runs_its_workers_in_a_default_thread_pool
+    cast(Any, vce_api).ThreadPoolExecutor = partial(ThreadPoolExecutor, max_workers=workers)
+    try:
+        yield
+    finally:
+        cast(Any, vce_api).ThreadPoolExecutor = flower_executor
+
+
 def ray_options(
     client_resources: Mapping[str, float],
     ray_init_args: Mapping | None = None,
     address: str | None = None,
+    cohort: int = 0,
 ) -> tuple[dict, dict]:
-    """``ray.init``'s arguments and each actor's options, for :func:`simulate` and its start."""
+    """``ray.init``'s arguments and each actor's options, for :func:`simulate` and its start.
+
+    With a ``cohort`` (sites that must run at once) a local Ray gets enough
+    logical CPUs for that many actors, unless ``ray_init_args`` sets
+    ``num_cpus`` (:func:`fedad.federated.histogram.cohort.check` refused a
+    cohort that does not fit, before Ray starts).
+    """
     init_args = dict(ray_init_args or {})
     if address:
         init_args["address"] = address
+    elif cohort:
+        per_actor = float(client_resources.get("num_cpus", 1))
+        init_args.setdefault("num_cpus", ray_cpus(cohort, per_actor))
     # Actor output is TensorFlow's start-up chatter; client errors still reach
     # this process as error replies. `ray_init_args.log_to_driver: true` shows it.
     init_args.setdefault("log_to_driver", False)

@@ -156,8 +156,7 @@ class SiteGrid(Grid):
                 "site %s failed (%s): %s",
                 self.partition_of.get(node, f"at node {node}"),
                 step,
-                # An actor's death comes with a page of Ray internals; its first line says it.
-                reason.strip().splitlines()[0][:300] if reason.strip() else "no reason given",
+                _said(reason),
             )
 
     def take_payload(self) -> dict[str, int]:
@@ -174,3 +173,16 @@ class SiteGrid(Grid):
 
     def _order(self, node_id: int) -> tuple[float, int]:
         return (self.partition_of.get(node_id, float("inf")), node_id)
+
+
+def _said(reason: str) -> str:
+    """One line of a failure's reason: a Python error's own, not Ray's wrapper around it.
+
+    An actor's death comes with a page of Ray internals whose first line says it; an error
+    raised in the ClientApp comes as a RayTaskError whose first line names only the actor,
+    and whose last line is the error itself.
+    """
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    if not lines:
+        return "no reason given"
+    return (lines[-1] if "RayTaskError" in lines[0] else lines[0])[:300]

@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, cast
@@ -27,6 +27,8 @@ from fedad.federated import attacks, checkpoint, privacy, shards
 from fedad.federated.families.base import Family
 from fedad.federated.families.registry import family_for
 from fedad.federated.grid import PAYLOAD, POLL_SECONDS, SiteGrid
+from fedad.federated.histogram import pinning
+from fedad.federated.histogram.strategy import COLLECTIVE_BYTES, FedXgbHistogram
 from fedad.federated.rounds import Rounds, ServerEvaluator, pool_counts
 from fedad.federated.stopping import EarlyStopping, StopTraining
 from fedad.federated.strategies import build_strategy
@@ -245,7 +247,7 @@ def run_server(
         checkpointer,
         previous.history if previous else [],
         targets=attacks.targets(settings, family.class_names),
-        fields=runner.history_fields if isinstance(runner, privacy.Private) else None,
+        fields=_history_fields(runner, strategy),
     )
     try:
         # Early stopping ends training before a round (Rounds.configure_train raises), every
@@ -285,6 +287,9 @@ def run_server(
                 "sites are back (or with a lower simulation.min_clients)."
             ) from None
         raise failure from None
+    finally:
+        if isinstance(strategy, FedXgbHistogram):
+            strategy.close()
 
     final_arrays = _kept_model(evaluator, stopping, family)
     final_config = ConfigRecord(
@@ -312,6 +317,19 @@ def run_server(
         evaluator.rows[-1][key] += value
     _history(evaluator.rows).to_csv(run_dir / rundir.HISTORY_FILE, index=False)
     family.save(final_arrays.to_numpy_ndarrays(), run_dir)
+    if isinstance(strategy, FedXgbHistogram) and strategy.cuts is not None:
+        pinning.save(run_dir, strategy.cuts, strategy.pooled_counts)
+
+
+def _history_fields(runner: Any, strategy: Any) -> Callable[[], dict] | None:
+    """What each history row gains from the strategy: the DP budget, the collective's bytes."""
+    # Without DP the runner is the strategy itself: asked once, as its fields are taken.
+    owners = {
+        id(s): s for s in (runner, strategy) if isinstance(s, privacy.Private | FedXgbHistogram)
+    }
+    if not owners:
+        return None
+    return lambda: {k: v for s in owners.values() for k, v in s.history_fields().items()}
 
 
 def _kept_model(evaluator: ServerEvaluator, stopping: EarlyStopping, family: Family) -> ArrayRecord:
@@ -510,6 +528,8 @@ def _save_threshold(run_dir: Path, decision: Rule, pooled: Mapping[str, Any]) ->
 def _history(rows: list[dict]) -> pd.DataFrame:
     """The rows as a table: metrics, payload (and the cumulative MB), failures and timings."""
     history = pd.DataFrame(rows)
-    history["mb_cumulative"] = history[list(PAYLOAD)].sum(axis=1).cumsum() / MB
-    tail = [*PAYLOAD, "mb_cumulative", "failures", "eval_failures", "seconds", "started_at"]
+    # A histogram run's allreduces move bytes beside Flower's messages (counted by formula).
+    moved = [*PAYLOAD, *([COLLECTIVE_BYTES] if COLLECTIVE_BYTES in history else [])]
+    history["mb_cumulative"] = history[moved].fillna(0).sum(axis=1).cumsum() / MB
+    tail = [*moved, "mb_cumulative", "failures", "eval_failures", "seconds", "started_at"]
     return history[[c for c in history.columns if c not in tail] + tail]

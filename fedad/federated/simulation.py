@@ -27,6 +27,7 @@ from fedad.evaluation.metrics import TABLE_METRICS, attack_success_rate, compute
 from fedad.federated import attacks, checkpoint, privacy, shards, site_state, stopping
 from fedad.federated.client_app import client_app
 from fedad.federated.families.registry import family_class, load_scorer
+from fedad.federated.histogram import cohort
 from fedad.federated.local_only import train_alone
 from fedad.federated.server_app import server_app
 from fedad.models.catalog import TWINS, federated_name
@@ -225,6 +226,7 @@ def _engine_settings(cfg: DictConfig) -> dict:
         "client_resources": OmegaConf.to_container(sim.client_resources, resolve=True) or {},
         "ray_init_args": OmegaConf.to_container(sim.ray_init_args, resolve=True) or {},
         "address": sim.get("address"),
+        "cohort": cohort.actors_needed(sim, str(cfg.strategy.name)),
     }
 
 

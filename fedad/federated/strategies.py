@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import (
 
 from fedad.config import checks
 from fedad.errors import FedadError
+from fedad.federated.histogram.strategy import FedXgbHistogram
 from fedad.models import booster
 from fedad.models.catalog import family
 
@@ -81,9 +82,10 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "qfedavg": QFedAvg,
     "fedxgb_bagging": FedXgbBaggingAll,
     "fedxgb_cyclic": FedXgbCyclic,
+    "fedxgb_histogram": FedXgbHistogram,
 }
 # Strategies for boosted trees (the global model is a booster, not averaged weights).
-TREE_STRATEGIES = ("fedxgb_bagging", "fedxgb_cyclic")
+TREE_STRATEGIES = ("fedxgb_bagging", "fedxgb_cyclic", "fedxgb_histogram")
 # Ranges of the strategies' own parameters (types come from the Flower class's defaults).
 RANGES: dict[str, dict] = {
     "proximal_mu": {"low": 0},
@@ -99,6 +101,8 @@ RANGES: dict[str, dict] = {
     "num_nodes_to_select": {"whole": True, "low": 1},
     "q": {"low": 0},
     "client_learning_rate": {"low": 0, "low_open": True},
+    "port": {"whole": True, "low": 0, "high": 65535, "hint": "0 probes a free port every round"},
+    "session_timeout": {"low": 0, "low_open": True},
 }
 # Settings fedad passes to every strategy itself (not configurable per strategy).
 FEDAD_ARGUMENTS = (
@@ -145,7 +149,9 @@ def check_config(strategy_cfg: Mapping, replies: int, model: str | None = None) 
             )
             continue
         default = signature[key].default
-        if isinstance(default, bool):
+        if isinstance(default, str) and not (isinstance(value := strategy_cfg[key], str) and value):
+            problems.append(f"strategy.{key} must be a non-empty text, got {value!r}")
+        elif isinstance(default, bool):
             problems.append(checks.flag(strategy_cfg, key, "strategy"))
         elif isinstance(default, int | float) or key in RANGES:
             rules = RANGES.get(key, {"whole": isinstance(default, int)})

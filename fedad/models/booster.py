@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import xgboost as xgb
-from sklearn.utils.class_weight import compute_sample_weight
 
 # Sites start from a margin of 0 (probability 0.5) rather than each estimating its own
 # base score from its skewed shard: trees from different sites then add up consistently.
 BASE_SCORE = 0.5
+# XGBoost's own default number of bins per feature (``model.max_bin`` absent).
+MAX_BIN = 256
 
 
 def params(model_cfg: Mapping, n_classes: int, seed: int, threads: int = 1) -> dict:
@@ -20,7 +21,7 @@ def params(model_cfg: Mapping, n_classes: int, seed: int, threads: int = 1) -> d
     Parameters
     ----------
     model_cfg : Mapping
-        ``max_depth``, ``learning_rate`` (the shrinkage eta).
+        ``max_depth``, ``learning_rate`` (the shrinkage eta), ``max_bin``.
     n_classes : int
         2 (``binary:logistic``) or more (``multi:softprob``).
     seed : int
@@ -36,6 +37,7 @@ def params(model_cfg: Mapping, n_classes: int, seed: int, threads: int = 1) -> d
         "max_depth": int(model_cfg.get("max_depth", 6)),
         "eta": float(model_cfg.get("learning_rate", 0.1)),
         "tree_method": "hist",
+        "max_bin": int(model_cfg.get("max_bin", MAX_BIN)),
         "base_score": BASE_SCORE,
         "nthread": int(threads),
         "seed": int(seed),
@@ -59,20 +61,41 @@ def train(
     """Boost ``rounds`` more iterations on ``X, y``, from the model ``start`` (empty: from scratch).
 
     With ``class_weights`` the classes of these rows are reweighted to balance
-    (binary: ``scale_pos_weight``; multiclass: per-row weights).
+    (:func:`weighting` of their own counts).
     """
-    weight = None
-    local = dict(train_params)
+    local, weight = dict(train_params), None
     if class_weights and len(y):
-        if local["objective"] == "binary:logistic":
-            positives = int(np.sum(y == 1))
-            negatives = len(y) - positives
-            local["scale_pos_weight"] = negatives / positives if positives and negatives else 1.0
-        else:
-            weight = compute_sample_weight("balanced", y)
+        extra, weight = weighting(y, np.bincount(y), local["objective"])
+        local.update(extra)
     dtrain = xgb.DMatrix(X, label=y, weight=weight)
     booster = load(start) if start else None
     return xgb.train(local, dtrain, num_boost_round=int(rounds), xgb_model=booster)
+
+
+def weighting(
+    y: np.ndarray, counts: Sequence[int] | np.ndarray, objective: str
+) -> tuple[dict, np.ndarray | None]:
+    """Balanced class weights from class ``counts``: extra parameters, or per-row weights.
+
+    Binary: ``scale_pos_weight`` = negatives / positives (1 without both);
+    multiclass: each row weighs ``n / (k * n_class)`` over the ``k`` classes
+    present (scikit-learn's ``balanced``). A site's own counts (:func:`train`),
+    or the pooled counts of a histogram session's sites, the same at every site
+    and for the twin: XGBoost does not check that sites agree.
+
+    Returns
+    -------
+    tuple
+        ``({"scale_pos_weight": w}, None)`` or ``({}, row weights of y)``.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if objective == "binary:logistic":
+        negatives, positives = counts[0], (counts[1] if len(counts) > 1 else 0.0)
+        return {"scale_pos_weight": negatives / positives if positives and negatives else 1.0}, None
+    present = counts > 0
+    per_class = np.zeros(len(counts))
+    per_class[present] = counts.sum() / (present.sum() * counts[present])
+    return {}, per_class[np.asarray(y)]
 
 
 def load(raw: bytes) -> xgb.Booster:

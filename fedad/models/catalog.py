@@ -88,6 +88,7 @@ def check_config(model_cfg: Mapping, task: str = "binary") -> list[str]:
     problems.append(checks.flag(model_cfg, "class_weights", "model"))
     if name == "xgboost":
         problems.append(checks.number(model_cfg, "learning_rate", "model", low=0, low_open=True))
+        problems.append(checks.number(model_cfg, "max_bin", "model", whole=True, low=2))
     if name in AUTOENCODERS and task != "binary":
         problems.append(
             "model=autoencoder detects anomalies (normal vs attack) and cannot tell attack types "

@@ -19,6 +19,7 @@ from fedad.errors import JobSkipped
 from fedad.evaluation.decision import check_config as check_decision
 from fedad.federated.attacks import check_config as check_attack
 from fedad.federated.faults import FAILURE_MODES
+from fedad.federated.histogram import cohort
 from fedad.federated.privacy import check_config as check_privacy
 from fedad.federated.stopping import METRICS as STOP_METRICS
 from fedad.federated.strategies import byzantine_bound
@@ -114,6 +115,7 @@ def validate(cfg: DictConfig) -> None:
         ]
         problems += check_attack(values.get("attack", {}), model, values["task"], sim)
         problems += check_privacy(values.get("privacy", {}), strategy.get("name"), model, sim)
+        problems.append(cohort.check(sim, strategy.get("name")))
         if values["strategy"].get("name") == "fedxgb_cyclic" and (
             sim["fraction_train"] != 1.0 or sim["fraction_evaluate"] != 1.0
         ):

@@ -1,0 +1,1 @@
+"""Exact federated XGBoost: histogram sessions through XGBoost's own federated communicator."""

@@ -1,0 +1,269 @@
+"""strategy=fedxgb_histogram: equal to its pooled twin, bounded, counted."""
+
+from __future__ import annotations
+
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pytest
+import xgboost as xgb
+
+from fedad import rundir
+from fedad.errors import FedadError
+from fedad.federated.histogram import cohort, pinning, session
+from fedad.federated.histogram.server import AggregationServer
+from fedad.federated.histogram.strategy import COLLECTIVE_BYTES
+from fedad.federated.strategies import check_config
+from fedad.models import booster
+
+
+def _sites(X: np.ndarray, y: np.ndarray, n: int) -> list[np.ndarray]:
+    """Unequal, label-skewed shards: rows sorted by label, then cut unevenly."""
+    order = np.argsort(y + np.random.default_rng(1).uniform(0, 1.5, len(y)), kind="stable")
+    return np.split(order, [len(y) // 5, len(y) // 2])[:n]
+
+
+def _session(X, y, parts, params, rounds, start=b"", deadline=120.0, world=None):
+    """Every site of ``parts`` in one session with a real server; (boosters, rank 0's edges)."""
+    counts = np.bincount(y, minlength=int(params.get("num_class", 2)))
+    world = len(parts) if world is None else world
+    server = AggregationServer(world, 0, timeout=60)
+
+    def site(rank):
+        extra, weight = booster.weighting(y[parts[rank]], counts, params["objective"])
+        where = {"address": f"localhost:{server.port}", "world": world, "rank": rank}
+        return session.run(
+            X[parts[rank]],
+            y[parts[rank]],
+            weight,
+            start,
+            {**params, **extra},
+            rounds,
+            where,
+            deadline,
+        )
+
+    try:
+        with ThreadPoolExecutor(len(parts)) as pool:
+            results = list(pool.map(site, range(len(parts))))
+    finally:
+        server.stop()
+    return [r[0] for r in results], results[0][1]
+
+
+def _pooled(X, y, params, rounds, cuts=None):
+    """``xgb.train`` on the pooled rows, pooled class weights, pinned to ``cuts`` if given."""
+    extra, weight = booster.weighting(y, np.bincount(y), params["objective"])
+    ref = pinning.reference(*cuts, params["max_bin"]) if cuts is not None else None
+    rows = xgb.QuantileDMatrix(X, label=y, weight=weight, ref=ref, max_bin=params["max_bin"])
+    return xgb.train({**params, **extra}, rows, num_boost_round=rounds)
+
+
+def _data(n=2400, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 5)).astype(np.float32)
+    X[:, 4] = np.round(X[:, 4] * 2)  # a feature with few distinct values
+    y = np.digitize(X[:, 0] + 0.5 * X[:, 1] + 0.3 * rng.normal(size=n), [-0.3, 1.2][: classes - 1])
+    return X, y.astype(np.int64)
+
+
+def test_pinned_reference_reproduces_the_edges_of_any_feature():
+    rng = np.random.default_rng(1)
+    columns = [
+        rng.exponential(size=600),
+        -rng.exponential(size=600),
+        np.zeros(600),
+        np.full(600, 3.0),
+        np.full(600, -2.0),
+        rng.integers(0, 3, 600),
+        rng.normal(size=600) * 1000,
+    ]
+    table = np.column_stack(columns).astype(np.float32)
+    for max_bin in (4, 16, 256):
+        indptr, values = xgb.QuantileDMatrix(table, max_bin=max_bin).get_quantile_cut()
+        ref = pinning.reference(indptr, values, max_bin)
+        got = ref.get_quantile_cut()
+        assert np.array_equal(got[0], indptr) and np.array_equal(got[1], values)
+
+
+def test_sessions_equal_the_pinned_pooled_twin_and_the_class_weights_are_pooled():
+    X, y = _data()
+    params = booster.params({"max_depth": 3, "learning_rate": 0.3, "max_bin": 16}, 3, seed=0)
+    parts = _sites(X, y, 3)
+    # Two Flower rounds: the second session continues the first one's booster.
+    first, cuts = _session(X, y, parts, params, rounds=2)
+    models, cuts = _session(X, y, parts, params, rounds=2, start=first[0])
+    assert len(set(models)) == 1  # every site grew the same trees
+    federated = booster.load(models[0])
+    rows = xgb.DMatrix(X)
+    twin = _pooled(X, y, params, rounds=4, cuts=cuts)
+    np.testing.assert_allclose(federated.predict(rows), twin.predict(rows), atol=1e-6)
+    # Without the pins the pooled sketch differs on the continuous features: not equal.
+    unpinned = _pooled(X, y, params, rounds=4)
+    assert np.max(np.abs(federated.predict(rows) - unpinned.predict(rows))) > 1e-6
+    # Each site weighting its own classes (as bagging does) grows another model.
+    own = booster.train(b"", X[parts[0]], y[parts[0]], params, rounds=1)
+    pooled_extra, pooled_weight = booster.weighting(
+        y[parts[0]], np.bincount(y), params["objective"]
+    )
+    _, own_weight = booster.weighting(y[parts[0]], np.bincount(y[parts[0]]), params["objective"])
+    assert own.num_boosted_rounds() == 1 and not np.allclose(pooled_weight, own_weight)
+
+
+def test_few_distinct_values_need_no_pins():
+    # Every feature has at most 8 x max_bin distinct values: the merged sketch is exact.
+    X, y = _data(classes=2)
+    X = np.round(X * 4) / 4
+    params = booster.params({"max_depth": 3, "learning_rate": 0.3, "max_bin": 64}, 2, seed=0)
+    models, _ = _session(X, y, _sites(X, y, 3), params, rounds=3)
+    rows = xgb.DMatrix(X)
+    unpinned = _pooled(X, y, params, rounds=3)
+    np.testing.assert_allclose(
+        booster.load(models[0]).predict(rows), unpinned.predict(rows), atol=1e-6
+    )
+
+
+def test_a_site_that_never_joins_ends_the_session_at_the_deadline():
+    X, y = _data(n=600, classes=2)
+    params = booster.params({"max_depth": 2, "max_bin": 16}, 2, seed=0)
+    # A session of two whose second site never comes: the first is blocked inside XGBoost.
+    with pytest.raises(session.SessionFailed, match="did not finish within 4 s"):
+        _session(X, y, [np.arange(300)], params, rounds=2, deadline=4.0, world=2)
+
+
+def test_a_taken_port_is_refused_before_and_reported_after_the_server_starts():
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(FedadError, match=f"strategy.port={port} is in use"):
+            AggregationServer(2, port, timeout=5)
+        # Taken after the probe: XGBoost's server crashes, and that is reported, not waited on.
+        with pytest.raises(FedadError, match="died as it started"):
+            AggregationServer(2, port, timeout=5, probe=False)
+
+
+def test_bad_settings_are_refused_in_one_phrase_each():
+    histogram = {"name": "fedxgb_histogram", "host": "localhost", "port": 0, "session_timeout": 60}
+    assert any("does not fit model=mlp" in p for p in check_config(histogram, 3, "mlp"))
+    assert check_config(histogram, 3, "xgboost") == []
+    bad = check_config({**histogram, "host": "", "port": 70000, "session_timeout": 0}, 3, "xgboost")
+    assert [p.split()[0] for p in bad] == [
+        "strategy.host",
+        "strategy.port",
+        "strategy.session_timeout",
+    ]
+    sim = {"num_clients": 10, "fraction_train": 1.0, "min_clients": 2, "client_resources": {}}
+    too_many = {**sim, "num_clients": cohort.SITES_PER_CPU * 4096}
+    assert "need" in str(cohort.check(too_many, "fedxgb_histogram"))
+    fixed = {**sim, "ray_init_args": {"num_cpus": 4}, "client_resources": {"num_cpus": 1}}
+    assert "allows 4" in str(cohort.check(fixed, "fedxgb_histogram"))
+    assert cohort.check(too_many, "fedxgb_bagging") is None
+
+
+def test_flowers_engine_runs_its_workers_in_a_default_thread_pool():
+    # fedad.federated.engine sizes this pool to the actors (a session needs its cohort at once).
+    import inspect
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    assert vce_api.ThreadPoolExecutor is ThreadPoolExecutor
+    assert "with ThreadPoolExecutor() as executor:" in inspect.getsource(vce_api.run_api)
+
+
+def test_histograms_and_bytes_follow_the_trees():
+    X, y = _data(classes=2)
+    params = booster.params({"max_depth": 3, "max_bin": 16}, 2, seed=0)
+    trees = booster.to_bytes(booster.train(b"", X, y, params, rounds=2))
+    built = pinning.histograms_built(trees, 3)
+    # At most 2^(max_depth-1) per tree; at least the root's.
+    assert 2 <= built <= 2 * 2 ** (3 - 1)
+    assert pinning.collective_bytes(3, built, 80) == 3 * built * 80 * 16 * 2
+
+
+RUN = [
+    "model=xgboost",
+    "strategy=fedxgb_histogram",
+    "model.max_bin=32",
+    "model.local_rounds=2",
+    "simulation.num_clients=3",
+    "simulation.local_sites=0",
+    "simulation.stop.patience=0",
+    "train.early_stopping_patience=0",
+    "decision.rule=argmax",
+    "baselines=none",
+    "explain=false",
+    "eda=false",
+    "detector.write=false",
+]
+
+
+def _run(run_dir, rounds, resume=False):
+    from fedad.config import compose
+    from fedad.simulate import run
+
+    return run(compose([*RUN, f"simulation.num_rounds={rounds}"]), run_dir, resume=resume)
+
+
+def _trained_rows(run_dir, sites):
+    """The rows the sites trained on, pooled: their shards, scaled and split as they did."""
+    from fedad.federated.task import load_site
+
+    with np.load(run_dir / rundir.SCALING_FILE) as stats:
+        config = {"scale-mean": stats["mean"].tolist(), "scale-std": stats["std"].tolist()}
+    settings = {"run-dir": str(run_dir), "train.test_fraction": 0.2, "seed": 0}
+    loaded = [load_site(settings, pid, config) for pid in range(sites)]
+    return np.concatenate([s.X_train for s in loaded]), np.concatenate([s.y_train for s in loaded])
+
+
+@pytest.mark.long
+def test_a_histogram_run_equals_its_pinned_twin_counts_its_bytes_and_resumes_exactly(tmp_path):
+    whole = tmp_path / "whole"
+    _run(whole, rounds=2)
+    history = pd.read_csv(whole / rundir.HISTORY_FILE)
+    assert (history[COLLECTIVE_BYTES].iloc[1:] > 0).all() and history["failures"].sum() == 0
+    flower = history[["bytes_down_arrays", "bytes_up_arrays"]].to_numpy().sum()
+    assert history["mb_cumulative"].iloc[-1] * 1e6 >= flower + history[COLLECTIVE_BYTES].sum()
+    # The pooled twin: every row the sites trained on, pooled class weights, the run's edges.
+    indptr, values, counts = pinning.load(whole)
+    X, y = _trained_rows(whole, 3)
+    assert np.array_equal(counts, np.bincount(y, minlength=2))
+    params = booster.params({"max_depth": 6, "learning_rate": 0.1, "max_bin": 32}, 2, seed=0)
+    twin = _pooled(X, y, params, rounds=4, cuts=(indptr, values))
+    saved = booster.load((whole / rundir.BOOSTER_FILE).read_bytes())
+    rows = xgb.DMatrix(X)
+    np.testing.assert_allclose(saved.predict(rows), twin.predict(rows), atol=1e-6)
+    # Cut after round 1 and resumed: the same booster, byte for byte.
+    cut = tmp_path / "cut"
+    _run(cut, rounds=1)
+    _run(cut, rounds=2, resume=True)
+    assert (cut / rundir.BOOSTER_FILE).read_bytes() == (whole / rundir.BOOSTER_FILE).read_bytes()
+
+
+@pytest.mark.long
+def test_a_site_that_fails_mid_session_ends_the_round_at_the_deadline_and_keeps_the_last(
+    tmp_path, caplog
+):
+    from fedad.config import compose
+    from fedad.simulate import run
+
+    overrides = [
+        *RUN,
+        "simulation.num_rounds=2",
+        "simulation.client_failure_rate=0.34",
+        "simulation.failure_mode=error",
+        "strategy.session_timeout=5",
+    ]
+    # One site fails at once; the two others wait in XGBoost until their deadline ends them.
+    with pytest.raises(FedadError, match="only 0 of the 3 sampled sites") as failed:
+        run(compose(overrides), tmp_path)
+    assert "resume=" in str(failed.value)
+    ended = " ".join(
+        r.getMessage() for r in caplog.records if "did not finish within 5 s" in r.getMessage()
+    )
+    assert "rank 0 of 3" in ended and "rank 1 of 3" in ended  # both blocked sites, ended
+    assert sum("failed (round 1 train)" in r.getMessage() for r in caplog.records) == 3
+    assert (tmp_path / "checkpoint").is_dir()
