@@ -32,7 +32,7 @@ from sklearn.datasets import make_classification
 
 from fedad.config import compose
 from fedad.data.prepared import PreparedData
-from fedad.federated import attacks, privacy
+from fedad.federated import attacks, budget, privacy
 from fedad.federated.simulation import run_federated
 from fedad.federated.strategies import build_strategy
 from fedad.report.__main__ import write_report
@@ -65,22 +65,22 @@ def _direct(noise: float, rounds: int, delta: float) -> float:
 
 @pytest.mark.parametrize("rounds", [1, 5, 20])
 def test_epsilon_matches_the_accountant_called_directly(rounds):
-    assert privacy.epsilon(CENTRAL, rounds, 10, 10) == pytest.approx(
+    assert budget.epsilon(CENTRAL, rounds, 10, 10) == pytest.approx(
         _direct(1.3, rounds, 1e-5), rel=1e-9
     )
     # Local DP: LocalDpMod's calibration sigma = sensitivity * sqrt(2 ln(1.25/delta)) / epsilon.
     local_noise = math.sqrt(2 * math.log(1.25 / 1e-5)) / 2.0
-    assert privacy.noise_multiplier(LOCAL) == pytest.approx(local_noise)
-    assert privacy.epsilon(LOCAL, rounds, 10, 10) == pytest.approx(
+    assert budget.noise_multiplier(LOCAL) == pytest.approx(local_noise)
+    assert budget.epsilon(LOCAL, rounds, 10, 10) == pytest.approx(
         _direct(local_noise, rounds, 1e-5), rel=1e-9
     )
 
 
 def test_epsilon_grows_with_the_rounds_and_shrinks_as_the_noise_grows():
-    by_rounds = [privacy.epsilon(CENTRAL, r, 10, 10) for r in range(0, 12)]
+    by_rounds = [budget.epsilon(CENTRAL, r, 10, 10) for r in range(0, 12)]
     assert by_rounds[0] == 0 and all(a < b for a, b in zip(by_rounds, by_rounds[1:], strict=False))
     by_noise = [
-        privacy.epsilon({**CENTRAL, "noise_multiplier": z}, 10, 10, 10) for z in (0.5, 1, 2, 4)
+        budget.epsilon({**CENTRAL, "noise_multiplier": z}, 10, 10, 10) for z in (0.5, 1, 2, 4)
     ]
     assert all(a > b for a, b in zip(by_noise, by_noise[1:], strict=False))
     assert by_noise[2] < 10 < by_noise[1]  # noise 2 keeps 10 rounds below epsilon 10
@@ -210,7 +210,7 @@ def test_local_dp_leaves_the_strategy_and_counts_each_round():
     arrays, _ = _round(strategy, updates)
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], 1.0)  # the plain mean
     assert strategy.history_fields()["epsilon"] == pytest.approx(
-        privacy.epsilon(LOCAL, 1, 3, 3), rel=1e-12
+        budget.epsilon(LOCAL, 1, 3, 3), rel=1e-12
     )
 
 
@@ -291,8 +291,11 @@ def test_no_attack_no_privacy_is_bit_identical_to_the_code_before_them(data, par
             "simulation.num_rounds=2",
             "simulation.local_sites=0",
             "seed=11",
-            # The code before them started a fresh optimizer every round.
+            # The code before them started a fresh optimizer every round, trained every round
+            # and decided at argmax.
             "train.keep_optimizer=false",
+            "simulation.stop.patience=0",
+            "decision.rule=argmax",
         ]
     )
     assert cfg.attack.name == "none" and cfg.privacy.name == "none"
@@ -336,7 +339,7 @@ def test_a_private_attacked_run_records_its_budget_and_resume_continues_it(data,
     history = resumed.history
     assert list(history["round"]) == [0, 1, 2, 3]
     assert list(history["dp_releases"]) == [0, 1, 2, 3]  # every round released: mods composed
-    expected = [privacy.epsilon({**CENTRAL, "noise_multiplier": 0.8}, r, 3, 3) for r in range(4)]
+    expected = [budget.epsilon({**CENTRAL, "noise_multiplier": 0.8}, r, 3, 3) for r in range(4)]
     assert history["epsilon"].tolist() == pytest.approx(expected, rel=1e-9)
     assert history["epsilon"].iloc[3] == pytest.approx(_direct(0.8, 3, 1e-5), rel=1e-9)
     assert history["attack_success"].between(0, 1).all()

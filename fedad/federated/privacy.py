@@ -24,6 +24,9 @@ from flwr.serverapp.strategy import (
 
 from fedad.config import Settings, checks, section
 from fedad.config.resolvers import sampled_sites
+from fedad.federated import budget
+from fedad.federated.budget import SLOPE, TARGET, accountant, event, noise_multiplier
+from fedad.federated.stopping import StopTraining
 from fedad.federated.task import run_settings
 
 if TYPE_CHECKING:
@@ -46,13 +49,14 @@ WRAPPERS: dict[str, Callable[..., Strategy]] = {
 }
 ADAPTIVE_KEYS = ("initial_clipping_norm", "target_clipped_quantile", "clip_norm_lr")
 PARAMETERS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(FIXED, ("noise_multiplier", "clipping_norm", "delta")),
+    **dict.fromkeys(FIXED, ("noise_multiplier", "clipping_norm", "delta", TARGET)),
     **dict.fromkeys(
-        ADAPTIVE, ("noise_multiplier", *ADAPTIVE_KEYS, "clipped_count_stddev", "delta")
+        ADAPTIVE, ("noise_multiplier", *ADAPTIVE_KEYS, "clipped_count_stddev", "delta", TARGET)
     ),
-    "local": ("epsilon", "clipping_norm", "delta"),
+    "local": ("epsilon", "clipping_norm", "delta", TARGET),
 }
 RANGES: dict[str, dict] = {
+    TARGET: {"low": 0, "low_open": True},
     "noise_multiplier": {"low": 0, "low_open": True},
     "clipping_norm": {"low": 0, "low_open": True},
     "initial_clipping_norm": {"low": 0, "low_open": True},
@@ -100,9 +104,14 @@ def check_config(privacy_cfg: Mapping, strategy: str, model: str, sim: Mapping) 
         for key in privacy_cfg
         if key not in ("name", *own)
     ]
-    # clipped_count_stddev: null means Flower's default.
-    present = {k: v for k, v in privacy_cfg.items() if v is not None or k != "clipped_count_stddev"}
+    # Null: Flower's default clipped_count_stddev, no target, or the noise left to the target.
+    optional = ("clipped_count_stddev", TARGET, budget.knob(name))
+    present = {k: v for k, v in privacy_cfg.items() if v is not None or k not in optional}
     problems += [checks.number(present, key, "privacy", **RANGES[key]) for key in own]
+    # Without dp-accounting no target can be calibrated (the last check says so).
+    accounting = importlib.util.find_spec("dp_accounting") is not None
+    if not any(problems) and accounting:
+        problems.append(_target_problem(privacy_cfg, sim))
     if strategy in TREE_STRATEGIES:
         problems.append(
             f"privacy={name} clips and noises model weights, but model={model} sends boosted "
@@ -126,16 +135,24 @@ def check_config(privacy_cfg: Mapping, strategy: str, model: str, sim: Mapping) 
             "replying), so each round with a failing site would leave the model unchanged; set "
             "simulation.client_failure_rate=0"
         )
-    if name in ADAPTIVE and not any(problems):
+    if name in ADAPTIVE and not any(problems) and (accounting or privacy_cfg.get(TARGET) is None):
         stddev = privacy_cfg.get("clipped_count_stddev") or sampled_sites(sim) / 20
-        if privacy_cfg["noise_multiplier"] >= 2 * stddev:
-            problems.append(
-                f"privacy.noise_multiplier={privacy_cfg['noise_multiplier']:g} must be below twice "
-                f"the clipped-count noise ({stddev:g}; by default sampled sites / 20), which "
-                "carries part of the budget under adaptive clipping; lower it, sample more sites "
-                "or set privacy.clipped_count_stddev"
+        noise = budget.resolve(privacy_cfg, sim["num_rounds"])["noise_multiplier"]
+        if noise >= 2 * stddev:
+            targeted = privacy_cfg.get(TARGET) is not None
+            fix = "raise the target, train fewer rounds" if targeted else "lower it"
+            chosen = (
+                f"privacy.{TARGET}={privacy_cfg[TARGET]:g} over simulation.num_rounds="
+                f"{sim['num_rounds']} needs noise_multiplier {noise:.4g}"
+                if targeted
+                else f"privacy.noise_multiplier={noise:g} is set"
             )
-    if importlib.util.find_spec("dp_accounting") is None:
+            problems.append(
+                f"{chosen}, but adaptive clipping needs it below twice the clipped-count noise "
+                f"({stddev:g}; by default sampled sites / 20), which carries part of the budget; "
+                f"{fix}, sample more sites or set privacy.clipped_count_stddev"
+            )
+    if not accounting:
         problems.append(
             f"privacy={name} reports its budget with Flower's RDP accountant, which needs the "
             "dp-accounting package: pip install 'fedad[dp]'"
@@ -143,58 +160,37 @@ def check_config(privacy_cfg: Mapping, strategy: str, model: str, sim: Mapping) 
     return [p for p in problems if p]
 
 
-def settings_of(settings: Settings) -> dict[str, Any]:
-    """The run's privacy settings (``privacy.*``); ``{"name": "none"}`` when none are set."""
-    return {"name": "none", **section(settings, "privacy")}
-
-
-def noise_multiplier(privacy: Mapping) -> float:
-    """The Gaussian noise of one round, in units of the sensitivity it protects.
-
-    Central DP: ``noise_multiplier``. Local DP: what LocalDpMod's calibration
-    ``sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon`` makes it.
-    """
-    if privacy["name"] == "local":
-        return math.sqrt(2 * math.log(1.25 / float(privacy["delta"]))) / float(privacy["epsilon"])
-    return float(privacy["noise_multiplier"])
-
-
-def accountant(privacy: Mapping, population: int) -> Any:
-    """Flower's RDP accountant for the run: site-level, add-or-remove, no amplification.
-
-    fedad samples the sites of a round with the run's seed, which config.yaml and
-    results.json hold, so amplification by sampling is not claimed.
-    """
-    from flwr.serverapp import (
-        NeighboringRelation,
-        PrivacyConfig,
-        RdpAccountant,
-        SamplingMethod,
-    )
-
-    return RdpAccountant(
-        PrivacyConfig(
-            target_delta=float(privacy["delta"]),
-            population_size=population,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+def _target_problem(privacy_cfg: Mapping, sim: Mapping) -> str | None:
+    """What is wrong with ``privacy.target_epsilon`` beside the noise it would set."""
+    target, key = privacy_cfg.get(TARGET), budget.knob(str(privacy_cfg["name"]))
+    if target is None:
+        return None
+    if privacy_cfg.get(key) is not None:
+        return (
+            f"privacy.{TARGET}={target:g} and privacy.{key}={privacy_cfg[key]:g} are both set, "
+            f"but the target picks {key} itself (the least noise whose planned rounds spend at "
+            f"most epsilon {target:g}): keep one of them"
         )
-    )
+    rounds = int(sim["num_rounds"])
+    if budget.calibrate(float(target), float(privacy_cfg["delta"]), rounds) is None:
+        return (
+            f"privacy.{TARGET}={target:g} cannot be met over simulation.num_rounds={rounds} at "
+            f"privacy.delta={privacy_cfg['delta']:g}: even a noise multiplier of "
+            f"{budget.HIGHEST:g} spends more; raise the target or delta, or train fewer rounds"
+        )
+    return None
 
 
-def epsilon(privacy: Mapping, releases: int, population: int, sample: int) -> float:
-    """The run's epsilon at ``privacy.delta`` after ``releases`` private rounds."""
-    ledger = accountant(privacy, population)
-    if releases:
-        ledger.compose(event(privacy, population, sample), count=releases)
-    return float(ledger.get_privacy_spent().epsilon)
+def settings_of(settings: Settings) -> dict[str, Any]:
+    """The run's privacy settings (``privacy.*``), the noise resolved; ``{"name": "none"}``.
 
-
-def event(privacy: Mapping, population: int, sample: int) -> Any:
-    """One round's release, as Flower's accountant composes it."""
-    from flwr.serverapp import GaussianPrivacyEvent
-
-    return GaussianPrivacyEvent(noise_multiplier(privacy), sample, population)
+    Without a knob (``noise_multiplier``, local DP's ``epsilon``) the noise is
+    what ``target_epsilon`` calls for over ``simulation.num_rounds``, or the
+    option's default (:func:`fedad.federated.budget.resolve`): both apps and
+    ``results.json`` see the same number.
+    """
+    privacy = {"name": "none", **section(settings, "privacy")}
+    return budget.resolve(privacy, int(settings.get("simulation.num_rounds", 1)))
 
 
 @contextmanager
@@ -238,7 +234,22 @@ class Private(Strategy):
         self.name = str(privacy["name"])
         self.ledger = accountant(privacy, population)
         self.event = event(privacy, population, sample)
+        self.population = population
+        self.target = None if privacy.get(TARGET) is None else float(privacy[TARGET])
         self.releases = 0
+        # The releases' summed RDP slope: what a resumed run replays (budget.slope).
+        self.slope = 0.0
+        if self.target is not None:
+            local = f" (per-round epsilon {privacy['epsilon']:.4g})" if self.name == "local" else ""
+            log.info(
+                "privacy budget: noise multiplier %.4g%s, the least whose planned rounds spend at "
+                "most privacy.%s=%g at delta %g",
+                self.event.noise_multiplier,
+                local,
+                TARGET,
+                self.target,
+                float(privacy["delta"]),
+            )
         self.sampled = sample
         self.strategy = strategy
         if self.name in FIXED:
@@ -261,7 +272,14 @@ class Private(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The wrapped strategy's training messages; their number is the round's sample."""
+        """The wrapped strategy's training messages; their number is the round's sample.
+
+        Raises
+        ------
+        StopTraining
+            When one more release would spend more than ``target_epsilon``.
+        """
+        self.check_budget(server_round)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self.sampled = len(messages)
         return messages
@@ -285,9 +303,23 @@ class Private(Strategy):
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None:
             self.releases += 1
+            self.slope += budget.slope(self.event.noise_multiplier)
             if self.name not in FIXED:
                 self.ledger.compose(self.event)
         return arrays, metrics
+
+    def check_budget(self, server_round: int) -> None:
+        """Raise :class:`StopTraining` if round ``server_round`` would overspend the target."""
+        if self.target is None or not self.ledger.would_exceed(self.event, self.target):
+            return
+        spent = float(self.ledger.get_privacy_spent().epsilon)
+        message = (
+            f"privacy budget: round {server_round} would spend more than privacy.{TARGET}="
+            f"{self.target:g} (spent {spent:.4g} at delta {self.privacy['delta']:g} in "
+            f"{self.releases} releases); training stops before it"
+        )
+        log.info(message)
+        raise StopTraining(message)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -306,20 +338,35 @@ class Private(Strategy):
         self.strategy.summary()
 
     def history_fields(self) -> dict[str, float]:
-        """``epsilon`` so far, the ``dp_releases`` behind it, and an adaptive ``clipping_norm``."""
+        """``epsilon`` so far, the releases behind it, their RDP slope, an adaptive norm."""
         fields = {
             "epsilon": float(self.ledger.get_privacy_spent().epsilon),
             "dp_releases": self.releases,
+            SLOPE: self.slope,
         }
         if self.name in ADAPTIVE:
             fields["clipping_norm"] = float(self._adaptive().clipping_norm)
         return fields
 
     def restore(self, row: Mapping[str, Any]) -> None:
-        """Continue a resumed run's budget: replay its releases, take back its clipping norm."""
+        """Continue a resumed run's budget: replay its releases, take back its clipping norm.
+
+        The releases are replayed with the noise they had (the row's summed
+        RDP slope), which a resumed run planning more rounds under
+        ``target_epsilon`` no longer has; a row from before the slope was
+        recorded had this run's noise throughout.
+        """
         self.releases = int(row.get("dp_releases", 0))
         if self.releases:
-            self.ledger.compose(self.event, count=self.releases)
+            recorded = float(row.get(SLOPE, math.nan))
+            self.slope = (
+                recorded
+                if math.isfinite(recorded) and recorded > 0
+                else self.releases * budget.slope(self.event.noise_multiplier)
+            )
+            self.ledger.compose(
+                budget.gaussian((2 * self.slope) ** -0.5, self.population, self.sampled)
+            )
         if self.name in ADAPTIVE and "clipping_norm" in row:
             self._adaptive().clipping_norm = float(row["clipping_norm"])
 
@@ -336,6 +383,10 @@ def describe(settings: Settings, history: list[Mapping] | None = None) -> dict[s
     last = history[-1] if history else {}
     return {
         **privacy,
+        TARGET: privacy.get(TARGET),
+        # In units of the sensitivity, local DP's too (its epsilon above is the run's).
+        "noise_multiplier": noise_multiplier(privacy),
+        "planned_epsilon": budget.planned(privacy, int(settings["simulation.num_rounds"])),
         "epsilon": float(last["epsilon"]) if "epsilon" in last else None,
         "releases": int(last["dp_releases"]) if "dp_releases" in last else None,
         "accounting": "RDP, site-level add-or-remove, no amplification by sampling",
@@ -343,10 +394,18 @@ def describe(settings: Settings, history: list[Mapping] | None = None) -> dict[s
 
 
 def label(privacy: Mapping) -> str | None:
-    """What the comparison shows beside the federated model: ``ε = 3.2, δ = 1e-5``."""
+    """What the comparison shows beside the federated model: ``ε = 3.2, δ = 1e-5``.
+
+    The planned epsilon (``simulation.num_rounds`` releases) follows where it
+    differs from the spent one at the digits shown, and the target where set:
+    ``ε = 2.1 of 4 planned (target 4), δ = 1e-5``.
+    """
     if privacy.get("name", "none") == "none" or privacy.get("epsilon") is None:
         return None
-    return f"ε = {float(privacy['epsilon']):.3g}, δ = {float(privacy['delta']):g}"
+    spent, planned = f"{float(privacy['epsilon']):.3g}", privacy.get("planned_epsilon")
+    plan = "" if planned is None or f"{planned:.3g}" == spent else f" of {planned:.3g} planned"
+    target = "" if privacy.get(TARGET) is None else f" (target {float(privacy[TARGET]):g})"
+    return f"ε = {spent}{plan}{target}, δ = {float(privacy['delta']):g}"
 
 
 def train_mod(defaults: Settings) -> Callable[[Message, Context, Callable], Message]:

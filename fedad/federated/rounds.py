@@ -64,6 +64,12 @@ class Rounds(Strategy):
     evaluated and checkpointed, and leaves the ServerApp
     (:func:`~fedad.federated.server_app.run_server`) to finish with the
     best round's arrays.
+
+    The privacy budget ends training the same way: under
+    ``privacy.target_epsilon`` the wrapped
+    :class:`~fedad.federated.privacy.Private` raises ``StopTraining`` from
+    its ``configure_train`` when one more release would overspend it (the
+    rule above is asked first, so a round both would end is the rule's).
     """
 
     def __init__(

@@ -9,18 +9,23 @@ from typing import Any
 
 import numpy as np
 
+from fedad.federated.budget import TARGET
+
 # The metrics the rule can watch, each of the sites' pooled validation slices
 # (fedad.federated.task.validation_metrics), and whether a larger value is better.
 METRICS = {"loss": False, "macro_f1": True}
 # Why training ended, as results.json records it: stopped early, ran simulation.num_rounds,
-# or the rule was off (patience 0).
-PATIENCE, MAX_ROUNDS, OFF = "patience", "max_rounds", "off"
+# or the rule was off (patience 0); or one more round would have overspent
+# privacy.target_epsilon (fedad.federated.privacy.Private raises StopTraining then).
+PATIENCE, MAX_ROUNDS, OFF, BUDGET = "patience", "max_rounds", "off", "budget"
+# The setting whose budget can end training, as the flat settings spell it.
+TARGET_KEY = f"privacy.{TARGET}"
 # The history column of the best round so far: the round whose model a run keeps.
 BEST_ROUND = "best_round"
 
 
 class StopTraining(Exception):
-    """The rule says training is over; raised before the next round trains."""
+    """The rule, or the privacy budget, says training is over; raised before the next round."""
 
 
 @dataclass
@@ -177,18 +182,24 @@ def summary(settings: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -
         ``metric``, ``patience``, ``min_delta``; ``rounds_run`` (rounds
         trained); ``best_round`` (the round whose model was scored and
         written: the last one when the rule is off); ``reason``: ``patience``
-        (stopped before ``simulation.num_rounds``), ``max_rounds`` or ``off``.
+        (the rule stopped it before ``simulation.num_rounds``), ``budget`` (one
+        more round would have spent more than ``privacy.target_epsilon``; the
+        rule is checked first), ``max_rounds`` or ``off``.
     """
     rule = EarlyStopping.from_settings(settings)
     rounds_run = int(history[-1]["round"])
     best = history[-1].get(BEST_ROUND) if rule.on else None
-    kept = rounds_run if best is None or math.isnan(float(best)) else int(best)
-    if not rule.on:
+    # The rule's state as training ended, to tell whether it ended training.
+    rule.best_round = None if best is None or math.isnan(float(best)) else int(best)
+    rule.last_round = rounds_run
+    kept = rounds_run if rule.best_round is None else rule.best_round
+    short = rounds_run < int(settings["simulation.num_rounds"])
+    if short and settings.get(TARGET_KEY) not in (None, "") and not rule.exhausted:
+        reason = BUDGET
+    elif not rule.on:
         reason = OFF
-    elif rounds_run < int(settings["simulation.num_rounds"]):
-        reason = PATIENCE
     else:
-        reason = MAX_ROUNDS
+        reason = PATIENCE if short else MAX_ROUNDS
     return {
         "metric": rule.metric,
         "patience": rule.patience,
