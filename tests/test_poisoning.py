@@ -205,7 +205,7 @@ def _simulate(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
             ["attack=label_flip", "attack.fraction=1.0"],
             "attack.fraction must be a number in [0, 1)",
         ),
-        (["attack=sign_flip", "attack.start_round=11"], "attack.start_round=11 is past the last"),
+        (["attack=sign_flip", "attack.start_round=51"], "attack.start_round=51 is past the last"),
         (
             ["privacy=central", "privacy.clipping_norm=0"],
             "privacy.clipping_norm must be a number > 0",

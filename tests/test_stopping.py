@@ -330,7 +330,8 @@ def test_stop_settings_reach_the_apps_and_count_only_when_on(data, tmp_path):
         "simulation.stop.min_delta": 10.0,
     }
     # Off, the block changes nothing a run computes: older runs stay comparable.
-    assert not [k for k in content(compose(BASE)) if k.startswith("simulation.stop")]
+    off = compose([*BASE, "simulation.stop.patience=0"])
+    assert not [k for k in content(off) if k.startswith("simulation.stop")]
     assert content(compose([*BASE, *PLATEAU]))["simulation.stop.patience"] == 2
 
 
