@@ -168,13 +168,14 @@ def test_settings_that_matter_are_named_and_the_others_may_change(make_cfg, tmp_
 
 
 def test_a_folder_is_done_resumable_or_fresh(make_cfg, tmp_path):
-    cfg = make_cfg(*BASE)
+    ten = "simulation.num_rounds=10"
+    cfg = make_cfg(*BASE, ten)
     assert decide(cfg, tmp_path) is Decision.FRESH
     with pytest.raises(FedadError, match="holds no checkpoint"):
         decide(cfg, tmp_path, required=True)
     _finished(tmp_path, cfg)
     assert decide(cfg, tmp_path) is Decision.DONE
-    assert decide(make_cfg(*BASE, "simulation.round_timeout=9"), tmp_path) is Decision.DONE
+    assert decide(make_cfg(*BASE, ten, "simulation.round_timeout=9"), tmp_path) is Decision.DONE
     longer = make_cfg(*BASE, "simulation.num_rounds=20")
     # Finished, and no checkpoint to continue from: left as it is.
     with pytest.raises(FedadError, match="no checkpoint to continue from"):
@@ -183,7 +184,7 @@ def test_a_folder_is_done_resumable_or_fresh(make_cfg, tmp_path):
     assert decide(cfg, tmp_path, required=True) is Decision.DONE
     assert decide(longer, tmp_path) is Decision.RESUME
     with pytest.raises(FedadError, match=r"model\.name"):
-        decide(make_cfg(*BASE, "model=cnn"), tmp_path)
+        decide(make_cfg(*BASE, ten, "model=cnn"), tmp_path)
 
 
 def test_a_site_keeps_on_its_disk_the_states_a_resume_may_need(tmp_path):
