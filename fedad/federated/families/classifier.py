@@ -209,6 +209,7 @@ def train_local(
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     sample_weight: np.ndarray | None = None,
     state: RecordDict | None = None,
+    anchor: list[np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` from ``global_weights`` on one site's rows.
 
@@ -235,6 +236,9 @@ def train_local(
         The site's memory between rounds: the optimizer starts from the state
         kept there (fresh when there is none) and leaves its new state there.
         Without it every call starts a fresh optimizer.
+    anchor : list[np.ndarray], optional
+        Where the proximal term pulls (default ``global_weights``); a personal
+        model trained from its own weights towards the global one sets both.
 
     Returns
     -------
@@ -243,7 +247,7 @@ def train_local(
         ``train_accuracy`` for a classifier, and ``train_epochs`` run.
     """
     model.set_weights(global_weights)
-    model.set_anchor(global_weights, mu)
+    model.set_anchor(global_weights if anchor is None else anchor, mu)
     _reset_optimizer(model.optimizer, float(settings["train.learning_rate"]))
     if state is not None and OPTIMIZER_STATE in state:
         _restore_optimizer(model, cast(ArrayRecord, state[OPTIMIZER_STATE]).to_numpy_ndarrays())
