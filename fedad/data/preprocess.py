@@ -129,7 +129,7 @@ class Preprocessor:
     def fit(self, frame: pd.DataFrame) -> Preprocessor:
         """Learn numeric medians and the category vocabulary from training rows."""
         self.numeric = [c for c in frame.columns if c not in self.categorical]
-        values, _, _ = self._numeric(frame)
+        values, _ = self._bounded(self._parsed(frame)[0])
         with np.errstate(all="ignore"):
             medians = np.nanmedian(values, axis=0) if len(values) else np.zeros(values.shape[1])
         self.medians = np.nan_to_num(medians, nan=0.0)
@@ -139,25 +139,51 @@ class Preprocessor:
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         """Encode ``frame`` with what :meth:`fit` learned, as a ``float32`` array."""
-        values, counts, too_large = self._numeric(frame)
+        values, counts = self._parsed(frame)
+        filled, too_large = self.numeric_cells(values)
+        counts["out_of_range"] = int(too_large.sum())
         for key, value in counts.items():
             self.cleaned[key] = self.cleaned.get(key, 0) + value
         for col, n in zip(self.numeric, too_large, strict=True):
             if n:
                 self.out_of_range[col] = self.out_of_range.get(col, 0) + int(n)
-        missing = np.isnan(values)
-        values[missing] = np.broadcast_to(self.medians, values.shape)[missing]
-        parts = [values.astype(np.float32)]
+        parts = [filled]
         if self.categorical:
             text = self._text(frame)
-            for i, (col, known) in enumerate(
-                zip(self.categorical, self.encoder.categories_, strict=True)
-            ):
-                n_unseen = int((~np.isin(text[:, i], known)).sum())
-                if n_unseen:
-                    self.unseen[col] = self.unseen.get(col, 0) + n_unseen
+            for col, n in self.unseen_in(text).items():
+                self.unseen[col] = self.unseen.get(col, 0) + n
             parts.append(self.encoder.transform(text))
         return np.hstack(parts)
+
+    def numeric_cells(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Numeric cells encoded as :meth:`transform` encodes them, from parsed numbers.
+
+        Parameters
+        ----------
+        values : np.ndarray
+            ``float64``, rows x numeric columns, NaN where a cell is missing
+            (changed in place).
+
+        Returns
+        -------
+        tuple of np.ndarray
+            The ``float32`` cells (signed log when set; too-large and missing
+            cells at the training median) and the count of too-large cells per column.
+        """
+        values, too_large = self._bounded(values)
+        missing = np.isnan(values)
+        values[missing] = np.broadcast_to(self.medians, values.shape)[missing]
+        return values.astype(np.float32), too_large.sum(axis=0)
+
+    def unseen_in(self, text: np.ndarray) -> dict[str, int]:
+        """Per categorical column of ``text``, its cells unseen in training (if any)."""
+        counts = {
+            col: int((~np.isin(text[:, i], known)).sum())
+            for i, (col, known) in enumerate(
+                zip(self.categorical, self.encoder.categories_, strict=True)
+            )
+        }
+        return {col: n for col, n in counts.items() if n}
 
     @property
     def feature_names(self) -> list[str]:
@@ -181,8 +207,8 @@ class Preprocessor:
                 names.append(f"{col}=<infrequent>")
         return names
 
-    def _numeric(self, frame: pd.DataFrame) -> tuple[np.ndarray, dict[str, int], np.ndarray]:
-        """Numeric columns as float64, bad cells NaN; counts per rule, too-large per column."""
+    def _parsed(self, frame: pd.DataFrame) -> tuple[np.ndarray, dict[str, int]]:
+        """Numeric columns as float64, bad and infinite cells NaN; how many each rule touched."""
         raw = frame[self.numeric]
         parsed = raw.apply(pd.to_numeric, errors="coerce")
         values = parsed.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
@@ -192,12 +218,15 @@ class Preprocessor:
             "infinite": int(np.isinf(values).sum()),
         }
         values[np.isinf(values)] = np.nan
+        return values, counts
+
+    def _bounded(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The signed log when set, then too-large cells NaN; with where they were."""
         if self.log_transform:
             values = signed_log1p(values)
         too_large = np.abs(values) > FLOAT32_MAX
-        counts["out_of_range"] = int(too_large.sum())
         values[too_large] = np.nan
-        return values, counts, too_large.sum(axis=0)
+        return values, too_large
 
     def _text(self, frame: pd.DataFrame) -> np.ndarray:
         return frame[self.categorical].astype(str).apply(lambda s: s.str.strip()).to_numpy()

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from fedad.data.preprocess import FLOAT32_MAX, signed_log1p
 from fedad.detector import Detector, Scored
 
 # One-hot rows kept per combination of categories, for one-row requests (0.3 ms each to encode).
@@ -17,9 +16,9 @@ KEPT_ENCODINGS = 4096
 class RowScorer:
     """What ``detector.score`` answers for validated records, built from plain lists.
 
-    The encoding follows ``Preprocessor.transform`` (signed log, too-large values to the
-    training median, one-hot through the saved vocabulary, unseen categories counted) on
-    plain lists; the rest is ``Detector.score_encoded``, as ``Detector.score``'s.
+    The cells go through the preprocessor's own ``numeric_cells`` and ``unseen_in`` (as
+    ``Preprocessor.transform``'s do) from plain lists, not a frame; the rest is
+    ``Detector.score_encoded``, as ``Detector.score``'s.
     tests/test_serve.py checks that both agree.
 
     Parameters
@@ -32,7 +31,6 @@ class RowScorer:
         self.detector = detector
         pre = detector.preprocessor
         self.numeric, self.categorical = list(pre.numeric), list(pre.categorical)
-        self.vocabularies = {col: set(known) for col, known in detector.categories.items()}
         self.encoded: dict[tuple[str, ...], np.ndarray] = {}
 
     def __call__(self, rows: list[dict[str, Any]], rule: str) -> Scored:
@@ -52,21 +50,14 @@ class RowScorer:
         """
         detector, pre, n = self.detector, self.detector.preprocessor, len(rows)
         values = np.array(list(map(_getter(self.numeric), rows)), np.float64)
-        values = values.reshape(n, len(self.numeric))
-        if pre.log_transform:
-            values = signed_log1p(values)
-        too_large = np.abs(values) > FLOAT32_MAX
-        values[too_large] = np.broadcast_to(pre.medians, values.shape)[too_large]
-        large = {c: int(k) for c, k in zip(self.numeric, too_large.sum(axis=0), strict=True) if k}
-        parts, unseen = [values.astype(np.float32)], {}
+        cells, too_large = pre.numeric_cells(values.reshape(n, len(self.numeric)))
+        large = {c: int(k) for c, k in zip(self.numeric, too_large, strict=True) if k}
+        parts, unseen = [cells], {}
         if self.categorical:
-            cells = map(_getter(self.categorical), rows)
-            text = np.array([[str(v).strip() for v in row] for row in cells], object)
+            records = map(_getter(self.categorical), rows)
+            text = np.array([[str(v).strip() for v in row] for row in records], object)
             text = text.reshape(n, len(self.categorical))
-            for i, col in enumerate(self.categorical):
-                vocabulary = self.vocabularies[col]
-                if count := sum(value not in vocabulary for value in text[:, i]):
-                    unseen[col] = count
+            unseen = pre.unseen_in(text)
             parts.append(self._one_hot(text))
         return detector.score_encoded(np.hstack(parts), detector.check_rule(rule), unseen, large)
 
