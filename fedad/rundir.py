@@ -73,32 +73,37 @@ def shap_png(model: str) -> str:
 
 
 @contextmanager
-def atomic(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+def atomic(path: str | Path, mode: str = "wb", overwrite: bool = True) -> Iterator[IO]:
     """Write ``path`` so that no reader or crash ever sees half of it.
 
-    The content goes to ``<path>.tmp``, is flushed to disk and renamed over
-    ``path``; on an error the temporary file is removed and ``path`` is left
-    as it was.
+    The content goes to a temporary file of its own name beside ``path`` (a
+    file named like it is never touched), is flushed to disk and put in place
+    in one step; on an error the temporary file is removed and ``path`` is
+    left as it was. Without ``overwrite`` the finished file is linked into
+    place, so a ``path`` that exists, or appeared meanwhile, is kept
+    (FileExistsError).
 
     Parameters
     ----------
     path : str or Path
-        The file to (re)write.
+        The file to write.
     mode : str
         ``"wb"`` or ``"w"``.
+    overwrite : bool
+        Whether an existing ``path`` may be replaced.
 
     Yields
     ------
     file object
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode.replace("w", "x")) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        place(tmp, path, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -144,16 +149,16 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Atomically write ``text`` to ``path``; return ``path``."""
-    with atomic(path, "w") as f:
+def write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    """Atomically write ``text`` to ``path`` (an existing one replaced only if ``overwrite``)."""
+    with atomic(path, "w", overwrite) as f:
         f.write(text)
     return Path(path)
 
 
-def write_json(path: str | Path, value: Any) -> Path:
+def write_json(path: str | Path, value: Any, overwrite: bool = True) -> Path:
     """Atomically write ``value`` as indented JSON (NumPy values become plain ones)."""
-    return write_text(path, json.dumps(value, indent=2, default=_jsonable))
+    return write_text(path, json.dumps(value, indent=2, default=_jsonable), overwrite)
 
 
 def sync_folder(folder: str | Path) -> None:
@@ -311,39 +316,6 @@ def write_failure(out: str | Path, err: OSError) -> str:
     )
 
 
-@contextmanager
-def atomic_new(path: str | Path, mode: str = "wb", overwrite: bool = False) -> Iterator[IO]:
-    """As :func:`atomic`, but never replacing ``path`` unless ``overwrite``, nor any other file.
-
-    The temporary file gets a name of its own (a file named like it is never
-    touched); without ``overwrite`` the finished file is linked into place, so
-    a ``path`` that appeared meanwhile is kept (FileExistsError).
-
-    Parameters
-    ----------
-    path : str or Path
-        The file to write.
-    mode : str
-        ``"wb"`` or ``"w"``.
-    overwrite : bool
-        Whether an existing ``path`` may be replaced.
-
-    Yields
-    ------
-    file object
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        with open(tmp, mode.replace("w", "x")) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        place(tmp, path, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def place(tmp: str | Path, path: str | Path, overwrite: bool) -> None:
     """Give the finished file ``tmp`` the name ``path`` in one step; replace only if ``overwrite``.
 
@@ -365,13 +337,6 @@ def place(tmp: str | Path, path: str | Path, overwrite: bool) -> None:
                 raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
             os.replace(tmp, path)
     sync_folder(path.parent)
-
-
-def write_json_new(path: str | Path, value: Any, overwrite: bool = False) -> Path:
-    """As :func:`write_json`, but replacing an existing ``path`` only if ``overwrite``."""
-    with atomic_new(path, "w", overwrite) as f:
-        f.write(json.dumps(value, indent=2, default=_jsonable))
-    return Path(path)
 
 
 def publish(staged: str | Path, folder: str | Path, overwrite: bool) -> list[Path]:

@@ -147,7 +147,7 @@ def score_file(
 def _sink(target: Path | None, overwrite: bool) -> Iterator[IO]:
     """A text file that becomes ``target`` (or goes to standard output) only once complete."""
     if target is not None:
-        with rundir.atomic_new(target, "w", overwrite) as f:
+        with rundir.atomic(target, "w", overwrite) as f:
             yield f
         return
     with tempfile.NamedTemporaryFile("w+", suffix=".csv") as tmp:
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _write_metrics(path: str, metrics: dict, overwrite: bool) -> None:
     try:
-        rundir.write_json_new(path, metrics, overwrite)
+        rundir.write_json(path, metrics, overwrite)
     except FileExistsError:
         raise FedadError(
             f"Cannot write the metrics to {path}: the file appeared while the rows were scored "
