@@ -126,7 +126,10 @@ def _cli(*args, cwd):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("dataset=kdd99", "Unknown dataset option 'kdd99'. Available: ciciot2023, csv"),
+        (
+            "dataset=kdd99",
+            "Unknown dataset option 'kdd99'. Available: cic_ids2017, ciciot2023, csv",
+        ),
         ("partition=random", "Unknown partition option 'random'. Available: dirichlet, iid"),
     ],
 )

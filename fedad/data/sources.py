@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from fedad.config import checks
-from fedad.data import synthetic
+from fedad.data import layouts, synthetic
 from fedad.data.preprocess import numeric_share
 from fedad.errors import FedadError
 
@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 LABEL_CASES = ("exact", "insensitive")
 # Rows of a column looked at to judge whether a file's first row is a header.
 HEADER_SAMPLE = 1000
+# dataset.encoding_errors: strict = a byte that is not UTF-8 stops the read; replace = it is read
+# as U+FFFD (CIC-IDS2017 writes an en dash as the Windows-1252 byte 0x96).
+ENCODING_ERRORS = ("strict", "replace")
+# Label cells read at a time when checking, before a run starts, that a file holds two classes.
+LABEL_CHUNK = 100_000
 
 
 @dataclass
@@ -74,6 +79,7 @@ def check_config(cfg: Mapping) -> list[str]:
         checks.flag(cfg, "drop_duplicates", "dataset"),
     ]
     problems.append(checks.choice(cfg, "label_case", "dataset", LABEL_CASES))
+    problems.append(checks.choice(cfg, "encoding_errors", "dataset", ENCODING_ERRORS))
     for key in ("sep", "label_column"):
         if key in cfg and not (isinstance(cfg[key], str) and cfg[key]):
             problems.append(f"dataset.{key} must be a non-empty text, got {cfg[key]!r}")
@@ -91,6 +97,7 @@ def check_config(cfg: Mapping) -> list[str]:
         problems.append(
             f"dataset.class_map must be a mapping of class names, got {cfg['class_map']!r}"
         )
+    problems += layouts.source_problems(cfg) + layouts.release_problems(cfg)
     return [p for p in problems if p]
 
 
@@ -131,7 +138,8 @@ def load(cfg: Mapping, data_dir: str | Path, seed: int) -> RawData:
     -------
     RawData
         The train frame, the test frame if the dataset ships one, and a short
-        description of where they came from.
+        description of where they came from: the file, and the release of
+        ``dataset.releases`` its header was recognised as.
     """
     if cfg["name"] == "synthetic":
         frame = synthetic.generate(
@@ -144,39 +152,133 @@ def load(cfg: Mapping, data_dir: str | Path, seed: int) -> RawData:
         )
         return RawData(frame, None, f"synthetic generator (seed {seed})")
 
-    check_files(cfg, data_dir)
+    for key in _file_keys(cfg):
+        _data_file(cfg, data_dir, key)
     warnings: list[str] = []
     if cfg.get("train_file"):
-        train = _read_csv(cfg, data_dir, "train_file", warnings)
-        test = _read_csv(cfg, data_dir, "test_file", warnings)
+        train, train_origin = _read_csv(cfg, data_dir, "train_file", warnings)
+        test, test_origin = _read_csv(cfg, data_dir, "test_file", warnings)
         _check_same_columns(train, test, cfg)
-        return RawData(train, test, f"{cfg['train_file']} -> {cfg['test_file']}", warnings)
-    return RawData(_read_csv(cfg, data_dir, "path", warnings), None, str(cfg["path"]), warnings)
+        return RawData(train, test, f"{train_origin} -> {test_origin}", warnings)
+    frame, origin = _read_csv(cfg, data_dir, "path", warnings)
+    return RawData(frame, None, origin, warnings)
+
+
+def read_source(cfg: Mapping, data_dir: str | Path, source: str) -> RawData:
+    """Read one source of a dataset that lists ``sources`` (``nf_v2``) into its common frame.
+
+    The sources of such a dataset share one layout (its ``releases`` check each
+    file's header), one label column and one normal value: frames read by this
+    function can be set side by side.
+
+    Parameters
+    ----------
+    cfg : Mapping
+        The ``dataset`` config group, with ``sources`` (name: ``{path, download}``).
+    data_dir : str or Path
+        Folder holding the real datasets.
+    source : str
+        A key of ``cfg["sources"]``.
+
+    Returns
+    -------
+    RawData
+        The source's rows as read (``test`` None), its file and layout in ``origin``.
+    """
+    if source not in (cfg.get("sources") or {}):
+        raise FedadError(layouts.unknown_source(cfg, source) + ".")
+    single = {**cfg, "source": source, "path": cfg["sources"][source]["path"]}
+    return load({**single, "train_file": None, "test_file": None}, data_dir, seed=0)
 
 
 def check_files(cfg: Mapping, data_dir: str | Path) -> None:
-    """Raise :class:`FedadError` unless every file the dataset names exists (none: synthetic).
+    """Raise :class:`FedadError` unless the dataset's files exist and can train a model.
 
-    Cheap, so a run checks it before it starts anything slow (Ray, the actors).
+    Every file the dataset names must exist (none: synthetic), and its training
+    file's label column must hold more than one value. Cheap (the label column
+    alone, read until its second value), so a run checks it before it starts
+    anything slow (Ray, the actors).
     """
     if cfg["name"] == "synthetic":
         return
+    keys = _file_keys(cfg)
+    paths = [_data_file(cfg, data_dir, key) for key in keys]
+    _check_two_classes(cfg, paths[0], keys[0])
+
+
+def _file_keys(cfg: Mapping) -> tuple[str, ...]:
+    """The keys naming the dataset's files: ``path``, or ``train_file`` and ``test_file``."""
     if cfg.get("train_file"):
         if not cfg.get("test_file"):
             raise FedadError(
                 f"dataset '{cfg['name']}' sets dataset.train_file but no dataset.test_file. "
                 "Give both, or give a single file as dataset.path and fedad splits it."
             )
-        keys: tuple[str, ...] = ("train_file", "test_file")
-    elif cfg.get("path"):
-        keys = ("path",)
-    else:
-        raise FedadError(
-            f"dataset '{cfg['name']}' names no file. Set dataset.path=<file.csv> (fedad splits it "
-            "into train and test), or dataset.train_file and dataset.test_file."
+        return ("train_file", "test_file")
+    if cfg.get("path"):
+        return ("path",)
+    raise FedadError(
+        f"dataset '{cfg['name']}' names no file. Set dataset.path=<file.csv> (fedad splits it "
+        "into train and test), or dataset.train_file and dataset.test_file."
+    )
+
+
+def _check_two_classes(cfg: Mapping, path: Path, key: str) -> None:
+    """Refuse a training file whose label column holds one value: no model can learn from it.
+
+    Reads the label column alone, a chunk at a time, and stops at its second
+    value. A file the full read will refuse (no such column, not CSV) passes:
+    that read names its fault.
+    """
+    label = cfg["label_column"]
+    names = {label, *(r.get("label_column") for r in cfg.get("releases") or [])}
+    columns = list(cfg["columns"]) if cfg.get("columns") else None
+    if columns and label not in columns:
+        return
+    values: set[str] = set()
+    rows = 0
+    try:
+        chunks = pd.read_csv(
+            path,
+            sep=cfg.get("sep", ","),
+            header=0 if cfg.get("header", True) else None,
+            usecols=[columns.index(label)] if columns else lambda c: str(c).strip() in names,
+            dtype=str,
+            encoding_errors=cfg.get("encoding_errors", "strict"),
+            chunksize=LABEL_CHUNK,
         )
-    for key in keys:
-        _data_file(cfg, data_dir, key)
+        for chunk in chunks:
+            if chunk.shape[1] != 1:  # two columns that could be the label: the full read decides
+                return
+            cells = chunk.iloc[:, 0].dropna().str.strip()
+            cells = cells[cells != ""]
+            values |= set(cells)
+            rows += len(cells)
+            if len(values) > 1:
+                return
+            read = label if columns else str(chunk.columns[0]).strip()
+    except (
+        ValueError,
+        csv.Error,
+        EOFError,
+        OSError,
+        zlib.error,
+        lzma.LZMAError,
+        zipfile.BadZipFile,
+    ):
+        return
+    if not values:
+        return
+    where = f" The full dataset comes from {layouts.where(cfg)}." if layouts.where(cfg) else ""
+    raise FedadError(
+        f"{path} (dataset.{key}) holds a single class: all {rows:,} labelled rows have "
+        f"'{values.pop()}' in its label column '{read}' (dataset.label_column='{label}', "
+        f"dataset.normal_value='{cfg['normal_value']}'). Supervised models learn from normal and "
+        "attack rows, and every model, the autoencoder and the unsupervised baselines included "
+        "(they learn from normal rows alone), is scored on a test set holding both: no model can "
+        f"be trained and tested on this file alone. Point dataset.{key} at a file of this layout "
+        f"with both classes, or use it beside a source of the other class.{where}"
+    )
 
 
 def resolve(data_dir: str | Path, relative: str) -> Path:
@@ -234,7 +336,7 @@ def _data_file(cfg: Mapping, data_dir: str | Path, key: str) -> Path:
     """The file ``dataset.<key>`` names; a :class:`FedadError` naming the fix if there is none."""
     path = resolve(data_dir, str(cfg[key]))
     if not path.is_file():
-        where = cfg.get("source") or "the dataset's publisher"
+        where = layouts.where(cfg) or "the dataset's publisher"
         base = Path(data_dir).expanduser()
         if not Path(str(cfg[key])).expanduser().is_absolute() and not base.is_dir():
             raise FedadError(
@@ -256,7 +358,10 @@ def _data_file(cfg: Mapping, data_dir: str | Path, key: str) -> Path:
     return path
 
 
-def _read_csv(cfg: Mapping, data_dir: str | Path, key: str, warnings: list[str]) -> pd.DataFrame:
+def _read_csv(
+    cfg: Mapping, data_dir: str | Path, key: str, warnings: list[str]
+) -> tuple[pd.DataFrame, str]:
+    """The file ``dataset.<key>`` names, read, and where it came from (its release, if known)."""
     path = _data_file(cfg, data_dir, key)
     columns = list(cfg["columns"]) if cfg.get("columns") else None
     try:
@@ -268,6 +373,7 @@ def _read_csv(cfg: Mapping, data_dir: str | Path, key: str, warnings: list[str])
             decimal=cfg.get("decimal", "."),
             skipinitialspace=True,
             low_memory=False,
+            encoding_errors=cfg.get("encoding_errors", "strict"),
         )
     except pd.errors.EmptyDataError as err:
         raise FedadError(
@@ -311,7 +417,7 @@ def _read_csv(cfg: Mapping, data_dir: str | Path, key: str, warnings: list[str])
             )
         frame.columns = columns
     frame.columns = [str(c).strip() for c in frame.columns]
-    return frame
+    return layouts.recognise(frame, cfg, path, key)
 
 
 def _check_same_columns(train: pd.DataFrame, test: pd.DataFrame, cfg: Mapping) -> None:
