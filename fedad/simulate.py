@@ -133,10 +133,12 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
 def _federated(
     cfg: DictConfig, prepared: RunData, run_dir: Path, resume: bool, started: EngineStart | None
 ) -> list[ModelResult]:
-    """The federated model, then each site alone."""
+    """The federated model (a histogram run's pinned twin after it), then each site alone."""
+    from fedad.federated.histogram.twin import with_booster_facts
     from fedad.federated.simulation import run_federated
 
-    return run_federated(cfg, prepared.data, prepared.parts, run_dir, resume, started)
+    models = run_federated(cfg, prepared.data, prepared.parts, run_dir, resume, started)
+    return with_booster_facts(cfg, prepared.data, prepared.parts, run_dir, models)
 
 
 def _start_engine(cfg: DictConfig) -> EngineStart:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,11 +16,13 @@ import xgboost as xgb
 
 from fedad import rundir
 from fedad.errors import FedadError
-from fedad.federated.histogram import cohort, pinning, session
+from fedad.federated.histogram import cohort, pinning, session, twin
 from fedad.federated.histogram.server import AggregationServer
 from fedad.federated.histogram.strategy import COLLECTIVE_BYTES
 from fedad.federated.strategies import check_config
 from fedad.models import booster
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _sites(X: np.ndarray, y: np.ndarray, n: int) -> list[np.ndarray]:
@@ -54,10 +60,11 @@ def _session(X, y, parts, params, rounds, start=b"", deadline=120.0, world=None)
 
 
 def _pooled(X, y, params, rounds, cuts=None):
-    """``xgb.train`` on the pooled rows, pooled class weights, pinned to ``cuts`` if given."""
+    """``xgb.train`` on the pooled rows, pooled class weights: the pinned twin given ``cuts``."""
+    if cuts is not None:
+        return twin.train_pinned(X, y, np.bincount(y), cuts, params, rounds)
     extra, weight = booster.weighting(y, np.bincount(y), params["objective"])
-    ref = pinning.reference(*cuts, params["max_bin"]) if cuts is not None else None
-    rows = xgb.QuantileDMatrix(X, label=y, weight=weight, ref=ref, max_bin=params["max_bin"])
+    rows = xgb.QuantileDMatrix(X, label=y, weight=weight, max_bin=params["max_bin"])
     return xgb.train({**params, **extra}, rows, num_boost_round=rounds)
 
 
@@ -133,6 +140,33 @@ def test_a_site_that_never_joins_ends_the_session_at_the_deadline():
         _session(X, y, [np.arange(300)], params, rounds=2, deadline=4.0, world=2)
 
 
+def test_a_site_that_dies_mid_session_leaves_the_others_to_their_deadline():
+    X, y = _data(n=600, classes=2)
+    params = booster.params({"max_depth": 2, "max_bin": 16}, 2, seed=0)
+    counts = np.bincount(y)
+    parts = _sites(X, y, 2)
+    server = AggregationServer(2, 0, timeout=60)
+
+    def site(rank, deadline):
+        extra, weight = booster.weighting(y[parts[rank]], counts, params["objective"])
+        where = {"address": f"localhost:{server.port}", "world": 2, "rank": rank}
+        rows = X[parts[rank]], y[parts[rank]], weight
+        # Far more rounds than fit in either deadline: both are mid-session when ended.
+        return session.run(*rows, b"", {**params, **extra}, 10**6, where, deadline)
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            # Rank 1 dies mid-session (its process ended at 3 s); rank 0 is left waiting.
+            futures = [pool.submit(site, 0, 12.0), pool.submit(site, 1, 3.0)]
+            outcomes = [f.exception() for f in futures]
+    finally:
+        server.stop()
+    assert all(isinstance(e, session.SessionFailed) for e in outcomes)
+    assert "rank 1 of 2) did not finish within 3 s" in str(outcomes[1])
+    # Rank 0 ended by its own deadline, or at once by XGBoost's error: never blocked for good.
+    assert "within 12 s" in str(outcomes[0]) or "exited with status" in str(outcomes[0])
+
+
 def test_a_taken_port_is_refused_before_and_reported_after_the_server_starts():
     with socket.socket() as holder:
         holder.bind(("0.0.0.0", 0))
@@ -161,6 +195,66 @@ def test_bad_settings_are_refused_in_one_phrase_each():
     fixed = {**sim, "ray_init_args": {"num_cpus": 4}, "client_resources": {"num_cpus": 1}}
     assert "allows 4" in str(cohort.check(fixed, "fedxgb_histogram"))
     assert cohort.check(too_many, "fedxgb_bagging") is None
+
+
+def _simulate(folder, *overrides):
+    """``python -m fedad.simulate strategy=fedxgb_histogram ...`` as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "fedad.simulate", f"hydra.run.dir={folder}"]
+    return subprocess.run(
+        [*command, "strategy=fedxgb_histogram", *overrides],
+        cwd=folder.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_bad_input_is_one_paragraph_and_exit_2_before_ray_starts(tmp_path):
+    # A non-tree model, a cohort larger than this machine holds at once and a taken port: one
+    # command (each check runs; one start of Python instead of three), one paragraph naming all.
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "NOTES.txt").write_text("the user's own file\n")
+    too_many = cohort.SITES_PER_CPU * (os.cpu_count() or 1) + 1
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = _simulate(
+            folder, "model=mlp", f"simulation.num_clients={too_many}", f"strategy.port={port}"
+        )
+    error = done.stderr[done.stderr.find("fedad: error:") :]
+    assert done.returncode == 2 and error, done.stderr[-3000:]
+    words = " ".join(error.split())
+    assert "strategy=fedxgb_histogram does not fit model=mlp" in words
+    assert f"need {too_many} Ray actors alive together" in words
+    assert f"strategy.port={port} is in use" in words
+    assert "\n\n" not in error.strip() and "Traceback" not in done.stderr  # one paragraph
+    assert "local Ray instance" not in done.stdout + done.stderr  # refused before Ray starts
+    assert (folder / "NOTES.txt").read_text() == "the user's own file\n"
+
+
+def test_a_cohorts_actors_start_without_tensorflow():
+    from fedad.federated.engine import ray_options
+
+    init_args, _ = ray_options({"num_cpus": 1}, {}, None, cohort=3)
+    hook = init_args["runtime_env"]["worker_process_setup_hook"]
+    assert "runtime_env" not in ray_options({"num_cpus": 1}, {}, None, cohort=0)[0]
+    # What a Ray worker does with the hook, then what Flower's actor module imports.
+    module, name = hook.rsplit(".", 1)
+    script = (
+        f"import importlib, sys; importlib.import_module({module!r}).{name}(); "
+        "import flwr.simulation.ray_transport.ray_actor; "
+        "from fedad.federated.families.registry import family_class; family_class('xgboost'); "
+        "print(sys.modules['tensorflow'] is None)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
 
 
 def test_flowers_engine_runs_its_workers_in_a_default_thread_pool():
@@ -195,6 +289,8 @@ RUN = [
     "train.early_stopping_patience=0",
     "decision.rule=argmax",
     "baselines=none",
+    # The plain central XGBoost (always run beside the federated one), kept small.
+    "+baselines.models.xgboost.n_estimators=20",
     "explain=false",
     "eda=false",
     "detector.write=false",
@@ -222,7 +318,17 @@ def _trained_rows(run_dir, sites):
 @pytest.mark.long
 def test_a_histogram_run_equals_its_pinned_twin_counts_its_bytes_and_resumes_exactly(tmp_path):
     whole = tmp_path / "whole"
-    _run(whole, rounds=2)
+    results = _run(whole, rounds=2)
+    # The comparison's twin is the pinned one: its gap is federation alone, exactly zero; the
+    # plain central XGBoost is named beside it.
+    models = results["models"]
+    assert models["federated_xgboost"]["info"]["twin"] == twin.PINNED
+    assert models[twin.PINNED]["macro_f1"] == models["federated_xgboost"]["macro_f1"]
+    table = pd.read_csv(whole / rundir.COMPARISON_CSV).set_index("model")
+    row = table.loc["federated_xgboost"]
+    assert (row["gap_macro_f1"], row["gap_roc_auc"], row["central"]) == (0.0, 0.0, "xgboost")
+    assert row["fed_trees"] == row["twin_trees"] == 4  # 2 rounds x 2 boosting rounds, binary
+    assert "Against the unpinned central xgboost" in (whole / rundir.COMPARISON_MD).read_text()
     history = pd.read_csv(whole / rundir.HISTORY_FILE)
     assert (history[COLLECTIVE_BYTES].iloc[1:] > 0).all() and history["failures"].sum() == 0
     flower = history[["bytes_down_arrays", "bytes_up_arrays"]].to_numpy().sum()
@@ -232,10 +338,10 @@ def test_a_histogram_run_equals_its_pinned_twin_counts_its_bytes_and_resumes_exa
     X, y = _trained_rows(whole, 3)
     assert np.array_equal(counts, np.bincount(y, minlength=2))
     params = booster.params({"max_depth": 6, "learning_rate": 0.1, "max_bin": 32}, 2, seed=0)
-    twin = _pooled(X, y, params, rounds=4, cuts=(indptr, values))
+    pinned = _pooled(X, y, params, rounds=4, cuts=(indptr, values))
     saved = booster.load((whole / rundir.BOOSTER_FILE).read_bytes())
     rows = xgb.DMatrix(X)
-    np.testing.assert_allclose(saved.predict(rows), twin.predict(rows), atol=1e-6)
+    np.testing.assert_allclose(saved.predict(rows), pinned.predict(rows), atol=1e-6)
     # Cut after round 1 and resumed: the same booster, byte for byte.
     cut = tmp_path / "cut"
     _run(cut, rounds=1)

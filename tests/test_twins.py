@@ -197,6 +197,24 @@ def test_a_capped_twin_is_flagged_with_the_rows_of_both_sides():
     assert frame.iloc[0]["rounds_run"] == 6 and frame.iloc[0]["twin_trees"] == 300
     assert pd.isna(frame.iloc[0]["twin_cap"]) and pd.isna(frame.iloc[0]["fed_rows"])
     assert "⚠" not in comparison.to_markdown(frame)
+    assert pd.isna(frame.iloc[0]["fed_trees"]) and pd.isna(frame.iloc[0]["central"])
+
+    # A twin pinned to the federation's training (a histogram run's): the gap is taken to it,
+    # and the plain central XGBoost's is said beside it, split into federation and pins.
+    pinned_info = {**info, "twin": "xgboost_pinned", "central": "xgboost", "trees": 12}
+    fed = _federated(whole, pinned_info)
+    pinned = ModelResult("xgboost_pinned", "supervised", fed.metrics, None, 1.0, None, {})
+    row = comparison.table([fed, pinned, whole]).iloc[0]
+    gap = fed.metrics["macro_f1"] - whole.metrics["macro_f1"]
+    assert (row["twin"], row["gap_macro_f1"], row["central"], row["fed_trees"]) == (
+        "xgboost_pinned",
+        0.0,
+        "xgboost",
+        12,
+    )
+    assert row["gap_central_macro_f1"] == pytest.approx(gap)
+    text = comparison.to_markdown(comparison.table([fed, pinned, whole]))
+    assert f"Against the unpinned central xgboost, the macro-F1 gap is {gap:+.4f}: +0.0000" in text
 
 
 def test_auto_caps_a_baseline_lifts_the_twin_and_keeps_a_many_class_xgboost(monkeypatch):

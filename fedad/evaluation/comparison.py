@@ -63,6 +63,10 @@ EXTRA = ("attack_success",)
 # The price of federation, on each federated row: the gap to its centralized twin (federated
 # minus twin; for FPR a positive gap means more false alarms) and the gain over going alone.
 GAPS = ("gap_macro_f1", "gap_roc_auc", "gap_fpr", "gain_vs_alone", "gain_vs_worst_site")
+# Where the twin is pinned to the federation's own training (a histogram run's pinned XGBoost,
+# its gap federation alone), the plain central model beside it and the macro-F1 gap to that one:
+# comparison.md says it under the price table, with the part the pins account for.
+CENTRAL = ("central", "gap_central_macro_f1")
 # The cost of the answer: the round whose global model is the one scored (the best round under
 # early stopping, else the last), and the seconds and payload MB spent until it.
 KEPT = ("kept_round", "kept_seconds", "kept_mb")
@@ -73,13 +77,15 @@ KEPT = ("kept_round", "kept_seconds", "kept_mb")
 REACH = 0.01
 COSTS = (*KEPT, "reach_round", "reach_seconds", "reach_mb")
 # The budgets of both sides, so a reader sees they are comparable: the federated rounds run x
-# local epochs (XGBoost: the boosting rounds a site adds per round) on the sites' training rows;
-# the twin's epochs run (Keras) or trees (XGBoost: one per class and round above two classes; the
+# local epochs (XGBoost: the boosting rounds a site adds per round) on the sites' training rows,
+# and the federated booster's trees (bagging appends every site's trees each round); the twin's
+# epochs run (Keras) or trees (XGBoost: one per class and round above two classes; the
 # forest), the rows it fitted on and, when it saw fewer than it was given, its cap.
 BUDGETS = (
     "rounds_run",
     "local_epochs",
     "fed_rows",
+    "fed_trees",
     "twin_epochs",
     "twin_trees",
     "twin_rows",
@@ -106,7 +112,9 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
         per-round test macro-F1, cumulative seconds and MB in ``info["curve"]``,
         its rounds run in ``info["stopping"]["rounds_run"]`` (else
         ``info["rounds"]``), its ``info["local_epochs"]`` and the sites'
-        training rows ``info["train_rows"]`` (each ``–`` when absent) and, under
+        training rows ``info["train_rows"]``, a booster's ``info["trees"]``
+        (each ``–`` when absent), where its twin is pinned to its own training
+        the plain central model in ``info["central"]`` and, under
         DP, its budget in ``info["note"]``; the sites alone are
         ``local_<model>`` (their mean) and ``local_<model>_worst``. The twin's
         ``info`` gives its ``epochs_run`` or ``trees``, ``fit_rows``,
@@ -120,7 +128,8 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
         Columns ``model``, ``kind``, ``federated``, the metrics in
         :data:`COLUMNS` (and ``attack_success`` when a model has it, under a
         targeted attack), ``train_seconds``, ``mb_exchanged``, ``twin``,
-        :data:`GAPS`, :data:`COSTS` and :data:`BUDGETS` (federated rows only),
+        :data:`GAPS`, :data:`CENTRAL`, :data:`COSTS` and :data:`BUDGETS`
+        (federated rows only),
         :data:`DECISION` when a model decided by a calibrated rule (its rule,
         threshold and argmax metrics; ``info["decision"]``, ``info["argmax"]``)
         and, when a model has one, ``note`` (``ε = 3.2, δ = 1e-05`` under DP).
@@ -154,6 +163,7 @@ def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd
         "mb_exchanged",
         "twin",
         *GAPS,
+        *CENTRAL,
         *COSTS,
         *BUDGETS,
         *calibrated,
@@ -171,6 +181,7 @@ def _gaps(fed: ModelResult, by_name: dict[str, ModelResult]) -> dict:
     twin = by_name.get(fed.info.get("twin", ""))
     alone = by_name.get(local_name(model_of(fed.name)))
     worst = by_name.get(local_name(model_of(fed.name), worst=True))
+    central = by_name.get(fed.info.get("central", ""))
 
     def minus(other: ModelResult | None, metric: str) -> float | None:
         if other is None or fed.metrics.get(metric) is None or other.metrics.get(metric) is None:
@@ -185,6 +196,8 @@ def _gaps(fed: ModelResult, by_name: dict[str, ModelResult]) -> dict:
         "gap_fpr": minus(twin, "fpr"),
         "gain_vs_alone": minus(alone, "macro_f1"),
         "gain_vs_worst_site": minus(worst, "macro_f1"),
+        "central": central.name if central else None,
+        "gap_central_macro_f1": minus(central, "macro_f1"),
         **_budgets(fed, twin),
     }
 
@@ -212,6 +225,7 @@ def _budgets(fed: ModelResult, twin: ModelResult | None) -> dict:
         "rounds_run": stopping.get("rounds_run", fed.info.get("rounds")),
         "local_epochs": fed.info.get("local_epochs"),
         "fed_rows": fed.info.get("train_rows"),
+        "fed_trees": fed.info.get("trees"),
         "twin_epochs": of_twin.get("epochs_run"),
         "twin_trees": of_twin.get("trees"),
         "twin_rows": used,
@@ -266,7 +280,7 @@ def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = N
     """
     notes = frame["note"] if "note" in frame else pd.Series([None] * len(frame))
     shown = frame.drop(
-        columns=["federated", "twin", *GAPS, *COSTS, *BUDGETS, *DECISION, "note"],
+        columns=["federated", "twin", *GAPS, *CENTRAL, *COSTS, *BUDGETS, *DECISION, "note"],
         errors="ignore",
     )
     shown = shown.copy()
@@ -291,15 +305,18 @@ def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = N
             f"the test macro-F1 first came within {REACH} of the twin's (both at argmax, as "
             "every round is scored; – : not reached). MB exchanged: the federated model's "
             "payload (model arrays, metrics and configs, both ways); centrally, the training "
-            "rows pooling would move (float32 features plus int32 labels).\n\n" + _markdown(price)
+            "rows pooling would move (float32 features plus int32 labels).\n\n"
+            + _markdown(price)
+            + _central_notes(frame.loc[frame["federated"]])
         )
     budgets = frame.loc[frame["federated"], ["model", "twin", *BUDGETS]]
     if len(budgets) and "rounds_run" in frame:
         text += (
             "\nBudgets of both sides: the federated model's rounds run × local epochs (XGBoost: "
-            "boosting rounds a site adds per round) on its sites' training rows; the twin's "
-            "epochs run (Keras) or trees (XGBoost: one per class and round above two classes) "
-            "on the rows it fitted on, and its cap when it saw fewer rows than it was given.\n\n"
+            "boosting rounds a site adds per round) on its sites' training rows, and its trees "
+            "(XGBoost; bagging appends every site's trees each round); the twin's epochs run "
+            "(Keras) or trees (XGBoost: one per class and round above two classes) on the rows "
+            "it fitted on, and its cap when it saw fewer rows than it was given.\n\n"
             + _markdown(budgets)
             + _capped_notes(budgets)
         )
@@ -312,6 +329,31 @@ def to_markdown(frame: pd.DataFrame, small_classes: Mapping[str, int] | None = N
             + _markdown(decided)
         )
     return text
+
+
+def _central_notes(federated: pd.DataFrame) -> str:
+    """One line per federated model whose twin is pinned: the gap to the plain central model."""
+    notes = ""
+    for row in federated.itertuples(index=False):
+        if not isinstance(row.central, str) or pd.isna(row.gap_central_macro_f1):
+            continue
+        gap = float(row.gap_central_macro_f1)
+        federation = None if pd.isna(row.gap_macro_f1) else float(row.gap_macro_f1)
+        split = (
+            ""
+            if federation is None
+            else f": {federation:+.4f} federation (the gap to {row.twin}) and "
+            f"{gap - federation:+.4f} what pinning the twin changes (the run's bin edges, the "
+            f"sites' training rows, the federated boosting rounds, against {row.central}'s own "
+            "edges, every training row and its own budget)"
+        )
+        notes += (
+            f"\n{row.model}'s twin {row.twin} is trained as the federation was (the sites' "
+            "training rows pooled, the run's bin edges pinned, pooled class weights, the same "
+            f"boosting rounds), so its gap measures federation alone. Against the unpinned "
+            f"central {row.central}, the macro-F1 gap is {gap:+.4f}{split}.\n"
+        )
+    return notes
 
 
 def _capped_notes(budgets: pd.DataFrame) -> str:

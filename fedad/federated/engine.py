@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.supercore.date import now
 
-from fedad.federated.histogram.cohort import ray_cpus
+from fedad.federated.histogram.cohort import LEAN_ACTOR_HOOK, ray_cpus
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -319,6 +319,11 @@ def ray_options(
     elif cohort:
         per_actor = float(client_resources.get("num_cpus", 1))
         init_args.setdefault("num_cpus", ray_cpus(cohort, per_actor))
+    if cohort:
+        # A cohort's actors run XGBoost alone: without TensorFlow, which Flower's actor module
+        # imports, each holds about 0.35 GB instead of 0.85 (cohort.SITE_BYTES).
+        hook = {"worker_process_setup_hook": LEAN_ACTOR_HOOK}
+        init_args["runtime_env"] = {**init_args.get("runtime_env", {}), **hook}
     # Actor output is TensorFlow's start-up chatter; client errors still reach
     # this process as error replies. `ray_init_args.log_to_driver: true` shows it.
     init_args.setdefault("log_to_driver", False)
@@ -455,7 +460,10 @@ def _start_ray(init_args: Mapping) -> None:
         return
     # As Flower does: the actors import the apps' modules from this process's path.
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    args = dict(init_args)
+    runtime_env = dict(args.pop("runtime_env", {}))
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "PYTHONPATH": pythonpath}
+    ray.init(runtime_env=runtime_env, **args)
 
 
 class _Interrupts:

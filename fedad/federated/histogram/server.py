@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 
 from fedad.errors import FedadError
 from fedad.federated.histogram.session import LEAN
@@ -59,12 +60,7 @@ def choose_port(port: int) -> int:
     """
     if port:
         if not port_free(port):
-            raise FedadError(
-                f"strategy.port={port} is in use on this machine, so XGBoost's federated server "
-                "cannot listen there (XGBoost 3.2 would crash on it). Stop what holds the port, "
-                "choose another strategy.port, or set strategy.port=0 to let fedad probe a free "
-                "port for every round."
-            )
+            raise FedadError(_taken(port) + ".")
         return port
     for _ in range(PORT_TRIES):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -75,6 +71,29 @@ def choose_port(port: int) -> int:
     raise FedadError(
         f"No free port was found for XGBoost's federated server in {PORT_TRIES} tries; set "
         "strategy.port to a port that is free on every interface."
+    )
+
+
+def check_port(strategy_cfg: Mapping) -> str | None:
+    """A histogram run's fixed ``strategy.port`` found taken now, before Ray starts; else None.
+
+    Each round probes it again (:func:`choose_port`): it may be taken later.
+    """
+    port = strategy_cfg.get("port")
+    if strategy_cfg.get("name") != "fedxgb_histogram" or isinstance(port, bool):
+        return None
+    # A port out of range is strategy.check_config's to name.
+    if not isinstance(port, int) or not 0 < port < 65536 or port_free(port):
+        return None
+    return _taken(port)
+
+
+def _taken(port: int) -> str:
+    return (
+        f"strategy.port={port} is in use on this machine, so XGBoost's federated server "
+        "cannot listen there (XGBoost 3.2 would crash on it); stop what holds the port, "
+        "choose another strategy.port, or set strategy.port=0 to let fedad probe a free "
+        "port for every round"
     )
 
 
