@@ -18,6 +18,8 @@ RESULTS_FILE = "results.json"
 FAILED_FILE = "failed.json"
 HISTORY_FILE = "history.csv"
 CLIENTS_FILE = "clients.csv"
+# The fairness audit of the sites (fedad/evaluation/fairness.py), from clients.csv.
+SITES_FILE = "sites.md"
 PARTITION_CSV = "partition.csv"
 PARTITION_PNG = "partition.png"
 COMPARISON_CSV = "comparison.csv"

@@ -422,3 +422,44 @@ def test_a_job_of_another_fedad_version_is_listed_apart_never_averaged(tmp_path)
     assert f"written by fedad 0.0.1; this report is fedad {__version__}" in text
     # The old job's 0.10 is in no aggregate.
     assert "| `federated_cnn` | central_cnn | 2 | 0.800 ± 0.000 | 0.900 ± 0.000 |" in text
+
+
+# --- the sites section (clients.csv: global, personal and lone scores per site) -------------
+
+
+def test_the_sites_section_audits_every_model_of_each_site(tmp_path):
+    from fedad.evaluation import fairness
+    from fedad.report.sites import SITES_CSV, SITES_PNG
+
+    job = make_run(
+        tmp_path / "run",
+        ["personalize=finetune"],
+        models={"federated_cnn": (0.8, "federated"), "central_cnn": (0.9, "supervised")},
+    )
+    clients = pd.DataFrame(
+        {
+            "client": [0, 1, 2, 3],
+            "macro_f1": [0.40, 0.70, 0.90, 0.85],
+            "fpr": [0.30, 0.10, 0.00, float("nan")],
+            "recall": [0.60, 0.80, 0.95, 0.90],
+            "personal_macro_f1": [0.75, 0.72, 0.88, 0.86],
+            "personal_fpr": [0.05, 0.08, 0.01, float("nan")],
+            "personal_recall": [0.70, 0.82, 0.93, 0.91],
+            "alone_macro_f1": [0.60, 0.65, 0.80, 0.88],
+            "alone_fpr": [0.10, 0.20, 0.02, float("nan")],
+            "alone_recall": [0.50, 0.70, 0.85, 0.92],
+        }
+    )
+    clients.to_csv(job / "clients.csv", index=False)
+    text = write_report(job).read_text()
+    assert "## Sites" in text and f"]({SITES_PNG})" in text
+    assert (job / SITES_PNG).stat().st_size > 0
+    table = pd.read_csv(job / SITES_CSV).set_index("model")
+    summary = fairness.audit(clients)
+    for model in ("global", "personal", "alone"):
+        assert table.loc[model, "macro_f1_worst"] == summary["models"][model]["macro_f1"]["worst"]
+        assert table.loc[model, "fpr_worst"] == clients[f"{fairness.MODELS[model]}fpr"].max()
+    # The global model leaves sites 0 and 3 worse off than alone; the personal one only site 3.
+    assert table.loc["global", "worse_than_alone"] == 2
+    assert table.loc["personal", "worse_than_alone"] == 1
+    assert "| global | 4 | 0.400 |" in text and "2 of 4" in text

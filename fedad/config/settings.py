@@ -12,7 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 from fedad.config.compose import CONF_DIR, CONFIG_NAME
 
 # Groups of the composed config that reach the Flower apps, flattened to dotted keys.
-SETTINGS_GROUPS = ("model", "train", "strategy", "simulation", "attack", "privacy", "decision")
+SETTINGS_GROUPS = (
+    "model",
+    "train",
+    "strategy",
+    "simulation",
+    "attack",
+    "privacy",
+    "decision",
+    "personalize",
+)
 # Settings the apps read beyond those groups: what the driver computes for the run.
 RUN_KEYS = (
     "run-dir",

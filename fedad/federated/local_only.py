@@ -8,14 +8,18 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from flwr.app import ConfigRecord
 
+from fedad import rundir
 from fedad.config import Settings
 from fedad.data import scaling
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
+from fedad.evaluation import fairness
 from fedad.evaluation.comparison import ModelResult
 from fedad.evaluation.decision import decide, threshold_from_scores
 from fedad.evaluation.metrics import compute_metrics
@@ -43,7 +47,11 @@ def train_alone(
     for as many rounds of ``train.local_epochs`` as the federated run has (one
     site, no server), scales with its own statistics (it has no others), and
     is scored on the global test set. The autoencoder's threshold comes from
-    the site's own validation rows. When the sites' training is worth it
+    the site's own validation rows. Each site alone is also scored on its own
+    test slice, as the global model is at the site (``alone_`` columns of
+    ``clients.csv``, then the fairness audit of the sites:
+    :func:`fedad.evaluation.fairness.audit_run`, in each row's ``info["fairness"]``).
+    When the sites' training is worth it
     (:data:`PARALLEL_ROW_PASSES`), they train in spawned processes, one per
     CPU, each with the framework on one thread as an actor has it.
 
@@ -83,6 +91,9 @@ def train_alone(
         results = [site_alone(alone, pid, *test) for pid in sites]
     seconds = float(np.mean([result[3] for result in results]))
     summaries = _summaries(str(settings["model.name"]), [r[:3] for r in results], seconds)
+    audit = _audit_sites(str(settings["run-dir"]), {r[0]: r[4] for r in results})
+    for summary in summaries:
+        summary.info["fairness"] = audit
     rule = run_decision(settings)
     if rule.rule != "argmax" and family_for(settings).calibrated:
         for summary in summaries:
@@ -100,7 +111,7 @@ def site_alone(
     X_test: np.ndarray,
     y_test: np.ndarray,
     class_names: list[str],
-) -> tuple[int, dict, np.ndarray, float]:
+) -> tuple[int, dict, np.ndarray, float, dict]:
     """Train site ``pid`` alone for the run's rounds; its metrics and scores on the test set.
 
     Parameters
@@ -116,8 +127,10 @@ def site_alone(
 
     Returns
     -------
-    tuple[int, dict, np.ndarray, float]
-        ``pid``, the metrics, the scores, the seconds it took.
+    tuple[int, dict, np.ndarray, float, dict]
+        ``pid``, the metrics, the scores, the seconds it took, and the
+        metrics on the site's own test slice (as the global model's at the
+        site: the family's :meth:`~fedad.federated.families.base.Family.metrics`).
     """
     started = time.perf_counter()
     seed = int(settings["seed"])
@@ -128,6 +141,7 @@ def site_alone(
     for server_round in range(1, int(settings["simulation.num_rounds"]) + 1):
         arrays, _ = family.fit(arrays, site, {}, seed=seed + 1000 * server_round + pid)
     family.after_evaluate(family.site_metrics(arrays, site, family.evaluate_config()))
+    own = family.metrics(arrays, site.X_test, site.y_test, family.evaluate_config())
     X_site, _ = shards.read_shard(shards.shard_path(str(settings["run-dir"]), pid), LOCAL_READER)
     mean, std = site_scaling(X_site, ConfigRecord())
     scores = family.scores(arrays, scaling.standardize(X_test, mean, std))
@@ -140,7 +154,25 @@ def site_alone(
         # The run's decision rule, calibrated on this site's own validation rows.
         y_pred = decide(scores, _site_threshold(family, arrays, site))
     metrics = compute_metrics(y_true, scores, class_names, y_pred=y_pred)
-    return pid, metrics, scores, time.perf_counter() - started
+    return pid, metrics, scores, time.perf_counter() - started, own
+
+
+def _audit_sites(run_dir: str, own: dict[int, dict]) -> dict | None:
+    """Add each site alone's metrics on its slice to ``clients.csv``; audit the sites.
+
+    The columns are the global model's, prefixed ``alone_``; a site not trained
+    alone keeps them empty. None where the run wrote no ``clients.csv``.
+    """
+    path = Path(run_dir) / rundir.CLIENTS_FILE
+    if not path.is_file():
+        return None
+    clients = pd.read_csv(path)
+    alone = pd.DataFrame.from_dict(own, orient="index").add_prefix("alone_")
+    clients = clients.drop(columns=[c for c in clients if c.startswith("alone_")])
+    clients = clients.join(alone, on="client")
+    with rundir.atomic(path, "w") as file:
+        clients.to_csv(file, index=False)
+    return fairness.audit_run(run_dir)
 
 
 def _site_threshold(family: Family, arrays: list[np.ndarray], site: Site) -> float | None:
@@ -184,7 +216,7 @@ def _set_up_worker(settings: Settings, test: tuple) -> None:
     _WORKER.update(settings=settings, test=test)
 
 
-def _site_alone_in_worker(pid: int) -> tuple[int, dict, np.ndarray, float]:
+def _site_alone_in_worker(pid: int) -> tuple[int, dict, np.ndarray, float, dict]:
     return site_alone(_WORKER["settings"], pid, *_WORKER["test"])
 
 

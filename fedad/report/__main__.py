@@ -15,6 +15,7 @@ import pandas as pd
 from fedad import rundir
 from fedad.errors import FedadError, exit_with
 from fedad.report import figures, security
+from fedad.report import sites as site_audit
 from fedad.report.jobs import read_table
 from fedad.report.markdown import format_value, render, row_labels, setting_label
 from fedad.report.tables import (
@@ -150,9 +151,10 @@ def _make(root: Path, out_dir: Path, stage: Path, tidy: pd.DataFrame) -> None:
         made={name: out_dir / p.relative_to(stage) for name, p in made.items()},
         heatmaps=[(label, out_dir / p.relative_to(stage)) for label, p in heatmaps],
     )
-    # Poisoning and privacy: sections of their own, when the folder holds such runs.
+    # Sites, poisoning and privacy: sections of their own, when the folder holds such runs.
     skipped = tidy.loc[tidy["status"] == "skipped", ["job", "error"]].drop_duplicates("job")
-    extra = security.write(root, stage, list(done["job"].unique()), skipped)
+    extra = site_audit.write(root, stage, list(done["job"].unique()))
+    extra += security.write(root, stage, list(done["job"].unique()), skipped)
     if extra:
         text = text.rstrip("\n") + "\n\n" + "\n".join(extra)
     (stage / REPORT_MD).write_text(text)

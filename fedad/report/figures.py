@@ -1,4 +1,4 @@
-"""Figures of the sweep report: macro-F1 against a setting, convergence, gaps, site spread."""
+"""Figures of the sweep report: macro-F1 against a setting, convergence, gaps, sites."""
 
 from __future__ import annotations
 
@@ -182,6 +182,50 @@ def site_spread(sites: pd.DataFrame, path: Path) -> Path:
     ax.set_xlabel("client macro-F1 (mean over seeds)")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def site_scores(rows: pd.DataFrame, path: Path) -> Path:
+    """Each site's macro-F1 on its own slice: the global, personal and lone models, per job.
+
+    Parameters
+    ----------
+    rows : pd.DataFrame
+        :func:`fedad.report.sites.site_rows`: ``job``, ``client``, ``model``
+        (``global``, ``personal``, ``alone``) and ``macro_f1``.
+    path : Path
+        Image file to write.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    jobs = list(dict.fromkeys(rows["job"]))
+    fig, axes = plt.subplots(len(jobs), 1, figsize=(7, 2.6 * len(jobs)), squeeze=False)
+    markers = {"global": "o", "personal": "^", "alone": "s"}
+    for ax, job in zip(axes[:, 0], jobs, strict=True):
+        one = rows[rows["job"] == job]
+        # Sites in the order of the global model's score: the worst served on the left.
+        order = one[one["model"] == "global"].sort_values("macro_f1")["client"].tolist()
+        order += [c for c in dict.fromkeys(one["client"]) if c not in order]
+        x = {client: i for i, client in enumerate(order)}
+        for model, marker in markers.items():
+            points = one[one["model"] == model]
+            if len(points):
+                ax.plot(
+                    [x[c] for c in points["client"]],
+                    points["macro_f1"],
+                    marker,
+                    linestyle="none",
+                    label=model,
+                )
+        ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize="small")
+        ax.set_title(str(job), fontsize="small")
+        ax.set_ylabel("macro-F1 on its slice")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[-1, 0].set_xlabel("site (by the global model's score)")
     return _save(fig, path)
 
 
