@@ -15,7 +15,7 @@ from sklearn.datasets import make_classification
 from fedad import rundir
 from fedad.config import compose, make_settings
 from fedad.data.prepared import PreparedData
-from fedad.evaluation import fairness
+from fedad.evaluation import comparison, fairness
 from fedad.evaluation.metrics import compute_metrics
 from fedad.federated import personalize
 from fedad.federated.families.classifier import local_model, train_local
@@ -160,3 +160,12 @@ def test_a_site_without_normal_rows_has_no_fpr_and_is_left_out_of_it():
     assert fpr["sites"] == 3
     assert fpr["worst"] == clients["fpr"].max()
     assert "personal" not in summary["models"] and "worse_than_alone" not in summary
+
+
+@pytest.mark.slow
+def test_the_comparison_points_to_the_audit(run):
+    run_dir, _, models = run
+    comparison.write(comparison.table(models), run_dir)
+    text = (run_dir / rundir.COMPARISON_MD).read_text()
+    assert (run_dir / rundir.SITES_FILE).is_file()
+    assert text.rstrip().endswith(f"{rundir.SITES_FILE}.")

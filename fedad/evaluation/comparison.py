@@ -385,9 +385,19 @@ def _markdown(frame: pd.DataFrame) -> str:
 def write(
     frame: pd.DataFrame, run_dir: Path, small_classes: Mapping[str, int] | None = None
 ) -> None:
-    """Write ``comparison.csv`` and ``comparison.md`` (see :func:`to_markdown`) into ``run_dir``."""
+    """Write ``comparison.csv`` and ``comparison.md`` (see :func:`to_markdown`) into ``run_dir``.
+
+    ``comparison.md`` ends with a pointer to the run's fairness audit of the
+    sites when there is one (``sites.md``, written with the sites alone).
+    """
     rundir.write_text(run_dir / rundir.COMPARISON_CSV, frame.to_csv(index=False))
-    rundir.write_text(run_dir / rundir.COMPARISON_MD, to_markdown(frame, small_classes))
+    text = to_markdown(frame, small_classes)
+    if (run_dir / rundir.SITES_FILE).is_file():
+        text += (
+            f"\nEvery site on its own test slice (the global model, each personal model, the "
+            f"site alone; the worst site, the 10th percentile, the spread): {rundir.SITES_FILE}.\n"
+        )
+    rundir.write_text(run_dir / rundir.COMPARISON_MD, text)
 
 
 def _cell(value: object) -> str:
