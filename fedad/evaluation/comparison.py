@@ -97,8 +97,8 @@ ARGMAX = ("argmax_macro_f1", "argmax_fpr")
 DECISION = ("decision", "threshold", *ARGMAX)
 # The columns of a comparison a report reads back beside results.json's metrics.
 REPORTED = (*ARGMAX, *KEPT, "rounds_run")
-# The whole-number columns: every budget but the cap's text, and the round kept.
-COUNTS = (*(b for b in BUDGETS if b != "twin_cap"), "kept_round")
+# The whole-number columns: every budget but the cap's text, and the rounds kept and reached.
+COUNTS = (*(b for b in BUDGETS if b != "twin_cap"), "kept_round", "reach_round")
 
 
 def table(results: Sequence[ModelResult], pooling_mb: float | None = None) -> pd.DataFrame:
