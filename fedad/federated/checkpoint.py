@@ -26,14 +26,16 @@ if TYPE_CHECKING:
 META_KEYS = ("round", "state_file", "num_arrays", "strategy_state", "fingerprint", "history")
 
 # Strategy attributes that carry over from round to round, by strategy class name: the
-# server optimizer's moments and FedAvgM's momentum. Everything else a strategy keeps is
-# configuration, or rebuilt from the global model each round. Read by name (tests/
-# test_flower_contracts.py checks Flower still has them), so a rename fails loudly.
+# server optimizer's moments, FedAvgM's momentum and SCAFFOLD's control variate. Everything
+# else a strategy keeps is configuration, or rebuilt from the global model each round. Read
+# by name (tests/test_flower_contracts.py checks Flower still has them; fedad's own Scaffold,
+# tests/test_scaffold.py), so a rename fails loudly.
 STATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "FedAdam": ("m_t", "v_t"),
     "FedYogi": ("m_t", "v_t"),
     "FedAdagrad": ("m_t", "v_t"),
     "FedAvgM": ("momentum_vector",),
+    "Scaffold": ("control",),
 }
 
 

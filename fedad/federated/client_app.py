@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedad.data import scaling
-from fedad.federated import attacks, faults, privacy, shards, site_state
+from fedad.federated import attacks, faults, personalize, privacy, scaffold, shards, site_state
 from fedad.federated.families.registry import family_for
 from fedad.federated.histogram import session as histogram
 from fedad.federated.task import Settings, load_site, run_settings
@@ -85,6 +85,8 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     """Train the received global model on the local shard; reply with the new model.
 
     A malicious site (``attack.*``) poisons its reply (:func:`fedad.federated.attacks.train_site`).
+    Under SCAFFOLD its gradients are corrected and it replies its control variates' change
+    too (:class:`fedad.federated.scaffold.SiteControl`).
     """
     family = family_for(settings)
     family.init_runtime()
@@ -98,15 +100,23 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     if settings.get("resume", False):
         site_state.restore(run_dir, pid, server_round, context.state)
     site = load_site(settings, pid, config, family.val_fraction(), state=context.state)
+    received = _arrays(msg).to_numpy_ndarrays()
+    control = scaffold.SiteControl(msg.content, context.state)
+    family.correction = control.correction()
     arrays, metrics = attacks.train_site(
         family,
-        _arrays(msg).to_numpy_ndarrays(),
+        received,
         site,
         config,
         settings,
         pid,
         int(context.node_config["num-partitions"]),
         seed=int(settings["seed"]) + 1000 * server_round + pid,
+    )
+    # Before the state is saved: the site's new control variate is part of it.
+    changed = control.reply(received, arrays, metrics, float(settings["train.learning_rate"]))
+    personalize.after_train(
+        family, _arrays(msg).to_numpy_ndarrays(), site, settings, pid, server_round
     )
     site_state.save(
         run_dir,
@@ -117,12 +127,16 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     )
     # MetricRecord takes a dict, invariant in its values: floats are metric values.
     metric_record = MetricRecord(cast(dict[str, Any], metrics))
-    reply = RecordDict({"arrays": ArrayRecord(arrays), "metrics": metric_record})
+    reply = RecordDict({"arrays": ArrayRecord(arrays), "metrics": metric_record, **changed})
     return Message(reply, reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, settings: Settings) -> Message:
-    """Score the received global model on the local test slice."""
+    """Score the received global model on the local test slice.
+
+    In the final pass of a personalized run, the site's personal model too
+    (:func:`fedad.federated.personalize.final_metrics`): its metrics only.
+    """
     family = family_for(settings)
     family.init_runtime()
     pid = int(context.node_config["partition-id"])
@@ -130,8 +144,10 @@ def handle_evaluate(msg: Message, context: Context, settings: Settings) -> Messa
     # The final pass over all sites measures the final model, so nothing fails there.
     if not config.get("final", False) and faults.fails(settings, context, config):
         return faults.failure_reply(msg, pid, int(cast(int, config["server-round"])))
-    site = load_site(settings, pid, config, family.val_fraction())
-    metrics = family.site_metrics(_arrays(msg).to_numpy_ndarrays(), site, config)
+    site = load_site(settings, pid, config, family.val_fraction(), state=context.state)
+    received = _arrays(msg).to_numpy_ndarrays()
+    metrics = family.site_metrics(received, site, config)
+    metrics.update(personalize.final_metrics(family, received, site, config, settings, pid))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

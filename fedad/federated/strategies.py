@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import (
 from fedad.config import checks
 from fedad.errors import FedadError
 from fedad.federated.histogram.strategy import FedXgbHistogram
+from fedad.federated.scaffold import Scaffold
 from fedad.models import booster
 from fedad.models.catalog import family
 
@@ -80,6 +81,7 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "multikrum": MultiKrum,
     "bulyan": Bulyan,
     "qfedavg": QFedAvg,
+    "scaffold": Scaffold,
     "fedxgb_bagging": FedXgbBaggingAll,
     "fedxgb_cyclic": FedXgbCyclic,
     "fedxgb_histogram": FedXgbHistogram,

@@ -76,6 +76,7 @@ class AutoencoderFamily(KerasFamily):
             seed=seed,
             validation=(held_out, held_out),
             state=site.state if self.settings["train.keep_optimizer"] else None,
+            correction=self.correction,
         )
         weights = local_model(self.settings).get_weights()
         return weights, {**history, "skipped": 0.0, "num-examples": len(normal)}

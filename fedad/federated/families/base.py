@@ -58,7 +58,16 @@ class Family(ABC):
     ----------
     settings : Mapping
         Flat run settings.
+
+    Attributes
+    ----------
+    correction : list[np.ndarray] or None
+        Added to every gradient of the next :meth:`fit`, one array per model
+        array (SCAFFOLD's ``c - c_i``: :mod:`fedad.federated.scaffold`); None:
+        none. Families that take no gradient steps never get one.
     """
+
+    correction: list[np.ndarray] | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -18,11 +18,11 @@ from fedad.config import Settings, section
 from fedad.federated.families.base import Family, RunScorer
 from fedad.federated.task import Site, balanced_weights
 from fedad.models.inference import SERVER_BATCH, predict
-from fedad.models.keras_models import build_model
+from fedad.models.keras_models import TrainingSteps, build_model, run_epochs
 
 _RUNTIME_READY = False
-# One compiled model per actor process, reused by every client the actor runs:
-# building and tracing a Keras model costs seconds, a message costs milliseconds.
+# One compiled model and its compiled steps per actor process, reused by every client the
+# actor runs: building and tracing a Keras model costs seconds, a message costs milliseconds.
 _MODELS: dict[str, ProximalModel] = {}
 # Key of the optimizer's variables in a site's state between rounds.
 OPTIMIZER_STATE = "optimizer"
@@ -64,6 +64,7 @@ class KerasFamily(Family):
             validation=(site.X_val, site.y_val),
             sample_weight=balanced_weights(y) if self.settings["train.class_weights"] else None,
             state=site.state if self.settings["train.keep_optimizer"] else None,
+            correction=self.correction,
         )
         return model.get_weights(), {**history, "num-examples": len(site.y_train)}
 
@@ -127,8 +128,12 @@ class ProximalModel(keras.Model):
     Flower's FedProx strategy only sends ``mu``, each client must add the term
     itself. ``mu = 0`` gives plain local training (FedAvg and the others).
     The anchor is kept outside Keras' tracking so it is not part of
-    ``get_weights()``.
+    ``get_weights()``. The model trains through :attr:`steps`, its compiled
+    steps (:class:`fedad.models.keras_models.TrainingSteps`), set by
+    :func:`local_model`.
     """
+
+    steps: TrainingSteps
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -194,6 +199,7 @@ def local_model(settings: Settings) -> ProximalModel:
             loss=base.loss,
             metrics=["accuracy"] if base.loss != "mse" else None,
         )
+        model.steps = TrainingSteps(model)
         _MODELS[key] = model
     return _MODELS[key]
 
@@ -210,8 +216,13 @@ def train_local(
     sample_weight: np.ndarray | None = None,
     state: RecordDict | None = None,
     anchor: list[np.ndarray] | None = None,
+    correction: list[np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` from ``global_weights`` on one site's rows.
+    """Train ``model`` from ``global_weights`` on one site's rows, one compiled step a batch.
+
+    The steps are the model's (:func:`fedad.models.keras_models.run_epochs`): each
+    epoch orders the rows afresh from ``seed``, and early stopping keeps the
+    weights of the epoch with the lowest validation loss.
 
     Parameters
     ----------
@@ -227,7 +238,7 @@ def train_local(
     mu : float
         FedProx proximal strength; 0 for every other strategy.
     seed : int
-        Seeds shuffling and dropout, so one seed gives one update.
+        Seeds the row orders and dropout, so one seed gives one update.
     validation : tuple of np.ndarray, optional
         Held-out rows for early stopping (used when the patience is set).
     sample_weight : np.ndarray, optional
@@ -239,12 +250,49 @@ def train_local(
     anchor : list[np.ndarray], optional
         Where the proximal term pulls (default ``global_weights``); a personal
         model trained from its own weights towards the global one sets both.
+    correction : list[np.ndarray], optional
+        Added to every gradient, one array per array of ``get_weights()``
+        (SCAFFOLD's ``c - c_i``; only the trainable ones' are used); none by default.
 
     Returns
     -------
     dict[str, float]
         ``train_loss`` (including the proximal term) of the last epoch,
-        ``train_accuracy`` for a classifier, and ``train_epochs`` run.
+        ``train_accuracy`` for a classifier, ``train_epochs`` run and
+        ``train_steps`` behind the returned weights.
+    """
+    start_local(model, global_weights, settings, mu, seed, state, anchor)
+    model.steps.correct(correction)
+    history = run_epochs(
+        model.steps,
+        X,
+        y,
+        epochs=int(settings["train.local_epochs"]),
+        batch_size=int(settings["train.batch_size"]),
+        seed=seed,
+        sample_weight=sample_weight,
+        validation=validation,
+        patience=int(settings["train.early_stopping_patience"]),
+    )
+    if state is not None:
+        state[OPTIMIZER_STATE] = ArrayRecord([np.asarray(v) for v in model.optimizer.variables])
+    return history
+
+
+def start_local(
+    model: ProximalModel,
+    global_weights: list[np.ndarray],
+    settings: Settings,
+    mu: float,
+    seed: int,
+    state: RecordDict | None = None,
+    anchor: list[np.ndarray] | None = None,
+) -> None:
+    """Set ``model`` to train from ``global_weights``: weights, anchor, optimizer and dropout seeds.
+
+    What :func:`train_local` does before its first step (the parameters are
+    its own): whatever sites the actor's cached model trained before, the
+    update depends only on these arguments.
     """
     model.set_weights(global_weights)
     model.set_anchor(global_weights if anchor is None else anchor, mu)
@@ -252,38 +300,6 @@ def train_local(
     if state is not None and OPTIMIZER_STATE in state:
         _restore_optimizer(model, cast(ArrayRecord, state[OPTIMIZER_STATE]).to_numpy_ndarrays())
     _reseed(model, seed)
-    # The seed orders the rows; Keras' shuffle on top draws from TensorFlow's global seed.
-    order = np.random.default_rng(seed).permutation(len(y))
-    X, y = X[order], y[order]
-    if sample_weight is not None:
-        sample_weight = sample_weight[order]
-    callbacks = []
-    patience = int(settings["train.early_stopping_patience"])
-    if patience > 0 and validation is not None and len(validation[1]):
-        callbacks = [
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=patience, restore_best_weights=True
-            )
-        ]
-    else:
-        validation = None
-    history = model.fit(
-        X,
-        y,
-        sample_weight=sample_weight,
-        epochs=int(settings["train.local_epochs"]),
-        batch_size=int(settings["train.batch_size"]),
-        validation_data=validation,
-        callbacks=callbacks,
-        shuffle=True,
-        verbose=0,
-    ).history
-    if state is not None:
-        state[OPTIMIZER_STATE] = ArrayRecord([np.asarray(v) for v in model.optimizer.variables])
-    out = {"train_loss": float(history["loss"][-1]), "train_epochs": float(len(history["loss"]))}
-    if "accuracy" in history:
-        out["train_accuracy"] = float(history["accuracy"][-1])
-    return out
 
 
 def global_model(settings: Settings) -> keras.Model:
@@ -341,12 +357,11 @@ def _reseed(model: keras.Model, seed: int) -> None:
 def init_runtime(settings: Settings) -> None:
     """Size TensorFlow's thread pools to the actor's CPUs and fix its global seed.
 
-    Must run before any TF op. Keras' shuffle draws from the global seed
-    afresh in every fit, so one fixed seed gives each fit the same draws and
-    :func:`train_local`'s seed alone decides the row order. Setting it once
-    matters: setting it clears TensorFlow's caches, and every traced
-    function then has to be instantiated again, which costs more than a
-    small site's training.
+    Must run before any TF op. Training draws only from the seeds
+    :func:`train_local` sets; the fixed global seed keeps any other draw
+    reproducible. Setting it once matters: setting it clears TensorFlow's
+    caches, and every traced function then has to be instantiated again,
+    which costs more than a small site's training.
     """
     global _RUNTIME_READY
     if _RUNTIME_READY:
