@@ -261,11 +261,24 @@ def test_a_bad_target_is_refused_in_one_paragraph_naming_it(overrides, named):
     assert named in message and "\n" not in message
 
 
-def test_a_bad_target_exits_2_before_the_run_folder_exists(tmp_path):
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        (
+            ["privacy=central", "privacy.target_epsilon=0"],
+            "privacy.target_epsilon must be a number > 0",
+        ),
+        (
+            ["privacy=client", "privacy.target_epsilon=4", "privacy.noise_multiplier=1.1"],
+            "privacy.target_epsilon=4 and privacy.noise_multiplier=1.1 are both set",
+        ),
+    ],
+)
+def test_a_bad_target_exits_2_before_the_run_folder_exists(tmp_path, bad, named):
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    overrides = [f"hydra.run.dir={run_dir}", "privacy=central", "privacy.target_epsilon=0"]
+    overrides = [f"hydra.run.dir={run_dir}", *bad]
     done = subprocess.run(
         [sys.executable, "-m", "fedad.simulate", *overrides],
         cwd=tmp_path,
@@ -276,7 +289,7 @@ def test_a_bad_target_exits_2_before_the_run_folder_exists(tmp_path):
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("fedad: error:") and "Traceback" not in done.stderr
-    assert "privacy.target_epsilon must be a number > 0" in " ".join(done.stderr.split())
+    assert named in " ".join(done.stderr.split())
     assert done.stderr.count("\n\n") == 0  # one paragraph
     assert not run_dir.exists()  # refused before Hydra made the run folder, let alone Ray
 

@@ -16,6 +16,7 @@ from fedad.config import CONF_DIR, FLOWER_KEYS, available_options, compose, make
 from fedad.data.prepared import PreparedData
 from fedad.data.scaling import standardize
 from fedad.deployment.__main__ import main as deployment_main
+from fedad.errors import FedadError
 from fedad.federated import shards
 from fedad.federated.shards import read_access_log
 from fedad.federated.task import evaluation_metrics, run_settings
@@ -181,3 +182,25 @@ def test_the_run_config_reaches_the_apps_as_the_simulation_passes_it(make_cfg, t
     assert all(type(run_config[k]) is type(v) for k, v in settings.items())
     assert run_config["strategy.proximal_mu"] == pytest.approx(0.1)
     assert "strategy.eta" not in run_settings({}, run_config)
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (
+            ["secure_aggregation=secaggplus", "secure_aggregation.max_weight=100000"],
+            "secure_aggregation=secaggplus runs only under the Simulation Engine",
+        ),
+        (
+            ["model=xgboost", "strategy=fedxgb_histogram"],
+            "strategy=fedxgb_histogram runs only under the Simulation Engine",
+        ),
+    ],
+)
+def test_what_only_the_simulation_runs_is_refused_before_the_folder_is_made(
+    make_cfg, tmp_path, overrides, words
+):
+    run_dir = tmp_path / "run"
+    with pytest.raises(FedadError, match=words):
+        deployment.prepare_run(make_cfg(*overrides), run_dir)
+    assert not run_dir.exists()

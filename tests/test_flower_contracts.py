@@ -168,3 +168,99 @@ def test_engine_loop_stop():
         "vce_api.add_messages_to_queue stops on f_stop.is_set()",
         "fedad.federated.engine._pickup_from_waiting_nodes loops the same way",
     )
+
+
+def test_secaggplus_workflow_state():
+    from flwr.server import LegacyContext
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+    needed = "fedad.federated.secagg.server.run_rounds sets them before each workflow call"
+    _contract(
+        (MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key.CURRENT_ROUND)
+        == ("config", "parameters", "current_round"),
+        "the legacy workflows read the round and model from context.state's 'config' "
+        "(current_round) and 'parameters' records",
+        needed,
+    )
+    setup = inspect.getsource(SecAggPlusWorkflow.setup_stage)
+    unmask = inspect.getsource(SecAggPlusWorkflow.unmask_stage)
+    _contract(
+        "context.state.array_records[MAIN_PARAMS_RECORD]" in setup
+        and "cfg[WorkflowKey.CURRENT_ROUND]" in setup
+        and "context.state.array_records[MAIN_PARAMS_RECORD] = arr_record" in unmask,
+        "SecAggPlusWorkflow reads the model and round from context.state and writes the new "
+        "model there",
+        needed,
+    )
+    _contract(
+        "fitres.parameters = parameters" in unmask and "context.strategy.aggregate_fit(" in unmask,
+        "SecAggPlusWorkflow hands the strategy's aggregate_fit the unmasked aggregate in every "
+        "result, not the sites' updates",
+        "fedad.federated.secagg.server.MaskedMean averages them (the mean of equal arrays)",
+    )
+    call = inspect.getsource(SecAggPlusWorkflow.__call__)
+    _contract(
+        '"Secure aggregation halted.")\n                return' in call,
+        "SecAggPlusWorkflow only logs a halted round and returns, without calling aggregate_fit",
+        "fedad.federated.secagg.server._check_round detects a halt by aggregate_fit not called",
+    )
+    params = list(inspect.signature(GridClientProxy.__init__).parameters)
+    _contract(
+        params == ["self", "node_id", "grid", "run_id"]
+        and "client_manager" in inspect.signature(LegacyContext.__init__).parameters,
+        f"GridClientProxy(node_id, grid, run_id) is {params}; LegacyContext(client_manager=)",
+        "fedad.federated.secagg.server.run_rounds registers the sites itself, in partition order",
+    )
+
+
+def test_secaggplus_messages():
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.client.mod.secure_aggregation import secaggplus_mod
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    from fedad.federated import secagg
+    from fedad.federated.grid import config_bytes
+    from fedad.federated.secagg import client
+
+    _contract(
+        Stage.all() == secagg.STAGES
+        and (RECORD_KEY_CONFIGS, Key.STAGE)
+        == (
+            "secaggplus_configs",
+            "stage",
+        ),
+        "SecAgg+'s stages and the 'secaggplus_configs' record's 'stage' key",
+        "fedad.federated.secagg.server.stage_of and client.drop_out name the stage by them",
+    )
+    workflow = inspect.getsource(SecAggPlusWorkflow)
+    _contract(
+        workflow.count("group_id=str(") == 4,
+        "every SecAgg+ stage's message has the round as its group_id",
+        "fedad.federated.secagg.client.drop_out reads the round from it",
+    )
+    content = compat.fitins_to_recorddict(
+        FitIns(ndarrays_to_parameters([np.zeros(2)]), {"server-round": 1}), keep_input=True
+    )
+    _contract(
+        isinstance(content.get(client.FITINS_PARAMETERS), ArrayRecord)
+        and isinstance(content.get(client.FITINS_CONFIG), ConfigRecord),
+        f"fitins_to_recorddict writes {list(content)}",
+        "fedad.federated.secagg.client.handle_train reads the FitIns records by these names",
+    )
+    mod = inspect.getsource(secaggplus_mod)
+    _contract(
+        "call_next(msg, ctxt)" in mod and "arr_record.clear()" in mod,
+        "secaggplus_mod calls the train handler in the masked stage and clears its arrays",
+        "fedad.federated.secagg.client: the handler's FitRes never leaves the site unmasked",
+    )
+    record = ConfigRecord({"pk": [b"ab", b"cde"], "n": [1, 2], "x": 0.5, "ok": True, "s": "hi"})
+    _contract(
+        config_bytes(record) == record.count_bytes(),
+        "ConfigRecord.count_bytes counts str/bytes by length, numbers as 8 and bools as 1 byte",
+        "fedad.federated.grid.config_bytes counts as it does (and where it raises: empty values)",
+    )

@@ -57,7 +57,7 @@ RUNTIME_KEYS = (
 ROUNDS_KEY = "simulation.num_rounds"
 # Groups whose option `none` changes nothing a run computes, whatever its other keys say:
 # left out of the content then, so runs from before these groups existed stay comparable.
-NONE_GROUPS = ("attack", "privacy", "personalize")
+NONE_GROUPS = ("attack", "privacy", "personalize", "secure_aggregation")
 # Federated early stopping: off (patience 0) it changes nothing a run computes, whatever its
 # metric and min_delta say, so it is left out of the content then, and runs from before it
 # existed stay comparable. On, it draws validation rows at every site and ends training.

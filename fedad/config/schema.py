@@ -94,6 +94,8 @@ class RootConfig:
     baselines: Any = MISSING
     attack: Any = MISSING
     privacy: Any = MISSING
+    secure_aggregation: Any = MISSING
+    personalize: Any = MISSING
     tracking: Any = MISSING
     seed: int = MISSING
     data_dir: str = MISSING

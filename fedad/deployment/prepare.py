@@ -92,7 +92,8 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> PreparedRun:
     ------
     FedadError
         For a setting the Deployment Engine cannot honour (``federated=false``,
-        ``resume``, ``failure_mode=crash``), a folder that already holds files,
+        ``resume``, ``failure_mode=crash``, SecAgg+, ``fedxgb_histogram``), a folder
+        that already holds files,
         and every data or setting error the simulation raises.
     """
     from fedad.federated.simulation import prepare_sites
@@ -127,6 +128,21 @@ def _check_supported(cfg: DictConfig) -> None:
         raise FedadError(
             "fedad.deployment cannot resume a run: drop resume=. To continue a run, use the "
             "Simulation Engine (python -m fedad.simulate resume=...)."
+        )
+    secure = cfg.get("secure_aggregation", {}).get("name", "none")
+    if secure != "none":
+        raise FedadError(
+            f"secure_aggregation={secure} runs only under the Simulation Engine: fedad's SecAgg+ "
+            "round loop drives Flower's legacy workflow, which the run config that flwr run "
+            "carries does not select, so the sites would aggregate in the clear. Use "
+            "python -m fedad.simulate, or drop secure_aggregation= here."
+        )
+    if cfg.strategy.name == "fedxgb_histogram":
+        raise FedadError(
+            "strategy=fedxgb_histogram runs only under the Simulation Engine: its XGBoost "
+            "server listens on every interface without TLS, and SuperNodes on other machines "
+            "would have to reach it in the clear. Use python -m fedad.simulate, or "
+            "strategy=fedxgb_bagging or fedxgb_cyclic with the Deployment Engine."
         )
     if float(sim.client_failure_rate) > 0 and sim.failure_mode == "crash":
         raise FedadError(

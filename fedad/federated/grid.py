@@ -42,8 +42,29 @@ def payload(message: Message) -> tuple[int, int]:
     content = message.content
     arrays = sum(r.count_bytes() for r in content.array_records.values())
     other = sum(r.count_bytes() for r in content.metric_records.values())
-    other += sum(r.count_bytes() for r in content.config_records.values())
+    other += sum(config_bytes(r) for r in content.config_records.values())
     return arrays, other
+
+
+def config_bytes(record: Mapping[str, Any]) -> int:
+    """The bytes of a ConfigRecord as ``ConfigRecord.count_bytes`` counts them, for any value.
+
+    Flower's count (flwr 1.42) raises on an empty string or list, which SecAgg+'s records
+    hold (a FitRes status message, an empty list of dropped sites); its masked vectors and
+    key shares are lists of bytes, counted by their length as Flower counts them.
+    """
+    total = 0
+    for key, value in record.items():
+        values = value if isinstance(value, list) else [value]
+        total += len(key) + sum(_value_bytes(v) for v in values)
+    return total
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, str | bytes):
+        return len(value)
+    # Booleans take a byte; ints and floats 64 bits, as Flower's protobuf holds them.
+    return 1 if isinstance(value, bool) else 8
 
 
 class Stopped(Exception):

@@ -23,7 +23,7 @@ from fedad.config.resolvers import sampled_sites
 from fedad.data import scaling
 from fedad.errors import FedadError
 from fedad.evaluation.decision import PROBABILITY_EDGES, Rule, threshold_from_counts
-from fedad.federated import attacks, checkpoint, privacy, shards
+from fedad.federated import attacks, checkpoint, privacy, secagg, shards
 from fedad.federated.families.base import Family
 from fedad.federated.families.registry import family_for
 from fedad.federated.grid import PAYLOAD, POLL_SECONDS, SiteGrid
@@ -254,7 +254,8 @@ def run_server(
         # round before it complete; not flwr 1.43's Strategy.should_stop: fedad pins flwr
         # < 1.43 (see Rounds).
         with contextlib.suppress(StopTraining):
-            rounds.start(
+            # Under SecAgg+ (secure_aggregation=secaggplus) a loop of Flower's legacy workflow.
+            secagg.round_loop(rounds, settings)(
                 grid=sites,
                 initial_arrays=ArrayRecord(
                     previous.arrays if previous else family.initial_arrays()
@@ -469,6 +470,8 @@ def _final_site_metrics(
     that failed has its ``error``. ``n_examples`` (the shard's rows) is known
     for the sites the scaling query asked (``counts``), empty for the others.
     The replies' counts (``sum-`` metrics) are summed apart, not kept per site.
+    In a personalized run each site adds its personal model's metrics on the
+    same slice (``personal_`` columns: :mod:`fedad.federated.personalize`).
     """
     node_of = {pid: node for node, pid in sites.partition_of.items()}
     messages = [

@@ -24,11 +24,12 @@ from fedad.errors import FedadError
 from fedad.evaluation.comparison import ModelResult
 from fedad.evaluation.decision import decide
 from fedad.evaluation.metrics import TABLE_METRICS, attack_success_rate, compute_metrics
-from fedad.federated import attacks, checkpoint, privacy, shards, site_state, stopping
-from fedad.federated.client_app import client_app
+from fedad.federated import attacks, checkpoint, privacy, secagg, shards, site_state, stopping
+from fedad.federated import client_app as plain_client
 from fedad.federated.families.registry import family_class, load_scorer
 from fedad.federated.histogram import cohort
 from fedad.federated.local_only import train_alone
+from fedad.federated.secagg import client as secagg_client
 from fedad.federated.server_app import server_app
 from fedad.models.catalog import TWINS, federated_name
 
@@ -129,6 +130,9 @@ def run_federated(
 
     run_dir = Path(run_dir)
     settings = prepare_sites(cfg, data, partitions, run_dir, resume)
+    settings.update(secagg.run_settings(cfg))
+    secagg.check_sites(settings, [len(p) for p in partitions])
+    apps = secagg_client if secagg.on(settings) else plain_client
     sim = cfg.simulation
     stop = threading.Event()
     # The engine's {node id: partition id}, for the ServerApp.
@@ -136,7 +140,7 @@ def run_federated(
     start = time.perf_counter()
     engine.simulate(
         server_app(settings, stop, partitions_of),
-        client_app(settings),
+        apps.client_app(settings),
         len(partitions),
         **_engine_settings(cfg),
         stop=stop,

@@ -19,8 +19,11 @@ from fedad.errors import JobSkipped
 from fedad.evaluation.decision import check_config as check_decision
 from fedad.federated.attacks import check_config as check_attack
 from fedad.federated.faults import FAILURE_MODES
-from fedad.federated.histogram import cohort
+from fedad.federated.histogram import cohort, server
+from fedad.federated.personalize import check_config as check_personalize
 from fedad.federated.privacy import check_config as check_privacy
+from fedad.federated.scaffold import check_config as check_scaffold
+from fedad.federated.secagg import check_config as check_secagg
 from fedad.federated.stopping import METRICS as STOP_METRICS
 from fedad.federated.strategies import byzantine_bound
 from fedad.federated.strategies import check_config as check_strategy
@@ -115,7 +118,20 @@ def validate(cfg: DictConfig) -> None:
         ]
         problems += check_attack(values.get("attack", {}), model, values["task"], sim)
         problems += check_privacy(values.get("privacy", {}), strategy.get("name"), model, sim)
+        problems += check_scaffold(
+            strategy.get("name"), values.get("privacy", {}).get("name", "none")
+        )
+        problems += check_secagg(
+            values.get("secure_aggregation", {}),
+            strategy.get("name"),
+            model,
+            values.get("privacy", {}).get("name", "none"),
+            sim,
+            values.get("personalize", {}).get("name", "none"),
+        )
+        problems += check_personalize(values.get("personalize", {}), model)
         problems.append(cohort.check(sim, strategy.get("name")))
+        problems.append(server.check_port(strategy))
         if values["strategy"].get("name") == "fedxgb_cyclic" and (
             sim["fraction_train"] != 1.0 or sim["fraction_evaluate"] != 1.0
         ):
