@@ -80,7 +80,7 @@ def _scaffold_round(family, site, model, control, seed: int):
 
 
 def test_one_site_scaffold_is_plain_local_training(data, tmp_path):
-    family = _family(data, [np.arange(600)], tmp_path)
+    family = _family(data, [np.arange(600)], tmp_path, "train.optimizer=sgd")
     start = family.initial_arrays()
     plain_state, scaffold_state = RecordDict(), RecordDict()
     plain, model = start, start
@@ -144,6 +144,7 @@ def _run(data, partitions, run_dir: Path, *overrides: str, resume: bool = False)
     cfg = compose(
         [
             "strategy=scaffold",
+            "train.optimizer=sgd",
             "model=logistic",
             "simulation.num_clients=3",
             "simulation.local_sites=0",
@@ -188,11 +189,16 @@ def test_a_scaffold_run_checkpoints_its_control_and_resumes_exactly(data, partit
     [
         (["model=xgboost"], "strategy=scaffold does not fit model=xgboost"),
         (["privacy=local"], "privacy=local"),
+        (["train.optimizer=adam"], "strategy=scaffold needs train.optimizer=sgd, got adam"),
     ],
 )
 def test_scaffold_refuses_what_it_cannot_run_beside(overrides, words):
     with pytest.raises(FedadError, match=words):
-        validate(compose(["strategy=scaffold", *overrides]))
+        validate(compose(["strategy=scaffold", "train.optimizer=sgd", *overrides]))
+
+
+def test_scaffold_with_sgd_is_accepted():
+    validate(compose(["strategy=scaffold", "train.optimizer=sgd"]))
 
 
 def test_scaffold_with_privacy_exits_2_before_ray_starts(tmp_path):
@@ -203,6 +209,7 @@ def test_scaffold_with_privacy_exits_2_before_ray_starts(tmp_path):
             "-m",
             "fedad.simulate",
             "strategy=scaffold",
+            "train.optimizer=sgd",
             "privacy=central",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],

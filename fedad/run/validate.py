@@ -119,7 +119,9 @@ def validate(cfg: DictConfig) -> None:
         problems += check_attack(values.get("attack", {}), model, values["task"], sim)
         problems += check_privacy(values.get("privacy", {}), strategy.get("name"), model, sim)
         problems += check_scaffold(
-            strategy.get("name"), values.get("privacy", {}).get("name", "none")
+            strategy.get("name"),
+            values.get("privacy", {}).get("name", "none"),
+            str(train.get("optimizer")),
         )
         problems += check_secagg(
             values.get("secure_aggregation", {}),
