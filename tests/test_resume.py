@@ -559,7 +559,7 @@ def test_too_few_replies_stop_the_run_with_a_resumable_checkpoint(data, tmp_path
     assert decide(cfg, tmp_path) is Decision.RESUME
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_an_interrupted_continuation_leaves_the_finished_run_as_it_was(tmp_path):
     """A finished 2-round run continued to 8 rounds and interrupted after round 3: the folder
     still says done, with the earlier results, comparison and detector, byte for byte."""
