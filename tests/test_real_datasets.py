@@ -280,7 +280,7 @@ def test_one_class_file_ends_the_command_with_one_paragraph(tmp_path):
         timeout=300,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    paragraph = done.stderr[done.stderr.index("fedad: error:") :]
+    paragraph = " ".join(done.stderr[done.stderr.index("fedad: error:") :].split())  # unwrapped
     assert "holds a single class" in paragraph and "dataset.path" in paragraph
     failed = json.loads((run_dir / "failed.json").read_text())
     assert "holds a single class" in failed["error"]
