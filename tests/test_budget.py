@@ -25,7 +25,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from sklearn.datasets import make_classification
+from generated import binary_data
 
 from fedad.config import compose
 from fedad.data.prepared import PreparedData
@@ -296,19 +296,7 @@ def test_a_bad_target_exits_2_before_the_run_folder_exists(tmp_path, bad, named)
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    X, y = make_classification(
-        n_samples=900, n_features=8, n_informative=5, weights=[0.3], class_sep=1.5, random_state=2
-    )
-    X, y = X.astype(np.float32), y.astype(np.int64)
-    return PreparedData(
-        X_train=X[:700],
-        y_train=y[:700],
-        X_test=X[700:],
-        y_test=y[700:],
-        feature_names=[f"f{i}" for i in range(8)],
-        class_names=["normal", "attack"],
-        task="binary",
-    )
+    return binary_data(700, 200, 8, n_informative=5, weights=[0.3], class_sep=1.5, random_state=2)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import ConfigRecord
-from sklearn.datasets import make_classification
+from generated import binary_data
 
 from fedad import rundir
 from fedad.config import compose, make_settings
@@ -43,18 +43,7 @@ RUN = [
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    X, y = make_classification(
-        n_samples=1200, n_features=10, n_informative=5, weights=[0.7], random_state=5
-    )
-    return PreparedData(
-        X_train=X[:960].astype(np.float32),
-        y_train=y[:960].astype(np.int64),
-        X_test=X[960:].astype(np.float32),
-        y_test=y[960:].astype(np.int64),
-        feature_names=[f"f{i}" for i in range(10)],
-        class_names=["normal", "attack"],
-        task="binary",
-    )
+    return binary_data(960, 240, 10, n_informative=5, weights=[0.7], random_state=5)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import keras
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from generated import binary_data
 from omegaconf import OmegaConf
-from sklearn.datasets import make_classification
 
 from fedad.config import compose, make_settings
 from fedad.data.prepared import PreparedData
@@ -34,25 +34,15 @@ NUM_CLIENTS = 3
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    X, y = make_classification(
-        n_samples=3000,
-        n_features=20,
+    return binary_data(
+        2400,
+        600,
+        20,
+        scale=(0.5, 20, 7),  # off-centre, unequal scales: standardization matters
         n_informative=8,
         weights=[0.16],  # 84% attacks, as in many IoT intrusion sets
         class_sep=1.5,
         random_state=0,
-    )
-    # Off-centre, unequal feature scales, so standardization matters.
-    X = (X * np.linspace(0.5, 20, 20) + 7).astype(np.float32)
-    y = y.astype(np.int64)
-    return PreparedData(
-        X_train=X[:2400],
-        y_train=y[:2400],
-        X_test=X[2400:],
-        y_test=y[2400:],
-        feature_names=[f"f{i}" for i in range(20)],
-        class_names=["normal", "attack"],
-        task="binary",
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord
-from sklearn.datasets import make_classification
+from generated import binary_data
 
 from fedad import rundir
 from fedad.config import compose, make_settings
@@ -34,24 +34,15 @@ def within_one_bin(threshold: float, below: float, above: float) -> bool:
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
     # Mostly attack rows: an argmax decision of the global model flags much normal traffic.
-    X, y = make_classification(
-        n_samples=3000,
-        n_features=12,
+    return binary_data(
+        2400,
+        600,
+        12,
+        scale=(0.5, 9, 3),
         n_informative=4,
         weights=[0.25],
         flip_y=0.05,
         random_state=2,
-    )
-    X = (X * np.linspace(0.5, 9, 12) + 3).astype(np.float32)
-    y = y.astype(np.int64)
-    return PreparedData(
-        X_train=X[:2400],
-        y_train=y[:2400],
-        X_test=X[2400:],
-        y_test=y[2400:],
-        feature_names=[f"f{i}" for i in range(12)],
-        class_names=["normal", "attack"],
-        task="binary",
     )
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import ConfigRecord
-from sklearn.datasets import make_classification
+from generated import binary_data
 
 from fedad.config import compose, make_settings
 from fedad.data.prepared import PreparedData
@@ -39,19 +39,7 @@ SITES = 4
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    X, y = make_classification(
-        n_samples=1600, n_features=10, n_informative=6, weights=[0.4], random_state=2
-    )
-    X, y = X.astype(np.float32), y.astype(np.int64)
-    return PreparedData(
-        X_train=X[:1200],
-        y_train=y[:1200],
-        X_test=X[1200:],
-        y_test=y[1200:],
-        feature_names=[f"f{i}" for i in range(10)],
-        class_names=["normal", "attack"],
-        task="binary",
-    )
+    return binary_data(1200, 400, 10, n_informative=6, weights=[0.4], random_state=2)
 
 
 def _site_setup(data, tmp_path, *overrides):

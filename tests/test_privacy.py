@@ -28,7 +28,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from sklearn.datasets import make_classification
+from generated import binary_data
 
 from fedad.config import compose
 from fedad.data.prepared import PreparedData
@@ -249,24 +249,15 @@ def test_report_gives_macro_f1_against_epsilon_beside_the_same_sites_without_dp(
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    X, y = make_classification(
-        n_samples=1200,
-        n_features=12,
+    return binary_data(
+        900,
+        300,
+        12,
+        scale=(0.5, 10, 3),
         n_informative=6,
         weights=[0.3],
         class_sep=1.5,
         random_state=1,
-    )
-    X = (X * np.linspace(0.5, 10, 12) + 3).astype(np.float32)
-    y = y.astype(np.int64)
-    return PreparedData(
-        X_train=X[:900],
-        y_train=y[:900],
-        X_test=X[900:],
-        y_test=y[900:],
-        feature_names=[f"f{i}" for i in range(12)],
-        class_names=["normal", "attack"],
-        task="binary",
     )
 
 

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvgM
+from generated import binary_data
 from omegaconf import OmegaConf
-from sklearn.datasets import make_classification
 
 from fedad import rundir
 from fedad.config import content
@@ -508,18 +508,7 @@ def test_a_crashing_site_is_restarted_and_the_round_completes(hung):
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    X, y = make_classification(
-        n_samples=2000, n_features=12, n_informative=6, weights=[0.2], random_state=0
-    )
-    return PreparedData(
-        X_train=X[:1600].astype(np.float32),
-        y_train=y[:1600].astype(np.int64),
-        X_test=X[1600:].astype(np.float32),
-        y_test=y[1600:].astype(np.int64),
-        feature_names=[f"f{i}" for i in range(12)],
-        class_names=["normal", "attack"],
-        task="binary",
-    )
+    return binary_data(1600, 400, 12, n_informative=6, weights=[0.2], random_state=0)
 
 
 def _cfg(**simulation):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, RecordDict
-from sklearn.datasets import make_classification
+from generated import binary_data
 
 from fedad import rundir
 from fedad.config import compose, make_settings
@@ -40,15 +40,7 @@ TIMING = ["seconds", "started_at", *PAYLOAD, "mb_cumulative"]
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    X, y = make_classification(
-        n_samples=1500, n_features=10, n_informative=5, weights=[0.3], random_state=2
-    )
-    X = X.astype(np.float32)
-    y = y.astype(np.int64)
-    names = [f"f{i}" for i in range(10)]
-    return PreparedData(
-        X[:1200], y[:1200], X[1200:], y[1200:], names, ["normal", "attack"], "binary"
-    )
+    return binary_data(1200, 300, 10, n_informative=5, weights=[0.3], random_state=2)
 
 
 @pytest.fixture(scope="module")

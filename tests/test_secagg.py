@@ -13,7 +13,7 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
-from sklearn.datasets import make_classification
+from generated import binary_data
 
 from fedad import rundir
 from fedad.config import compose, make_settings
@@ -41,19 +41,7 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    X, y = make_classification(
-        n_samples=700, n_features=6, n_informative=4, weights=[0.4], class_sep=1.5, random_state=4
-    )
-    X, y = X.astype(np.float32), y.astype(np.int64)
-    return PreparedData(
-        X_train=X[:560],
-        y_train=y[:560],
-        X_test=X[560:],
-        y_test=y[560:],
-        feature_names=[f"f{i}" for i in range(6)],
-        class_names=["normal", "attack"],
-        task="binary",
-    )
+    return binary_data(560, 140, 6, n_informative=4, weights=[0.4], class_sep=1.5, random_state=4)
 
 
 def _parts(n: int, rows: int = 560) -> list[np.ndarray]:

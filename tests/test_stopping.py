@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-from sklearn.datasets import make_classification
+from generated import binary_data
 
 from fedad import rundir
 from fedad.config import FLOWER_KEYS, compose, content, make_settings
@@ -52,19 +52,8 @@ TIMING = ["seconds", "started_at", *PAYLOAD, "mb_cumulative"]
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    X, y = make_classification(
-        n_samples=3000, n_features=12, n_informative=6, weights=[0.3], random_state=1
-    )
-    X = (X * np.linspace(0.5, 9, 12) + 3).astype(np.float32)
-    y = y.astype(np.int64)
-    return PreparedData(
-        X_train=X[:2400],
-        y_train=y[:2400],
-        X_test=X[2400:],
-        y_test=y[2400:],
-        feature_names=[f"f{i}" for i in range(12)],
-        class_names=["normal", "attack"],
-        task="binary",
+    return binary_data(
+        2400, 600, 12, scale=(0.5, 9, 3), n_informative=6, weights=[0.3], random_state=1
     )
 
 
