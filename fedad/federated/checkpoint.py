@@ -341,16 +341,20 @@ class Checkpointer:
         arrays: list[np.ndarray],
         history: list[dict],
         stopping: EarlyStopping | None = None,
+        state: dict | None = None,
     ) -> None:
         """Take the state after ``server_round``; save it if it is due.
 
         ``stopping`` is federated early stopping as that round left it (its
         state and best arrays go into the checkpoint), None when it is off.
+        ``state`` is :func:`strategy_state` as that round left it, taken now
+        when None: a caller that checkpoints a round while the next one runs
+        must take it before the next aggregation changes it.
         """
         self.latest = Checkpoint(
             server_round,
             arrays,
-            strategy_state(self.strategy),
+            strategy_state(self.strategy) if state is None else state,
             [dict(row) for row in history],
             self.fingerprint,
             stopping.state() if stopping is not None else None,

@@ -302,9 +302,13 @@ class ServerEvaluator:
         }
         self._queued = server_round
         weights = arrays.to_numpy_ndarrays()
-        # The rule as this round left it: the next round may change it before the checkpoint.
+        # The rule and the strategy's state as this round left them: the next round's
+        # aggregation may change both before this round's checkpoint is written.
         stopping = self.rounds.stopping.snapshot() if self.rounds.stopping else None
-        self._pending.append(self._worker.submit(self._evaluate, row, weights, config, stopping))
+        state = checkpoint.strategy_state(self.checkpointer.strategy)
+        self._pending.append(
+            self._worker.submit(self._evaluate, row, weights, config, state, stopping)
+        )
         return None
 
     def finish(self) -> None:
@@ -325,6 +329,7 @@ class ServerEvaluator:
         row: dict,
         weights: list[np.ndarray],
         config: dict,
+        state: dict,
         stopping: EarlyStopping | None = None,
     ) -> None:
         metrics = self.family.metrics(weights, self.X_test, self.y_test, config)
@@ -356,4 +361,4 @@ class ServerEvaluator:
             ),
             "?" if eta is None else clock(eta),
         )
-        self.checkpointer.round_done(row["round"], weights, self.rows, stopping)
+        self.checkpointer.round_done(row["round"], weights, self.rows, stopping, state)
