@@ -37,6 +37,11 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
+    return small_data()
+
+
+def small_data() -> PreparedData:
+    """Two classes, ten features, 720 training rows: three sites of ~130 after validation."""
     X, y = make_classification(
         n_samples=900, n_features=10, n_informative=5, weights=[0.6], random_state=3
     )
@@ -51,14 +56,14 @@ def data() -> PreparedData:
     )
 
 
-def _sites(data: PreparedData, run_dir: Path, *overrides: str) -> dict:
+def site_settings(data: PreparedData, run_dir: Path, *overrides: str) -> dict:
     """The apps' settings of a small run whose shards are written to ``run_dir``."""
     cfg = compose([*SMALL, *overrides])
     parts = np.array_split(np.random.default_rng(0).permutation(len(data.y_train)), SITES)
     return prepare_sites(cfg, data, parts, run_dir)
 
 
-def _message(arrays: list[np.ndarray], kind: str, config: dict, pid: int) -> Message:
+def server_message(arrays: list[np.ndarray], kind: str, config: dict, pid: int) -> Message:
     """A message as site ``pid`` receives it from the server."""
     metadata = Metadata(
         run_id=1,
@@ -75,12 +80,12 @@ def _message(arrays: list[np.ndarray], kind: str, config: dict, pid: int) -> Mes
     return Message(metadata=metadata, content=RecordDict(content))
 
 
-def _context(pid: int) -> Context:
+def site_context(pid: int) -> Context:
     node = {"partition-id": pid, "num-partitions": SITES}
     return Context(run_id=1, node_id=pid + 1, node_config=node, state=RecordDict(), run_config={})
 
 
-def _initial(settings: dict) -> list[np.ndarray]:
+def initial_model(settings: dict) -> list[np.ndarray]:
     from fedad.federated.families.registry import family_for
 
     family = family_for(settings)
@@ -93,7 +98,7 @@ def _round(settings, contexts, arrays, server_round):
     """One round at every site; the replies and their plain mean (the next global model)."""
     replies = [
         handle_train(
-            _message(arrays, MessageType.TRAIN, {"server-round": server_round}, pid),
+            server_message(arrays, MessageType.TRAIN, {"server-round": server_round}, pid),
             contexts[pid],
             settings,
         )
@@ -107,13 +112,13 @@ def _final(settings, contexts, arrays):
     config = {"server-round": ROUNDS, "final": True}
     return [
         handle_evaluate(
-            _message(arrays, MessageType.EVALUATE, config, pid), contexts[pid], settings
+            server_message(arrays, MessageType.EVALUATE, config, pid), contexts[pid], settings
         )
         for pid in range(SITES)
     ]
 
 
-def _same(ours, theirs) -> bool:
+def same_metrics(ours, theirs) -> bool:
     """Exactly the same metrics (NaN where both are undefined)."""
     return dict(ours).keys() == dict(theirs).keys() and all(
         ours[k] == theirs[k] or (np.isnan(ours[k]) and np.isnan(theirs[k])) for k in ours
@@ -128,10 +133,13 @@ def _train(settings, contexts, arrays, rounds):
 
 @pytest.mark.parametrize("method", ["ditto", "finetune"])
 def test_replies_never_hold_a_personal_model(data, tmp_path, method):
-    personal = _sites(data, tmp_path, f"personalize={method}", "personalize.epochs=2")
+    personal = site_settings(data, tmp_path, f"personalize={method}", "personalize.epochs=2")
     plain = {**personal, "personalize.name": "none"}
-    start = _initial(personal)
-    ours, theirs = [_context(pid) for pid in range(SITES)], [_context(pid) for pid in range(SITES)]
+    start = initial_model(personal)
+    ours, theirs = (
+        [site_context(pid) for pid in range(SITES)],
+        [site_context(pid) for pid in range(SITES)],
+    )
     for server_round in (1, 2):
         replies, arrays = _round(personal, ours, start, server_round)
         expected, _ = _round(plain, theirs, start, server_round)
@@ -162,34 +170,34 @@ def test_replies_never_hold_a_personal_model(data, tmp_path, method):
 
 def test_a_resumed_ditto_run_equals_an_uninterrupted_one(data, tmp_path):
     overrides = ("personalize=ditto", "personalize.lambda=0.5", "simulation.checkpoint_every=1")
-    whole = _sites(data, tmp_path / "whole", *overrides)
-    cut = _sites(data, tmp_path / "cut", *overrides)
-    start = _initial(whole)
-    contexts = [_context(pid) for pid in range(SITES)]
+    whole = site_settings(data, tmp_path / "whole", *overrides)
+    cut = site_settings(data, tmp_path / "cut", *overrides)
+    start = initial_model(whole)
+    contexts = [site_context(pid) for pid in range(SITES)]
     expected, arrays = _train(whole, contexts, start, range(1, ROUNDS + 1))
     expected_final = _final(whole, contexts, arrays)
 
     # Cut after round 2: the sites' memory is gone, their disks keep it.
-    _, middle = _train(cut, [_context(pid) for pid in range(SITES)], start, range(1, ROUNDS))
+    _, middle = _train(cut, [site_context(pid) for pid in range(SITES)], start, range(1, ROUNDS))
     resumed = {**cut, "resume": True}
-    fresh = [_context(pid) for pid in range(SITES)]
+    fresh = [site_context(pid) for pid in range(SITES)]
     replies, again = _train(resumed, fresh, middle, [ROUNDS])
     assert all(personalize.PERSONAL_STATE in c.state for c in fresh)
     for a, b in zip(again, arrays, strict=True):
         np.testing.assert_array_equal(a, b)
     for ours, theirs in zip(_final(resumed, fresh, again), expected_final, strict=True):
-        assert _same(ours.content["metrics"], theirs.content["metrics"])
+        assert same_metrics(ours.content["metrics"], theirs.content["metrics"])
     # And a resumed site that never trains again reads its personal model from its disk.
-    idle = [_context(pid) for pid in range(SITES)]
+    idle = [site_context(pid) for pid in range(SITES)]
     for ours, theirs in zip(_final(resumed, idle, again), expected_final, strict=True):
-        assert _same(ours.content["metrics"], theirs.content["metrics"])
+        assert same_metrics(ours.content["metrics"], theirs.content["metrics"])
 
 
 @pytest.mark.parametrize(
     ("overrides", "phrase"),
     [
         (["personalize=finetune", "model=xgboost"], "no personal tree model"),
-        (["personalize=ditto", "model=xgboost"], "model=xgboost has none yet"),
+        (["personalize=ditto", "model=xgboost"], "model=xgboost has none"),
         (
             ["personalize=ditto", "personalize.lambda=-1"],
             "personalize.lambda must be a number >= 0",
@@ -198,6 +206,12 @@ def test_a_resumed_ditto_run_equals_an_uninterrupted_one(data, tmp_path):
         (["personalize=finetune", "personalize.epochs=0.5"], "personalize.epochs must be a whole"),
         (["personalize=finetune", "+personalize.lambda=1"], "not a parameter of finetune"),
         (["personalize=ditto", "model=autoencoder", "task=binary"], "federation's threshold"),
+        (["personalize=fedper", "model=xgboost"], "no layers to split"),
+        (["personalize=fedrep", "model=logistic"], "there is no body to federate"),
+        (["personalize=fedper", "model=mlp", "strategy=scaffold"], "control variates"),
+        (["personalize=fedrep", "model=cnn", "privacy=central"], "privacy=central"),
+        (["personalize=fedrep", "model=mlp", "personalize.head_epochs=0"], "head_epochs must"),
+        (["personalize=fedper", "model=mlp", "+personalize.epochs=1"], "not a parameter"),
     ],
 )
 def test_bad_personalization_is_refused_naming_the_key(overrides, phrase):
@@ -206,18 +220,25 @@ def test_bad_personalization_is_refused_naming_the_key(overrides, phrase):
 
 
 def test_default_and_good_settings_pass():
-    for overrides in ([], ["personalize=finetune"], ["personalize=ditto", "model=mlp"]):
+    for overrides in (
+        [],
+        ["personalize=finetune"],
+        ["personalize=ditto", "model=mlp"],
+        ["personalize=fedper", "model=cnn"],
+        ["personalize=fedrep", "model=mlp", "strategy=fedadam"],
+    ):
         validate(compose(overrides))
 
 
 def test_bad_personalization_exits_2_before_ray_starts(tmp_path):
+    # One bad input through the command line (the refusals themselves are checked above).
+    overrides, key = ["personalize=fedper", "model=xgboost"], "personalize=fedper"
     done = subprocess.run(
         [
             sys.executable,
             "-m",
             "fedad.simulate",
-            "personalize=ditto",
-            "personalize.lambda=-1",
+            *overrides,
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         cwd=tmp_path,
@@ -227,6 +248,8 @@ def test_bad_personalization_exits_2_before_ray_starts(tmp_path):
         timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "fedad: error:" in done.stderr and "personalize.lambda" in done.stderr
+    assert "fedad: error:" in done.stderr and key in done.stderr
+    # One paragraph: no blank line inside the message.
+    assert "\n\n" not in done.stderr.split("fedad: error:", 1)[1].strip()
     assert "Traceback" not in done.stderr
     assert "Ray" not in done.stdout + done.stderr

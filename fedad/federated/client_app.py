@@ -84,7 +84,10 @@ def handle_query(msg: Message, context: Context, settings: Settings) -> Message:
 def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     """Train the received global model on the local shard; reply with the new model.
 
-    A malicious site (``attack.*``) poisons its reply (:func:`fedad.federated.attacks.train_site`).
+    Under ``personalize=fedper`` or ``fedrep`` the site trains its own model
+    (the received body with its kept head) and replies with the body only
+    (:mod:`fedad.federated.personalize.heads`). A malicious site
+    (``attack.*``) poisons its reply (:func:`fedad.federated.attacks.train_site`).
     Under SCAFFOLD its gradients are corrected and it replies its control variates' change
     too (:class:`fedad.federated.scaffold.SiteControl`).
     """
@@ -104,8 +107,8 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     control = scaffold.SiteControl(msg.content, context.state)
     family.correction = control.correction()
     arrays, metrics = attacks.train_site(
-        family,
-        received,
+        personalize.trainer(family, settings),
+        personalize.own_model(received, context.state, settings),
         site,
         config,
         settings,
@@ -115,9 +118,9 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     )
     # Before the state is saved: the site's new control variate is part of it.
     changed = control.reply(received, arrays, metrics, float(settings["train.learning_rate"]))
-    personalize.after_train(
-        family, _arrays(msg).to_numpy_ndarrays(), site, settings, pid, server_round
-    )
+    personalize.after_train(family, received, site, settings, pid, server_round)
+    # Under FedPer and FedRep the head stays in the site's state, saved with it; the body travels.
+    arrays = personalize.keep_head(arrays, context.state, settings)
     site_state.save(
         run_dir,
         pid,
@@ -134,6 +137,8 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
 def handle_evaluate(msg: Message, context: Context, settings: Settings) -> Message:
     """Score the received global model on the local test slice.
 
+    Under ``personalize=fedper`` or ``fedrep``, before the final pass, the
+    site's own model instead (:func:`fedad.federated.personalize.evaluated`).
     In the final pass of a personalized run, the site's personal model too
     (:func:`fedad.federated.personalize.final_metrics`): its metrics only.
     """
@@ -146,7 +151,8 @@ def handle_evaluate(msg: Message, context: Context, settings: Settings) -> Messa
         return faults.failure_reply(msg, pid, int(cast(int, config["server-round"])))
     site = load_site(settings, pid, config, family.val_fraction(), state=context.state)
     received = _arrays(msg).to_numpy_ndarrays()
-    metrics = family.site_metrics(received, site, config)
+    scored = personalize.evaluated(received, context.state, config, settings, pid)
+    metrics = family.site_metrics(scored, site, config)
     metrics.update(personalize.final_metrics(family, received, site, config, settings, pid))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

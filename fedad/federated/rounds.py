@@ -95,6 +95,8 @@ class Rounds(Strategy):
         # metrics and the best round so far.
         self.validation: dict[int, dict[str, Any]] = {}
         self._evaluated: ArrayRecord | None = None
+        # The arrays this round's training started from: what a reply leaves out stays so.
+        self._sent: ArrayRecord | None = None
 
     def absolute(self, server_round: int) -> int:
         """Return the run's round number for Flower's ``server_round``."""
@@ -115,6 +117,7 @@ class Rounds(Strategy):
         if self.stopping is not None and self.stopping.exhausted:
             raise StopTraining(f"early stopping before round {server_round}")
         random.seed(f"{self.seed}/train/{server_round}")
+        self._sent = arrays
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self.sampled = len(messages)
         return messages
@@ -122,7 +125,14 @@ class Rounds(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the training replies; refuse a round with too few good ones."""
+        """Aggregate the training replies; refuse a round with too few good ones.
+
+        Replies that carry some of the model's arrays only (the body, under
+        ``personalize=fedper`` or ``fedrep``) are completed from the arrays
+        the round sent before the strategy sees them
+        (:func:`complete_replies`), so every strategy aggregates whole models;
+        the arrays no reply carried stay the sent ones, bit for bit.
+        """
         server_round = self.absolute(server_round)
         replies = list(replies)
         good = sum(not m.has_error() for m in replies)
@@ -133,7 +143,10 @@ class Rounds(Strategy):
                 f"{self.sampled} sampled sites, fewer than simulation.min_clients="
                 f"{self.min_replies}; the failing sites and their reasons are logged above."
             )
+        carried = complete_replies(replies, self._sent)
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is not None and carried is not None and self._sent is not None:
+            arrays = keep_unsent(arrays, self._sent, carried)
         if metrics is not None:
             self.train_metrics[server_round] = metrics
         return arrays, metrics
@@ -189,6 +202,43 @@ class Rounds(Strategy):
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
         self.strategy.summary()
+
+
+def complete_replies(replies: list[Message], sent: ArrayRecord | None) -> set[str] | None:
+    """Fill in the arrays the good replies leave out from ``sent``; the keys they carried.
+
+    A site that keeps part of the model (its head) replies with the rest, under
+    the keys the arrays have in the model sent. The strategies, Flower's
+    included, aggregate whole models, some against the arrays they sent
+    (FedAdam's and FedAvgM's update), so each reply's ``arrays`` is made whole,
+    in the sent order, in place: a left-out array's update is zero. The bytes
+    were counted as the replies arrived (:class:`SiteGrid`), so what travelled.
+
+    Returns
+    -------
+    set[str] or None
+        The keys the replies carry; None when they carry every array (or
+        nothing was sent to compare with).
+    """
+    good = [m for m in replies if not m.has_error() and "arrays" in m.content]
+    if sent is None or not good:
+        return None
+    carried = set(cast(ArrayRecord, good[0].content["arrays"]).keys())
+    if carried == set(sent.keys()):
+        return None
+    for reply in good:
+        own = cast(ArrayRecord, reply.content["arrays"])
+        reply.content["arrays"] = ArrayRecord({k: (own if k in own else sent)[k] for k in sent})
+    return carried
+
+
+def keep_unsent(arrays: ArrayRecord, sent: ArrayRecord, carried: set[str]) -> ArrayRecord:
+    """The aggregated ``arrays`` under the ``carried`` keys, the ``sent`` ones under the others.
+
+    A mean of equal arrays may differ from them in the last bit; the arrays no
+    reply carried are the server's own, kept as they were.
+    """
+    return ArrayRecord({k: (arrays if k in carried else sent)[k] for k in sent})
 
 
 def pool_counts(replies: list[Message]) -> dict[str, Any]:

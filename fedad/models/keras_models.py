@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import islice
 
 import keras
@@ -15,6 +15,9 @@ from fedad.models.catalog import MODEL_NAMES, OPTIMIZERS
 
 # The loss build_model compiles a classifier with (the autoencoder's is the mean squared error).
 CLASSIFIER_LOSS = "sparse_categorical_crossentropy"
+# The output layer of every classifier build_model makes: the head that personalize=fedper and
+# fedrep keep at each site, the layers below it the body they federate.
+HEAD_LAYER = "softmax"
 # Rows one validation-loss step scores: a forward pass only, cheaper per row in big batches.
 VALIDATION_BATCH = 1024
 
@@ -67,7 +70,7 @@ def build_model(
     if name == "cnn":
         outputs = _cnn_head(inputs, model_cfg, n_features, n_classes)
     elif name == "logistic":
-        outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax")(inputs)
+        outputs = keras.layers.Dense(n_classes, activation="softmax", name=HEAD_LAYER)(inputs)
     elif name == "mlp":
         outputs = _mlp_head(inputs, model_cfg, n_classes)
     elif name == "autoencoder":
@@ -102,15 +105,22 @@ class TrainingSteps:
     model : keras.Model
         Compiled by :func:`build_model` (or a copy of it): a classifier on
         class codes, or the autoencoder on its inputs.
+    variables : Sequence[keras.Variable], optional
+        The trainable variables the step updates, the others frozen (FedRep
+        trains a model's head, then its body); default: all of them.
     """
 
-    def __init__(self, model: keras.Model) -> None:
+    def __init__(self, model: keras.Model, variables: Sequence | None = None) -> None:
         self.model = model
         self.classify = model.loss == CLASSIFIER_LOSS
         model.optimizer.build(model.trainable_variables)
+        self.variables = list(model.trainable_variables if variables is None else variables)
+        # Where each trained variable sits among model.weights, whose order correct() takes.
+        self._positions = [
+            next(i for i, w in enumerate(model.weights) if w is v) for v in self.variables
+        ]
         self.correction = [
-            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False)
-            for v in model.trainable_variables
+            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables
         ]
         self.target_dtype = np.int64 if self.classify else np.float32
         features = tf.TensorSpec(model.inputs[0].shape, tf.float32)
@@ -124,15 +134,15 @@ class TrainingSteps:
     def correct(self, values: list[np.ndarray] | None) -> None:
         """Set :attr:`correction` from ``values``, one per array of ``get_weights()``; None: zero.
 
-        Only the trainable arrays' values are used (a batch norm's moving
-        statistics take no gradient step).
+        Only the trained arrays' values are used (a batch norm's moving
+        statistics take no gradient step, nor does a frozen variable).
         """
         if values is None:
             values = [np.zeros(w.shape, np.float32) for w in self.model.weights]
-        model_weights = self.model.weights
-        trainable = [v for v, w in zip(values, model_weights, strict=True) if w.trainable]
-        for variable, value in zip(self.correction, trainable, strict=True):
-            variable.assign(value)
+        if len(values) != len(self.model.weights):
+            raise ValueError(f"{len(values)} corrections for {len(self.model.weights)} weights")
+        for variable, position in zip(self.correction, self._positions, strict=True):
+            variable.assign(values[position])
 
     def _train_step(self, x: tf.Tensor, y: tf.Tensor, weights: tf.Tensor) -> tuple:
         model = self.model
@@ -141,7 +151,7 @@ class TrainingSteps:
             loss = model.compute_loss(
                 x=x, y=y, y_pred=predicted, sample_weight=weights, training=True
             )
-        variables = model.trainable_variables
+        variables = self.variables
         gradients = tape.gradient(loss, variables)
         corrected = [g + c for g, c in zip(gradients, self.correction, strict=True)]
         model.optimizer.apply_gradients(zip(corrected, variables, strict=True))
@@ -292,7 +302,7 @@ def _cnn_head(inputs, cfg: Mapping, n_features: int, n_classes: int):
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    return keras.layers.Dense(n_classes, activation="softmax", name="softmax")(x)
+    return keras.layers.Dense(n_classes, activation="softmax", name=HEAD_LAYER)(x)
 
 
 def _mlp_head(inputs, cfg: Mapping, n_classes: int):
@@ -307,7 +317,7 @@ def _mlp_head(inputs, cfg: Mapping, n_classes: int):
         x = keras.layers.Activation("relu", name=f"relu_{i}")(x)
         if dropout:
             x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
-    return keras.layers.Dense(n_classes, activation="softmax", name="softmax")(x)
+    return keras.layers.Dense(n_classes, activation="softmax", name=HEAD_LAYER)(x)
 
 
 def _autoencoder(inputs, cfg: Mapping, n_features: int):

@@ -131,7 +131,12 @@ def validate(cfg: DictConfig) -> None:
             sim,
             values.get("personalize", {}).get("name", "none"),
         )
-        problems += check_personalize(values.get("personalize", {}), model)
+        problems += check_personalize(
+            values.get("personalize", {}),
+            model,
+            strategy.get("name"),
+            values.get("privacy", {}).get("name", "none"),
+        )
         problems.append(cohort.check(sim, strategy.get("name")))
         problems.append(server.check_port(strategy))
         if values["strategy"].get("name") == "fedxgb_cyclic" and (

@@ -1,4 +1,4 @@
-"""Personal models at a site (local fine-tuning, Ditto): trained, kept and scored there only."""
+"""Personal models at a site (fine-tuning, Ditto) and the final scoring of every personal model."""
 
 from __future__ import annotations
 
@@ -8,83 +8,17 @@ from typing import Any, cast
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-from fedad.config import Settings, checks
-from fedad.federated import site_state
+from fedad.config import Settings
 from fedad.federated.families.base import Family
+from fedad.federated.personalize.heads import own_model, restore
+from fedad.federated.personalize.options import PREFIX, method
 from fedad.federated.task import Site, balanced_weights
 
-# personalize=<name> (conf/personalize/).
-PERSONALIZATIONS = ("none", "finetune", "ditto")
-# The parameters each method takes besides its name.
-PARAMETERS = {"none": (), "finetune": ("epochs",), "ditto": ("epochs", "lambda")}
-# The models a site can personalize: the Keras classifiers, whose weights a site trains with
-# fedad's proximal term. Boosted trees have no personal model yet; the autoencoder's decision is
-# its federation's threshold, which a personal model would not share.
-PERSONAL_MODELS = ("cnn", "logistic", "mlp")
 # Keys of Ditto's personal model and of its optimizer in the site's state (context.state), which
 # fedad.federated.site_state checkpoints with the rest of it.
 PERSONAL_STATE, PERSONAL_OPTIMIZER = "personal", "personal-optimizer"
-# The final evaluate reply's personal metrics: the global model's names with this prefix.
-PREFIX = "personal_"
 # Seed streams, so a personal model's row order and dropout differ from the global update's.
 DITTO_STREAM, FINETUNE_STREAM = 1, 2
-
-
-def check_config(personalize_cfg: Mapping, model: str | None) -> list[str | None]:
-    """What is wrong with a ``personalize`` config; no phrase when the run can carry it out.
-
-    Parameters
-    ----------
-    personalize_cfg : Mapping
-        ``name`` and the method's parameters (``epochs``, ``lambda``).
-    model : str or None
-        The federated model's name: only the Keras classifiers have a personal model.
-
-    Returns
-    -------
-    list[str or None]
-        One phrase per problem, naming the key.
-    """
-    name = personalize_cfg.get("name", "none")
-    if name not in PERSONALIZATIONS:
-        return [f"personalize must be one of {', '.join(PERSONALIZATIONS)}, got {name!r}"]
-    if name == "none":
-        return []
-    own = PARAMETERS[name]
-    problems: list[str | None] = [
-        f"personalize.{key} is not a parameter of {name} (it takes: {', '.join(own)})"
-        for key in personalize_cfg
-        if key not in ("name", *own)
-    ]
-    problems += [
-        checks.number(personalize_cfg, "epochs", "personalize", whole=True, low=1),
-        checks.number(
-            personalize_cfg,
-            "lambda",
-            "personalize",
-            low=0,
-            hint="the pull towards the global model",
-        ),
-    ]
-    if model not in PERSONAL_MODELS:
-        problems.append(
-            f"personalize={name} trains a personal copy of a Keras classifier at each site "
-            f"(model={', '.join(PERSONAL_MODELS)}); model={model} has none yet: "
-            + (
-                "there is no personal tree model (a site's boosted trees can be neither "
-                "fine-tuned nor pulled towards the global ensemble)"
-                if model == "xgboost"
-                else "its decision is the federation's threshold, which a personal model "
-                "would not share"
-            )
-            + " — use personalize=none or one of those models"
-        )
-    return problems
-
-
-def method(settings: Settings) -> str:
-    """The run's ``personalize.name``; ``none`` for settings written before it existed."""
-    return str(settings.get("personalize.name", "none") or "none")
 
 
 def after_train(
@@ -131,10 +65,12 @@ def final_metrics(
 
     ``finetune``: the ``received`` (kept) global model fine-tuned on the
     site's training rows for ``personalize.epochs`` with a fresh optimizer;
-    ``ditto``: the personal model in ``site.state`` (from the site's own disk
-    when a resumed run's site has not trained since; the received model where
-    the site never trained). The keys are the global model's, prefixed
-    :data:`PREFIX`; only these numbers leave the site.
+    ``ditto``: the personal model in ``site.state``; ``fedper`` and
+    ``fedrep``: the received body with the site's head from ``site.state``
+    (both from the site's own disk when a resumed run's site has not trained
+    since; the received model where the site never trained). The keys are
+    the global model's, prefixed :data:`PREFIX`; only these numbers leave
+    the site.
     """
     name = method(settings)
     if name == "none" or not config.get("final", False):
@@ -143,15 +79,11 @@ def final_metrics(
         seed = seed_for(settings, FINETUNE_STREAM, 0, partition_id)
         personal = _train(family, received, None, site, settings, None, seed, None)
     else:
-        if settings.get("resume", False):
-            # After the last round trained; the final pass's round is the most rounds.
-            last = int(cast(int, config["server-round"])) + 1
-            site_state.restore(str(settings["run-dir"]), partition_id, last, site.state)
-        personal = (
-            cast(ArrayRecord, site.state[PERSONAL_STATE]).to_numpy_ndarrays()
-            if PERSONAL_STATE in site.state
-            else received
-        )
+        # A resumed run's site that has not trained since reads its state from its disk.
+        restore(site.state, config, settings, partition_id)
+        personal = own_model(received, site.state, settings)
+        if PERSONAL_STATE in site.state:
+            personal = cast(ArrayRecord, site.state[PERSONAL_STATE]).to_numpy_ndarrays()
     metrics = family.metrics(personal, site.X_test, site.y_test, config)
     return {f"{PREFIX}{key}": value for key, value in metrics.items()}
 
