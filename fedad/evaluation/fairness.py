@@ -122,7 +122,7 @@ def to_markdown(summary: dict[str, Any], clients: pd.DataFrame) -> str:
         "",
         "Each model is scored at each site on the site's own held-out test slice (never the "
         "server's global test set, which no personal model reaches): the global model, the "
-        "site's personal model (personalize=finetune or ditto) and the site trained alone "
+        "site's personal model (any personalize but none) and the site trained alone "
         "(local_<model>). Worst = lowest macro-F1 and recall, highest FPR; p10 = the "
         f"{PERCENTILE}th percentile of the sites from that worse end; spread = best - worst.",
         "",

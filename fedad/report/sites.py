@@ -101,7 +101,7 @@ def write(root: Path, out_dir: Path, done_jobs: Sequence[str]) -> list[str]:
         "",
         "Every site scored on its own held-out test slice (`clients.csv`; never the global test "
         "set, which no personal model reaches): the global model, the site's personal model "
-        "(`personalize=finetune` or `ditto`) and the site trained alone (`local_<model>`). "
+        "(any `personalize` but `none`) and the site trained alone (`local_<model>`). "
         "Worst = the lowest macro-F1 and recall, the highest FPR; p10 = the 10th percentile of "
         "the sites from that worse end; spread = best - worst; worse than alone = sites where "
         "the model's macro-F1 is below the site's own model.",
