@@ -1,25 +1,38 @@
-"""A histogram session's boosting round against a central one, and its bytes: formula vs loopback.
+"""A histogram round's profile against a central boosting round, and its bytes: formula vs loopback.
 
-Prints, for ``--sites`` sites on synthetic rows, the seconds per boosting round of
-one session of ``strategy=fedxgb_histogram`` (server and site processes as a run
-starts them, their start-up counted apart) against ``xgb.train`` on the pooled
-rows, and the bytes the allreduces moved by fedad's formula
-(:func:`fedad.federated.histogram.pinning.collective_bytes`) against the loopback
-interface's counter (``/proc/net/dev``: every byte on ``lo`` is sent once; other
-traffic on this machine's loopback adds to it).
+Prints, for the sites of a fedad run's partition (``--dataset``, ``--task``,
+``--sites``; fedad's ``model=xgboost`` settings), where one session of
+``strategy=fedxgb_histogram`` spends its seconds, as a run starts its server and
+its sites' worker processes:
+
+- the server's start-up (a run starts it while the previous round is evaluated),
+- the sites' worker start-up (once a run per site: a round's first session),
+- a session's fixed cost (its sites join, sketch the quantiles, read the global
+  booster and write theirs: a session of 0 boosting rounds),
+- a boosting round (a session of ``--boost`` rounds less the fixed cost, per round),
+
+against ``xgb.train`` on the pooled rows (with every core of this machine):
+its sketch and a boosting round. Then the bytes the allreduces moved by fedad's
+formula (:func:`fedad.federated.histogram.pinning.collective_bytes`) against the
+loopback interface's counter (``/proc/net/dev``: every byte on ``lo`` is sent
+once; the quantile sketch, gRPC's framing and other traffic on this machine's
+loopback add to it). Sessions are timed ``--repeats`` times (the median).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import xgboost as xgb
-from benchlib import machine
+from benchlib import load, machine, prepare
 
+from fedad.config import compose
 from fedad.federated.histogram import pinning, session
 from fedad.federated.histogram.server import AggregationServer
 from fedad.models import booster
@@ -37,83 +50,138 @@ def loopback_bytes() -> int | None:
     return None
 
 
-def rows(n: int, features: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic continuous rows whose class depends on a few features."""
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, features)).astype(np.float32)
-    score = X[:, 0] + 0.5 * X[:, 1] - 0.3 * X[:, 2] + 0.5 * rng.normal(size=n)
-    edges = np.quantile(score, np.linspace(0, 1, classes + 1)[1:-1])
-    return X, np.digitize(score, edges).astype(np.int64)
+class Cohort:
+    """The sites' rows and XGBoost's parameters; :meth:`session` runs one session of them all."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, parts: list, params: dict) -> None:
+        self.X, self.y, self.parts, self.params = X, y, parts, params
+        self.counts = np.bincount(y, minlength=int(params.get("num_class", 2)))
+        self.start = b""
+
+    def session(self, rounds: int) -> Session:
+        """One session of ``rounds`` boosting rounds from the last one's booster, as a run's."""
+        began = time.perf_counter()
+        server = AggregationServer(len(self.parts), 0, timeout=600)
+        ready = time.perf_counter()
+        before = loopback_bytes()
+
+        def site(rank: int) -> tuple[bytes, tuple[np.ndarray, np.ndarray] | None]:
+            rows = self.parts[rank]
+            extra, weight = booster.weighting(self.y[rows], self.counts, self.params["objective"])
+            where = {"address": f"localhost:{server.port}", "world": len(self.parts), "rank": rank}
+            params = {**self.params, **extra}
+            return session.run(
+                self.X[rows], self.y[rows], weight, self.start, params, rounds, where, 600
+            )
+
+        try:
+            with ThreadPoolExecutor(len(self.parts)) as pool:
+                results = list(pool.map(site, range(len(self.parts))))
+            done = time.perf_counter()
+        finally:
+            server.stop()
+        after = loopback_bytes()
+        raw, cuts = results[0]
+        depth = int(self.params["max_depth"])
+        built = pinning.histograms_built(raw, depth)
+        built -= pinning.histograms_built(self.start, depth) if self.start else 0
+        self.start = raw
+        moved = None if before is None or after is None else after - before
+        assert cuts is not None  # rank 0's reply
+        return Session(ready - began, done - ready, built, pinning.bins_of(cuts[0]), moved)
 
 
-def session_round(X, y, sites, params, rounds):
-    """One session of ``sites``: (seconds, start-up seconds, booster, edges, loopback bytes)."""
-    parts = np.array_split(np.random.default_rng(0).permutation(len(y)), sites)
-    counts = np.bincount(y)
-    started = time.perf_counter()
-    server = AggregationServer(sites, 0, timeout=600)
-    ready = time.perf_counter() - started
-    before = loopback_bytes()
+@dataclass
+class Session:
+    """One session's figures: its server's start-up and its sites' seconds, what it moved."""
 
-    def site(rank):
-        extra, weight = booster.weighting(y[parts[rank]], counts, params["objective"])
-        where = {"address": f"localhost:{server.port}", "world": sites, "rank": rank}
-        return session.run(
-            X[parts[rank]], y[parts[rank]], weight, b"", {**params, **extra}, rounds, where, 600
-        )
-
-    began = time.perf_counter()
-    try:
-        with ThreadPoolExecutor(sites) as pool:
-            results = list(pool.map(site, range(sites)))
-    finally:
-        server.stop()
-    seconds = time.perf_counter() - began
-    after = loopback_bytes()
-    moved = None if before is None or after is None else after - before
-    return seconds, ready, results[0][0], results[0][1], moved
+    server: float
+    sites: float
+    histograms: int
+    bins: int
+    loopback: int | None
 
 
 def main() -> None:
     """Print the figures (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, default=50_000)
-    parser.add_argument("--features", type=int, default=40)
-    parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--classes", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--max-depth", type=int, default=6)
-    parser.add_argument("--max-bin", type=int, default=256)
+    parser.add_argument("--dataset", default="nsl_kdd")
+    parser.add_argument("--task", default="binary", choices=["binary", "multiclass"])
+    parser.add_argument("--sites", type=int, default=10)
+    parser.add_argument("--boost", type=int, default=10, help="boosting rounds of a session")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    X, y = rows(args.rows, args.features, args.classes, seed=0)
-    model = {"max_depth": args.max_depth, "learning_rate": 0.1, "max_bin": args.max_bin}
-    params = booster.params(model, args.classes, seed=0)
-    extra, weight = booster.weighting(y, np.bincount(y), params["objective"])
-    # A process per site boosts; the central twin gets as many threads as there are sites.
-    started = time.perf_counter()
-    pooled = xgb.QuantileDMatrix(X, label=y, weight=weight, max_bin=args.max_bin)
-    xgb.train({**params, **extra, "nthread": args.sites}, pooled, num_boost_round=args.rounds)
-    central = (time.perf_counter() - started) / args.rounds
-    seconds, ready, raw, cuts, moved = session_round(X, y, args.sites, params, args.rounds)
-    built = pinning.histograms_built(raw, args.max_depth)
-    formula = pinning.collective_bytes(args.sites, built, pinning.bins_of(cuts[0]))
-    per_round = seconds / args.rounds
-    print(
-        f"{args.rows} rows x {args.features} features, {args.classes} classes, {args.sites} "
-        f"sites, {args.rounds} boosting rounds, max_depth {args.max_depth}, max_bin {args.max_bin}"
+    cfg = compose(
+        [
+            f"dataset={args.dataset}",
+            f"task={args.task}",
+            "model=xgboost",
+            f"simulation.num_clients={args.sites}",
+        ]
     )
-    print(f"central boosting round:   {central:.3f} s (pooled rows, sketch included)")
+    prepared = prepare(cfg)
+    data = prepared.data
+    X, y = np.asarray(data.X_train, dtype=np.float32), np.asarray(data.y_train)
+    classes = len(data.class_names)
+    params = booster.params(cfg.model, classes, seed=int(cfg.seed))
+    cohort = Cohort(X, y, list(prepared.parts), params)
+    max_bin, depth = int(params["max_bin"]), int(params["max_depth"])
+
+    # Central XGBoost on the pooled rows: its sketch, then its boosting rounds apart.
+    extra, weight = booster.weighting(y, np.bincount(y, minlength=classes), params["objective"])
+    central_params = {**params, **extra}
+    sketches, central = [], []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        pooled = xgb.QuantileDMatrix(X, label=y, weight=weight, max_bin=max_bin)
+        sketches.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        xgb.train(central_params, pooled, num_boost_round=args.boost)
+        central.append((time.perf_counter() - started) / args.boost)
+
+    # The histogram session: cold (fresh workers: a run's first round), then warm rounds.
+    session.stop_workers()
+    cold = cohort.session(args.boost)
+    fixed = [cohort.session(0) for _ in range(args.repeats)]
+    whole = [cohort.session(args.boost) for _ in range(args.repeats)]
+    session.stop_workers()
+
+    median = statistics.median
+    central_round = median(central)
+    session_s = median(s.sites for s in whole)
+    fixed_s = median(s.sites for s in fixed)
+    per_round = (session_s - fixed_s) / args.boost
     print(
-        f"histogram boosting round: {per_round:.3f} s = {per_round / central:.1f} x central "
-        f"(site processes' start-up and sketch included; server start {ready:.2f} s apart)"
+        f"{args.dataset}, {args.task}: {len(y)} training rows x {X.shape[1]} features, "
+        f"{classes} classes, {args.sites} sites; max_depth {depth}, max_bin {max_bin}; "
+        f"sessions of {args.boost} boosting rounds; medians of {args.repeats}"
     )
-    print(f"histograms summed: {built}; bins per histogram: {pinning.bins_of(cuts[0])}")
+    print("seconds:")
+    print(f"  central sketch             {median(sketches):7.3f}  (pooled rows; once a run)")
+    print(f"  central boosting round     {central_round:7.3f}")
+    servers = median(s.server for s in [*fixed, *whole])
+    print(f"  server start-up            {servers:7.3f}  (a run's: during the evaluation before)")
+    print(f"  site workers' start-up     {cold.sites - session_s:7.3f}  (a run's first round only)")
+    print(f"  session's fixed cost       {fixed_s:7.3f}  (join, sketch, booster in and out)")
+    print(f"  histogram boosting round   {per_round:7.3f}  (fixed cost apart)")
+    print(
+        f"a session of {args.boost} boosting rounds: {session_s:.3f} s, "
+        f"{session_s / args.boost / central_round:.1f} x central per boosting round "
+        f"({per_round / central_round:.1f} x, fixed cost apart)"
+    )
+    last = whole[-1]
+    formula = pinning.collective_bytes(args.sites, last.histograms, last.bins)
+    print(f"histograms summed: {last.histograms}; bins per histogram: {last.bins}")
     print(f"collective bytes, formula:  {formula / 1e6:.2f} MB")
-    if moved is None:
+    if last.loopback is None:
         print("collective bytes, loopback: unreadable (/proc/net/dev)")
     else:
-        print(f"collective bytes, loopback: {moved / 1e6:.2f} MB ({moved / formula:.2f} x formula)")
+        print(
+            f"collective bytes, loopback: {last.loopback / 1e6:.2f} MB "
+            f"({last.loopback / formula:.2f} x formula)"
+        )
+    print(load())
 
 
 if __name__ == "__main__":

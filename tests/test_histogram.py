@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -59,6 +60,11 @@ def _session(X, y, parts, params, rounds, start=b"", deadline=120.0, world=None)
     return [r[0] for r in results], results[0][1]
 
 
+def _idle_workers() -> set[int]:
+    """The process ids of the sessions' workers waiting for their next session here."""
+    return {w.process.pid for w in session._Worker._idle}
+
+
 def _pooled(X, y, params, rounds, cuts=None):
     """``xgb.train`` on the pooled rows, pooled class weights: the pinned twin given ``cuts``."""
     if cuts is not None:
@@ -101,7 +107,9 @@ def test_sessions_equal_the_pinned_pooled_twin_and_the_class_weights_are_pooled(
     parts = _sites(X, y, 3)
     # Two Flower rounds: the second session continues the first one's booster.
     first, cuts = _session(X, y, parts, params, rounds=2)
+    workers = _idle_workers()
     models, cuts = _session(X, y, parts, params, rounds=2, start=first[0])
+    assert len(workers) >= 3 and _idle_workers() == workers  # the same processes served both
     assert len(set(models)) == 1  # every site grew the same trees
     federated = booster.load(models[0])
     rows = xgb.DMatrix(X)
@@ -138,6 +146,8 @@ def test_a_site_that_never_joins_ends_the_session_at_the_deadline():
     # A session of two whose second site never comes: the first is blocked inside XGBoost.
     with pytest.raises(session.SessionFailed, match="did not finish within 4 s"):
         _session(X, y, [np.arange(300)], params, rounds=2, deadline=4.0, world=2)
+    # Its worker was ended, not kept for a later session.
+    assert all(w.process.poll() is None for w in session._Worker._idle)
 
 
 def test_a_site_that_dies_mid_session_leaves_the_others_to_their_deadline():
@@ -177,6 +187,10 @@ def test_a_taken_port_is_refused_before_and_reported_after_the_server_starts():
         # Taken after the probe: XGBoost's server crashes, and that is reported, not waited on.
         with pytest.raises(FedadError, match="died as it started"):
             AggregationServer(2, port, timeout=5, probe=False)
+        # Started ahead of its round (as the strategy does), it is reported when waited for.
+        ahead = AggregationServer(2, port, timeout=5, probe=False, wait=False)
+        with pytest.raises(FedadError, match="died as it started"):
+            ahead.wait_ready()
 
 
 def test_bad_settings_are_refused_in_one_phrase_each():
@@ -337,6 +351,11 @@ def test_a_histogram_run_equals_its_pinned_twin_counts_its_bytes_and_resumes_exa
     indptr, values, counts = pinning.load(whole)
     X, y = _trained_rows(whole, 3)
     assert np.array_equal(counts, np.bincount(y, minlength=2))
+    # Every site's reply carries its class weight, and the server took them only byte-equal:
+    # each site weighed the classes by the pooled counts, not its own.
+    learner = json.loads((whole / rundir.BOOSTER_FILE).read_bytes())["learner"]
+    weight = float(learner["objective"]["reg_loss_param"]["scale_pos_weight"])
+    assert weight == pytest.approx(counts[0] / counts[1], rel=1e-7)
     params = booster.params({"max_depth": 6, "learning_rate": 0.1, "max_bin": 32}, 2, seed=0)
     pinned = _pooled(X, y, params, rounds=4, cuts=(indptr, values))
     saved = booster.load((whole / rundir.BOOSTER_FILE).read_bytes())

@@ -217,14 +217,16 @@ def complete_replies(replies: list[Message], sent: ArrayRecord | None) -> set[st
     Returns
     -------
     set[str] or None
-        The keys the replies carry; None when they carry every array (or
-        nothing was sent to compare with).
+        The keys the replies carry; None unless they leave some of the sent
+        arrays out (or nothing was sent to compare with).
     """
     good = [m for m in replies if not m.has_error() and "arrays" in m.content]
     if sent is None or not good:
         return None
     carried = set(cast(ArrayRecord, good[0].content["arrays"]).keys())
-    if carried == set(sent.keys()):
+    # Only a reply that leaves some of the sent arrays out is completed: one that carries
+    # more (the histogram strategy's rank 0 adds the run's bin edges) is the strategy's own.
+    if not carried < set(sent.keys()):
         return None
     for reply in good:
         own = cast(ArrayRecord, reply.content["arrays"])

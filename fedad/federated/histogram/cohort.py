@@ -17,7 +17,7 @@ STRATEGY = "fedxgb_histogram"
 SITES_PER_CPU = 8
 # Resident memory of one site while it boosts, rows aside: its Ray actor, 0.35 GB without
 # TensorFlow (lean_actor; measured in a 3-site run's actors; a process importing what an actor
-# imports holds 0.31 GB, 0.80 GB with TensorFlow), and its session's XGBoost process, 0.08 GB
+# imports holds 0.31 GB, 0.80 GB with TensorFlow), and its sessions' XGBoost worker, 0.08 GB
 # before its rows and its DMatrix: 0.5 GB leaves them some room.
 SITE_BYTES = 0.5e9
 # What a histogram run's Ray actors must not import: Flower's actor module imports TensorFlow

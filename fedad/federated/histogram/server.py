@@ -117,9 +117,14 @@ class AggregationServer:
         Probe ``port`` first (:func:`choose_port`); False takes it as it is
         (a caller that probed it), and a taken one kills the server, which
         is reported.
+    wait : bool
+        Return once it listens (:meth:`wait_ready`); False returns at once,
+        for a server started ahead of its session, waited for later.
     """
 
-    def __init__(self, world: int, port: int, timeout: float, probe: bool = True) -> None:
+    def __init__(
+        self, world: int, port: int, timeout: float, probe: bool = True, wait: bool = True
+    ) -> None:
         self.world = world
         self.port = choose_port(port) if probe else port
         # The server's output, kept while it runs to say why it died (closed by stop()).
@@ -127,9 +132,10 @@ class AggregationServer:
         command = [sys.executable, "-m", __name__, str(self.port), str(world), str(int(timeout))]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=self._log)
         atexit.register(self.stop)
-        self._wait_ready()
+        if wait:
+            self.wait_ready()
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
         """Wait until the server says it listens; report its death (a port taken) at once.
 
         XGBoost says it listens before gRPC binds, and a connection alone would

@@ -1,26 +1,37 @@
 """A site's part of one histogram session: ``xgb.train`` in XGBoost's federated communicator.
 
-It runs in a child process of the site, for two reasons: a session whose peer died
+It runs in a worker process of the site, for two reasons: a session whose peer died
 blocks inside XGBoost with no error and no way out but ending the process (the
-site's deadline does), and XGBoost's communicator is global to a process.
+site's deadline does), and XGBoost's communicator is global to a process. A worker
+that finished its session serves the site's next one: Python and XGBoost start once
+per site, not once per round (seconds a round, ten sites sharing a few cores).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import select
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from fedad.errors import FedadError
-
-# The child needs neither: XGBoost imports them only if they are there (seconds of start-up).
+# The worker needs neither: XGBoost imports them only if they are there (seconds of start-up).
 LEAN = ("sklearn", "pandas")
-JOB, BOOSTER, CUTS, LOG = "job.json", "booster.json", "cuts.npz", "session.log"
+JOB, BOOSTER, CUTS = "job.json", "booster.json", "cuts.npz"
+# OpenMP's threads in a worker sleep while they wait, not spin: a session waits on its peers at
+# every allreduce, and ten sites spinning on a few cores made XGBoost's sketch of a few thousand
+# rows take seconds instead of a twentieth of one (measured in scripts/bench_histogram.py).
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# What a worker writes back once a session's booster is written.
+DONE = b"done\n"
 # A train config's entries for a site of a session: the server's host:port, the sites, this
 # site's rank, the sampled sites' pooled class counts and the session's deadline (seconds).
 ADDRESS, WORLD, RANK = "histogram-address", "histogram-world", "histogram-rank"
@@ -37,7 +48,7 @@ def joins(config: Mapping) -> bool:
 
 
 class SessionFailed(RuntimeError):
-    """The session did not finish: past its deadline, or the child process failed."""
+    """The session did not finish: past its deadline, or its worker process failed."""
 
 
 def run(
@@ -65,7 +76,7 @@ def run(
     session : Mapping
         ``address`` (host:port of the server), ``world`` (sites), ``rank``.
     deadline : float
-        Seconds the session may take; past them the child is ended.
+        Seconds the session may take; past them its worker process is ended.
 
     Returns
     -------
@@ -76,7 +87,7 @@ def run(
     Raises
     ------
     SessionFailed
-        Past the deadline (a site left the session), or when the child failed.
+        Past the deadline (a site left the session), or when the worker process failed.
     """
     with tempfile.TemporaryDirectory(prefix="fedad-histogram-") as tmp:
         folder = Path(tmp)
@@ -87,25 +98,22 @@ def run(
         (folder / "start.json").write_bytes(start)
         job = {"params": dict(train_params), "rounds": int(rounds), **session}
         (folder / JOB).write_text(json.dumps(job))
-        with open(folder / LOG, "wb") as log:
-            child = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(folder)], stdout=log, stderr=log
-            )
-            try:
-                code = child.wait(timeout=deadline)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-                raise SessionFailed(
-                    f"the histogram session (rank {session['rank']} of {session['world']}) did "
-                    f"not finish within {deadline:g} s (strategy.session_timeout): a site left "
-                    "it or never joined, so every site was blocked; it was ended"
-                ) from None
-        if code != 0:
-            tail = (folder / LOG).read_text(errors="replace").strip().splitlines()[-3:]
+        worker = _Worker.take()
+        try:
+            worker.serve(folder, deadline)
+        except TimeoutError:
+            worker.stop()
+            raise SessionFailed(
+                f"the histogram session (rank {session['rank']} of {session['world']}) did "
+                f"not finish within {deadline:g} s (strategy.session_timeout): a site left "
+                "it or never joined, so every site was blocked; it was ended"
+            ) from None
+        except EOFError:
+            code, tail = worker.stop()
             raise SessionFailed(
                 f"the histogram session's process exited with status {code}: {' / '.join(tail)}"
-            )
+            ) from None
+        _Worker.give_back(worker)
         cuts = None
         if (folder / CUTS).is_file():
             with np.load(folder / CUTS) as edges:
@@ -113,10 +121,112 @@ def run(
         return (folder / BOOSTER).read_bytes(), cuts
 
 
-def main(folder: Path) -> None:
-    """The child: join the communicator, sketch, boost, write the booster (and edges at rank 0)."""
+class _Worker:
+    """A process that boosts the sessions it is handed, one at a time, until its input closes.
+
+    Idle workers wait in a pool of this process (one per site thread that
+    ran a session); a worker whose session failed or ran past its deadline
+    is ended, never handed another.
+    """
+
+    _idle: list[_Worker] = []
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        # Its output, emptied before each session: the tail says why a session failed.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", __name__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env={**os.environ, **WORKER_ENV},
+        )
+
+    @classmethod
+    def take(cls) -> _Worker:
+        """An idle worker still running, or a new one."""
+        with cls._lock:
+            while cls._idle:
+                worker = cls._idle.pop()
+                if worker.process.poll() is None:
+                    return worker
+                worker.stop()
+        return cls()
+
+    @classmethod
+    def give_back(cls, worker: _Worker) -> None:
+        """Keep ``worker`` for a later session."""
+        with cls._lock:
+            cls._idle.append(worker)
+
+    @classmethod
+    def stop_idle(cls) -> None:
+        """End every idle worker."""
+        with cls._lock:
+            idle, cls._idle[:] = list(cls._idle), []
+        for worker in idle:
+            worker.stop()
+
+    def serve(self, folder: Path, deadline: float) -> None:
+        """Boost the session of ``folder``; TimeoutError past ``deadline``, EOFError if it died."""
+        self.log.seek(0)
+        self.log.truncate()
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            self.process.stdin.write(f"{folder}\n".encode())
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise EOFError from None
+        reply, ends = b"", time.monotonic() + deadline
+        while not reply.endswith(b"\n"):
+            left = ends - time.monotonic()
+            if left <= 0 or not select.select([self.process.stdout], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.process.stdout.fileno(), 64)
+            if not chunk:
+                raise EOFError
+            reply += chunk
+        if reply != DONE:
+            raise EOFError
+
+    def stop(self) -> tuple[int | None, list[str]]:
+        """End the worker; its exit status and the last lines it wrote."""
+        if self.process.poll() is None:
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        self.log.seek(0)
+        tail = self.log.read().decode(errors="replace").strip().splitlines()[-3:]
+        self.log.close()
+        return self.process.returncode, tail
+
+
+def stop_workers() -> None:
+    """End this process's idle workers (the next session starts a fresh one)."""
+    _Worker.stop_idle()
+
+
+def main() -> None:
+    """The worker: for each folder read from its input, boost that session, then say so."""
+    # Only "done" lines go to the site: whatever else is printed goes to the log.
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     for name in LEAN:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+    import xgboost  # noqa: F401  (imported once, before the first session)
+
+    for line in sys.stdin:
+        boost(Path(line.strip()))
+        replies.write(DONE)
+
+
+def boost(folder: Path) -> None:
+    """One session: join the communicator, sketch, boost, write the booster (edges at rank 0)."""
     import xgboost as xgb
     from xgboost import collective
 
@@ -141,6 +251,4 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise FedadError("usage: python -m fedad.federated.histogram.session FOLDER")
-    main(Path(sys.argv[1]))
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -27,8 +28,10 @@ class FedXgbHistogram(FedAvg):
 
     Each round the sampled sites join one session of XGBoost's federated
     communicator (:class:`AggregationServer`, started for the round on a
-    probed port and stopped after it) and boost ``model.local_rounds``
-    iterations from the global booster together: XGBoost merges their quantile
+    probed port and stopped after it; the next round's starts as this one
+    ends, so its start-up overlaps the evaluation) and boost
+    ``model.local_rounds`` iterations from the global booster together
+    (:mod:`~fedad.federated.histogram.session`): XGBoost merges their quantile
     sketches into one set of bin edges and sums their histograms at every tree
     level, so every site grows the same trees, those ``xgb.train`` grows on
     the pooled rows under the same edges. Before the first session the sites
@@ -75,6 +78,8 @@ class FedXgbHistogram(FedAvg):
         self.host, self.port, self.session_timeout = host, int(port), float(session_timeout)
         self.counts: dict[int, list[int]] = {}
         self.server: AggregationServer | None = None
+        # The next round's server, started as the last one ended, for a cohort of its size.
+        self.upcoming: AggregationServer | None = None
         self.sampled: list[int] = []
         # The last session's bin edges (rank 0's) and pooled class counts: the twin's pins.
         self.cuts: tuple[np.ndarray, np.ndarray] | None = None
@@ -85,14 +90,20 @@ class FedXgbHistogram(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample the cohort, pool its class counts, start the round's server, rank the sites."""
-        self.close()
+        self._stop_server()
         order = list(grid.get_node_ids())
         size = max(int(len(order) * self.fraction_train), self.min_train_nodes)
         nodes, _ = sample_nodes(grid, self.min_available_nodes, size)
         # Ranks follow the grid's order (fedad's SiteGrid: partition order), not the draw's.
         nodes = sorted(nodes, key=order.index)
+        upcoming, self.upcoming = self.upcoming, None
+        if upcoming is not None and upcoming.world != len(nodes):
+            upcoming.stop()
+            upcoming = None
+        # Started before the count query, it starts up while the sites count.
+        self.server = upcoming or self._start(len(nodes))
         pooled = self._pooled_counts(nodes, config, grid)
-        self.server = AggregationServer(len(nodes), self.port, self.session_timeout)
+        self.server.wait_ready()
         self.sampled, self.pooled_counts = nodes, pooled
         log.info(
             "round %d: histogram session of %d sites on port %d",
@@ -151,8 +162,14 @@ class FedXgbHistogram(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Stop the server; the booster every site grew (checked equal), the bytes moved."""
-        self.close()
+        """Stop the server; the booster every site grew (checked equal), the bytes moved.
+
+        The next round's server starts here, for a cohort of this one's size.
+        """
+        self._stop_server()
+        with contextlib.suppress(FedadError):
+            # A fixed port taken now is probed again, and reported, as the next round starts.
+            self.upcoming = self._start(len(self.sampled))
         good = [m for m in replies if not m.has_error()]
         if not good:
             return None, None
@@ -180,8 +197,19 @@ class FedXgbHistogram(FedAvg):
         moved, self._bytes = self._bytes, 0
         return {COLLECTIVE_BYTES: moved}
 
-    def close(self) -> None:
-        """Stop the round's server if one runs (after the round, or when the run ends)."""
+    def _start(self, world: int) -> AggregationServer:
+        """A server for ``world`` sites on a probed port, starting up (not waited for)."""
+        return AggregationServer(world, self.port, self.session_timeout, wait=False)
+
+    def _stop_server(self) -> None:
+        """Stop the round's server if one runs (its session is over)."""
         if self.server is not None:
             self.server.stop()
             self.server = None
+
+    def close(self) -> None:
+        """Stop the round's server and the next round's (when the run ends)."""
+        self._stop_server()
+        if self.upcoming is not None:
+            self.upcoming.stop()
+            self.upcoming = None
