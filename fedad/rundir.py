@@ -24,6 +24,10 @@ PARTITION_CSV = "partition.csv"
 PARTITION_PNG = "partition.png"
 COMPARISON_CSV = "comparison.csv"
 COMPARISON_MD = "comparison.md"
+# A federation of sources (dataset.federate): every detector on each source's test rows, and the
+# per-row predictions it is computed from (fedad/evaluation/cross_source.py).
+CROSS_SOURCE_CSV = "cross_source.csv"
+CROSS_SOURCE_PREDICTIONS = "cross_source_predictions.csv"
 ROC_PNG = "roc.png"
 IMPORTANCE_PNG = "importance.png"
 EDA_PNG = "eda.png"

@@ -19,7 +19,7 @@ from fedad import rundir
 from fedad.baselines.runner import run_baselines, with_twin
 from fedad.baselines.twins import cache_inputs
 from fedad.config import CONF_DIR, CONFIG_NAME, available_options, load_option
-from fedad.data.sources import check_files
+from fedad.data.federation import check_files
 from fedad.detector.build import write_detectors
 from fedad.errors import FedadError, JobSkipped, exit_with
 from fedad.evaluation import comparison
@@ -29,6 +29,7 @@ from fedad.evaluation.importance import explain
 from fedad.evaluation.plots import plot_confusion, plot_eda, plot_roc
 from fedad.evaluation.shapley import explain_shap
 from fedad.run import cache, commandline, continuation
+from fedad.run.cross_source import cross_source_matrix
 from fedad.run.pipeline import RunData, prepare_run
 from fedad.run.resume import Decision, decide
 from fedad.run.validate import validate
@@ -108,6 +109,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         if engine is not None:
             engine.close()
     models += _baselines(cfg, prepared)
+    if prepared.data.sources_test is not None:
+        results["cross_source"] = cross_source_matrix(cfg, prepared.data, models, run_dir)
     _record(results, models, run_dir)
     if models:
         _figures(models, prepared, run_dir)

@@ -130,7 +130,7 @@ def _cli(*args, cwd):
             "dataset=kdd99",
             "Unknown dataset option 'kdd99'. Available: cic_ids2017, ciciot2023, csv",
         ),
-        ("partition=random", "Unknown partition option 'random'. Available: dirichlet, iid"),
+        ("partition=random", "Unknown partition option 'random'. Available: by_source, dirichlet"),
     ],
 )
 def test_unknown_names_list_the_valid_ones(tmp_path, override, expected):

@@ -21,7 +21,7 @@ from flwr_datasets.partitioner import (
 from fedad.config import checks
 from fedad.errors import FedadError
 
-PARTITIONS = ("iid", "dirichlet", "pathological", "quantity", "natural")
+PARTITIONS = ("iid", "dirichlet", "pathological", "quantity", "natural", "by_source")
 
 
 def check_config(cfg: Mapping) -> list[str]:
@@ -59,6 +59,10 @@ def check_config(cfg: Mapping) -> list[str]:
         )
     elif name == "quantity":
         problems.append(checks.number(cfg, "beta", "partition", low=0, low_open=True))
+    elif name == "by_source":
+        problems.append(checks.number(cfg, "clients_per_source", "partition", whole=True, low=1))
+        if cfg.get("alpha") is not None:
+            problems.append(checks.number(cfg, "alpha", "partition", low=0, low_open=True))
     return [p for p in problems if p]
 
 
@@ -80,11 +84,13 @@ def partition(
         Training class codes; label skew is drawn over them.
     num_clients : int
         Number of clients; ignored by ``natural``, which makes one client per
-        distinct value of ``groups``.
+        distinct value of ``groups``, and by ``by_source``, which makes
+        ``clients_per_source`` per source.
     seed : int
         Seed for every random choice, so a seed gives the same partitions.
     groups : np.ndarray, optional
-        Per-row natural id (site, device) for the ``natural`` partition.
+        Per-row natural id (site, device) for the ``natural`` partition; each
+        row's source for ``by_source``.
 
     Returns
     -------
@@ -96,6 +102,8 @@ def partition(
     name = cfg["name"]
     n = len(y)
     min_size = int(cfg.get("min_size", 10))
+    if name == "by_source":
+        return _by_source(cfg, y, seed, groups)
     if name != "natural":
         _check_client_count(num_clients, n, min_size)
 
@@ -152,6 +160,44 @@ def partition(
             "smaller `partition.min_size`."
         ) from err
     return [p for p in parts if len(p) > 0]
+
+
+def _by_source(
+    cfg: Mapping, y: np.ndarray, seed: int, sources: np.ndarray | None
+) -> list[np.ndarray]:
+    """Each source's rows to sites of their own, in sources' order: one site each, or several.
+
+    With ``clients_per_source`` above 1 a source's rows are split among its
+    sites by label skew, Dirichlet(``alpha``), or evenly at random when
+    ``alpha`` is null; no site ever holds two sources' rows.
+    """
+    if sources is None:
+        raise FedadError(
+            "partition=by_source gives each site one source's rows, but the data names no "
+            "source per row. Use dataset=federation (dataset.federate lists the sources), or "
+            "another partition."
+        )
+    per_source = int(cfg.get("clients_per_source", 1))
+    inner = {
+        "name": "iid" if cfg.get("alpha") is None else "dirichlet",
+        "alpha": cfg.get("alpha"),
+        "min_size": cfg.get("min_size", 10),
+    }
+    parts: list[np.ndarray] = []
+    for source in dict.fromkeys(sources):
+        rows = np.flatnonzero(sources == source)
+        if per_source == 1:
+            parts.append(rows)
+            continue
+        try:
+            split = partition(inner, y[rows], per_source, seed)
+        except FedadError as err:
+            raise FedadError(
+                f"Source '{source}' ({len(rows)} training rows) cannot be split among "
+                f"partition.clients_per_source={per_source} sites: {err}"
+            ) from None
+        parts += [rows[p] for p in split]
+    return parts
 
 
 def _load_all(partitioner: Partitioner, ds: datasets.Dataset) -> list[np.ndarray]:

@@ -11,8 +11,9 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from fedad.data import audit, labels, sources
+from fedad.data import audit, federation, labels, sources
 from fedad.data.audit import MIN_CLASS_ROWS, small_classes
+from fedad.data.federation import SOURCE
 from fedad.data.labels import INTERNAL
 from fedad.data.prepared import PreparedData
 from fedad.data.preprocess import (
@@ -36,7 +37,10 @@ def prepare(
 
     Everything learnt from data (category vocabularies, medians, the scaler) is
     fitted on the training part only. Duplicates are dropped before a
-    single-file split, so no row can sit on both sides of it.
+    single-file split, so no row can sit on both sides of it. A federation of
+    sources (``dataset.federate``) is de-duplicated and split source by source,
+    so each source's test rows come from its own rows; the test set is their
+    union (``sources_test`` says which source each row is from).
 
     Recoveries, each counted in ``notes`` (and so in ``results.json`` under
     ``data``): rows whose label is empty, such as the cut-off last line of a
@@ -65,7 +69,8 @@ def prepare(
     """
     if task not in TASKS:
         raise FedadError(f"task must be one of {', '.join(TASKS)} (got '{task}').")
-    raw = sources.load(dataset, data_dir, seed)
+    federated = bool(federation.members(dataset))
+    raw = federation.load(dataset, data_dir) if federated else sources.load(dataset, data_dir, seed)
     notes: dict = {"origin": raw.origin, "warnings": raw.warnings}
     train, test, facts = labels.attach(raw.train, raw.test, dataset, task)
     notes.update(facts)
@@ -79,13 +84,22 @@ def prepare(
 
     features = _feature_columns(train, dataset)
     # A dataset config may overrule it: telemetry repeats the same reading by nature.
+    read = train[SOURCE].value_counts() if federated else None
     if dataset.get("drop_duplicates", preprocess.get("drop_duplicates", True)):
         train, notes["duplicates_dropped_train"] = _dedup(train, features)
         dropped = notes["duplicates_dropped_train"]
         if test is not None:
             test, notes["duplicates_dropped_test"] = _dedup(test, features)
     if test is None:
-        train, test = _split(train, float(preprocess.get("test_size", 0.2)), seed, dropped)
+        # Each source split on its own rows, stratified within it: its test set is its own.
+        pieces = [
+            _split(rows, float(preprocess.get("test_size", 0.2)), seed, dropped)
+            for _, rows in (train.groupby(SOURCE, sort=False) if federated else [(None, train)])
+        ]
+        train, test = (pd.concat(side, ignore_index=True) for side in zip(*pieces, strict=True))
+    if read is not None:
+        kept = train[SOURCE].value_counts().add(test[SOURCE].value_counts(), fill_value=0)
+        notes["sources"] = federation.breakdown(train, test, read.sub(kept).astype(int))
     notes["duplicates_shared_train_test"] = _shared_rows(train, test, features)
     if notes["duplicates_shared_train_test"]:
         log.warning(
@@ -150,6 +164,9 @@ def prepare(
         task=task,
         groups_train=train[natural].astype(str).to_numpy() if natural else None,
         types_train=_attack_types(train, dataset, task),
+        types_test=_attack_types(test, dataset, task),
+        sources_train=train[SOURCE].astype(str).to_numpy() if federated else None,
+        sources_test=test[SOURCE].astype(str).to_numpy() if federated else None,
         scaler=StandardScaler().fit(X_train),
         notes=notes,
         preprocessor=encoder,
@@ -171,7 +188,7 @@ def _feature_columns(frame: pd.DataFrame, dataset: Mapping) -> list[str]:
     if missing:
         log.info("dataset.drop_columns names columns that are absent: %s", missing)
     target = {dataset["label_column"], dataset.get("class_column")}
-    skip = set(drop) | target | {dataset.get("natural_column"), *INTERNAL}
+    skip = set(drop) | target | {dataset.get("natural_column"), SOURCE, *INTERNAL}
     features = [c for c in frame.columns if c not in skip]
     if not features:
         raise FedadError(
@@ -182,7 +199,9 @@ def _feature_columns(frame: pd.DataFrame, dataset: Mapping) -> list[str]:
 
 
 def _dedup(frame: pd.DataFrame, features: list[str]) -> tuple[pd.DataFrame, int]:
-    kept = frame.drop_duplicates(subset=[*features, "_class"], ignore_index=True)
+    # Within a source only: the same flow seen by two organisations is a row of each.
+    own = [SOURCE] if SOURCE in frame.columns else []
+    kept = frame.drop_duplicates(subset=[*features, "_class", *own], ignore_index=True)
     return kept, len(frame) - len(kept)
 
 

@@ -37,6 +37,11 @@ class PreparedData:
         Per-row attack type of the training rows (the class the multiclass task
         gives it; ``normal`` for normal rows), as names, for the binary task
         when the data name attack types; None otherwise (the labels are the types).
+    types_test : np.ndarray or None
+        The same for the test rows.
+    sources_train, sources_test : np.ndarray or None
+        Per-row source (organisation) of a federation of sources
+        (``dataset.federate``), each source split on its own rows; None otherwise.
     scaler : StandardScaler
         Fitted on ``X_train`` only.
     notes : dict
@@ -56,6 +61,9 @@ class PreparedData:
     task: str
     groups_train: np.ndarray | None = None
     types_train: np.ndarray | None = None
+    types_test: np.ndarray | None = None
+    sources_train: np.ndarray | None = None
+    sources_test: np.ndarray | None = None
     scaler: StandardScaler = field(default_factory=StandardScaler)
     notes: dict = field(default_factory=dict)
     preprocessor: Preprocessor | None = None

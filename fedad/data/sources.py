@@ -224,17 +224,49 @@ def _file_keys(cfg: Mapping) -> tuple[str, ...]:
 
 
 def _check_two_classes(cfg: Mapping, path: Path, key: str) -> None:
-    """Refuse a training file whose label column holds one value: no model can learn from it.
+    """Refuse a training file whose label column holds one value: no model can learn from it."""
+    found = single_class(cfg, path)
+    if found is None:
+        return
+    value, rows, read = found
+    label = cfg["label_column"]
+    where = f" The full dataset comes from {layouts.where(cfg)}." if layouts.where(cfg) else ""
+    raise FedadError(
+        f"{path} (dataset.{key}) holds a single class: all {rows:,} labelled rows have "
+        f"'{value}' in its label column '{read}' (dataset.label_column='{label}', "
+        f"dataset.normal_value='{cfg['normal_value']}'). Supervised models learn from normal and "
+        "attack rows, and every model, the autoencoder and the unsupervised baselines included "
+        "(they learn from normal rows alone), is scored on a test set holding both: no model can "
+        f"be trained and tested on this file alone. Point dataset.{key} at a file of this layout "
+        f"with both classes, or use it beside a source of the other class.{where}"
+    )
+
+
+def single_class(cfg: Mapping, path: Path) -> tuple[str, int, str] | None:
+    """The one label a file holds, if it holds one: cheap, before a run starts anything slow.
 
     Reads the label column alone, a chunk at a time, and stops at its second
     value. A file the full read will refuse (no such column, not CSV) passes:
     that read names its fault.
+
+    Parameters
+    ----------
+    cfg : Mapping
+        The ``dataset`` config group (its label column, releases, reader settings).
+    path : Path
+        The data file.
+
+    Returns
+    -------
+    tuple[str, int, str] or None
+        The one value, the labelled rows holding it and the column read; None
+        when the file holds two values or more, or cannot be read here.
     """
     label = cfg["label_column"]
     names = {label, *(r.get("label_column") for r in cfg.get("releases") or [])}
     columns = list(cfg["columns"]) if cfg.get("columns") else None
     if columns and label not in columns:
-        return
+        return None
     values: set[str] = set()
     rows = 0
     try:
@@ -249,13 +281,13 @@ def _check_two_classes(cfg: Mapping, path: Path, key: str) -> None:
         )
         for chunk in chunks:
             if chunk.shape[1] != 1:  # two columns that could be the label: the full read decides
-                return
+                return None
             cells = chunk.iloc[:, 0].dropna().str.strip()
             cells = cells[cells != ""]
             values |= set(cells)
             rows += len(cells)
             if len(values) > 1:
-                return
+                return None
             read = label if columns else str(chunk.columns[0]).strip()
     except (
         ValueError,
@@ -266,19 +298,8 @@ def _check_two_classes(cfg: Mapping, path: Path, key: str) -> None:
         lzma.LZMAError,
         zipfile.BadZipFile,
     ):
-        return
-    if not values:
-        return
-    where = f" The full dataset comes from {layouts.where(cfg)}." if layouts.where(cfg) else ""
-    raise FedadError(
-        f"{path} (dataset.{key}) holds a single class: all {rows:,} labelled rows have "
-        f"'{values.pop()}' in its label column '{read}' (dataset.label_column='{label}', "
-        f"dataset.normal_value='{cfg['normal_value']}'). Supervised models learn from normal and "
-        "attack rows, and every model, the autoencoder and the unsupervised baselines included "
-        "(they learn from normal rows alone), is scored on a test set holding both: no model can "
-        f"be trained and tested on this file alone. Point dataset.{key} at a file of this layout "
-        f"with both classes, or use it beside a source of the other class.{where}"
-    )
+        return None
+    return (values.pop(), rows, read) if values else None
 
 
 def resolve(data_dir: str | Path, relative: str) -> Path:

@@ -12,6 +12,7 @@ import pandas as pd
 
 from fedad import rundir
 from fedad.data.audit import MIN_CLASS_ROWS
+from fedad.evaluation import cross_source
 from fedad.evaluation.metrics import TABLE_METRICS
 from fedad.models.catalog import local_name, model_of
 
@@ -387,11 +388,13 @@ def write(
 ) -> None:
     """Write ``comparison.csv`` and ``comparison.md`` (see :func:`to_markdown`) into ``run_dir``.
 
-    ``comparison.md`` ends with a pointer to the run's fairness audit of the
-    sites when there is one (``sites.md``, written with the sites alone).
+    ``comparison.md`` ends with the cross-source matrix of a federation of
+    sources when the run wrote one (``cross_source.csv``), and a pointer to the
+    run's fairness audit of the sites when there is one (``sites.md``, written
+    with the sites alone).
     """
     rundir.write_text(run_dir / rundir.COMPARISON_CSV, frame.to_csv(index=False))
-    text = to_markdown(frame, small_classes)
+    text = to_markdown(frame, small_classes) + cross_source.section(run_dir)
     if (run_dir / rundir.SITES_FILE).is_file():
         text += (
             f"\nEvery site on its own test slice (the global model, each personal model, the "

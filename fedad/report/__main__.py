@@ -14,7 +14,7 @@ import pandas as pd
 
 from fedad import rundir
 from fedad.errors import FedadError, exit_with
-from fedad.report import figures, security
+from fedad.report import cross_source, figures, security
 from fedad.report import sites as site_audit
 from fedad.report.jobs import read_table
 from fedad.report.markdown import format_value, render, row_labels, setting_label
@@ -154,6 +154,8 @@ def _make(root: Path, out_dir: Path, stage: Path, tidy: pd.DataFrame) -> None:
     # Sites, poisoning and privacy: sections of their own, when the folder holds such runs.
     skipped = tidy.loc[tidy["status"] == "skipped", ["job", "error"]].drop_duplicates("job")
     extra = site_audit.write(root, stage, list(done["job"].unique()))
+    labels = {job: setting_label(rows.iloc[0], keys) for job, rows in done.groupby("job")}
+    extra += cross_source.write(root, stage, list(done["job"].unique()), labels)
     extra += security.write(root, stage, list(done["job"].unique()), skipped)
     if extra:
         text = text.rstrip("\n") + "\n\n" + "\n".join(extra)

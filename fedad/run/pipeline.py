@@ -60,15 +60,19 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> RunData:
         )
         n_train, n_test = len(data.y_train), len(data.y_test)
         step.note = f"{n_train + n_test:,} rows: {n_train:,} train + {n_test:,} test"
+    by_source = cfg.partition.name == "by_source"
     with progress.step(f"data: partitioning over {cfg.simulation.num_clients} sites"):
         parts = partition(
             cfg.partition,
             skew_labels(cfg, data),
             int(cfg.simulation.num_clients),
             int(cfg.seed),
-            groups=data.groups_train,
+            groups=data.sources_train if by_source else data.groups_train,
         )
     summary = summarize(parts, data.y_train, data.class_names)
+    if by_source and data.sources_train is not None:
+        # Each site holds one source's rows: partition.csv says whose.
+        summary.insert(1, "source", [data.sources_train[rows[0]] for rows in parts])
     summary.to_csv(Path(run_dir) / rundir.PARTITION_CSV, index=False)
     plot_partition(
         summary,

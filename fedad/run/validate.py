@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from fedad.baselines.runner import check_config as check_baselines
 from fedad.config import checks, to_dict
 from fedad.config.resolvers import sampled_sites
+from fedad.data.federation import check_config as check_federation
 from fedad.data.partition import check_config as check_partition
 from fedad.data.prepare import TASKS
 from fedad.data.scaling import SCALINGS
@@ -103,6 +104,7 @@ def validate(cfg: DictConfig) -> None:
         )
     problems += check_dataset(values["dataset"])
     problems += check_partition(values["partition"])
+    problems += check_federation(values["dataset"], values["partition"])
     problems += check_baselines(values["baselines"])
     problems += check_tracking(values["tracking"])
     problems += check_detector(values["detector"])
