@@ -138,7 +138,7 @@ def unknown_source(cfg: Mapping, source: object) -> str:
     return (
         f"dataset.source={source!r} is not a source of dataset '{cfg.get('name')}', which knows "
         f"{', '.join(map(str, cfg['sources']))}. Set dataset.source to one of them, or add another "
-        "file of this layout as dataset.sources.<name>.path=<file> (relative to data_dir)"
+        "file of this layout as +dataset.sources.<name>.path=<file> (relative to data_dir)"
     )
 
 
