@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import (
 
 from fedad.config import checks
 from fedad.errors import FedadError
+from fedad.federated.fednova import FedNova
 from fedad.federated.histogram.strategy import FedXgbHistogram
 from fedad.federated.scaffold import Scaffold
 from fedad.models import booster
@@ -82,6 +83,7 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "bulyan": Bulyan,
     "qfedavg": QFedAvg,
     "scaffold": Scaffold,
+    "fednova": FedNova,
     "fedxgb_bagging": FedXgbBaggingAll,
     "fedxgb_cyclic": FedXgbCyclic,
     "fedxgb_histogram": FedXgbHistogram,

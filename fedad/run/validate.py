@@ -20,6 +20,7 @@ from fedad.errors import JobSkipped
 from fedad.evaluation.decision import check_config as check_decision
 from fedad.federated.attacks import check_config as check_attack
 from fedad.federated.faults import FAILURE_MODES
+from fedad.federated.fednova import check_config as check_fednova
 from fedad.federated.histogram import cohort, server
 from fedad.federated.personalize import check_config as check_personalize
 from fedad.federated.privacy import check_config as check_privacy
@@ -124,6 +125,12 @@ def validate(cfg: DictConfig) -> None:
             strategy.get("name"),
             values.get("privacy", {}).get("name", "none"),
             str(train.get("optimizer")),
+        )
+        problems += check_fednova(
+            strategy.get("name"),
+            str(train.get("optimizer")),
+            values.get("personalize", {}).get("name", "none"),
+            bool(values["model"].get("batch_norm", False)),
         )
         problems += check_secagg(
             values.get("secure_aggregation", {}),
