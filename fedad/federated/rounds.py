@@ -220,8 +220,10 @@ def complete_replies(replies: list[Message], sent: ArrayRecord | None) -> set[st
         The keys the replies carry; None unless they leave some of the sent
         arrays out (or nothing was sent to compare with).
     """
+    if sent is None:
+        return None
     good = [m for m in replies if not m.has_error() and "arrays" in m.content]
-    if sent is None or not good:
+    if not good:
         return None
     carried = set(cast(ArrayRecord, good[0].content["arrays"]).keys())
     # Only a reply that leaves some of the sent arrays out is completed: one that carries
