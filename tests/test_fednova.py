@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 from flwr.serverapp.strategy import FedAvg
 from generated import binary_data
+from test_personalize import server_message
 
 from fedad.config import compose, make_settings
 from fedad.data.prepared import PreparedData
@@ -31,23 +31,6 @@ EQUAL_STEPS_TOLERANCE = 1e-6
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
     return binary_data(1400, 300, 10, n_informative=5, weights=[0.3], random_state=4)
-
-
-def _incoming(node: int, arrays: list[np.ndarray]) -> Message:
-    """A train message as site ``node`` receives it from the server."""
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=0,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=MessageType.TRAIN,
-    )
-    content = {"arrays": ArrayRecord(arrays), "config": ConfigRecord({})}
-    return Message(metadata=metadata, content=RecordDict(content))
 
 
 def _replies(data, sizes: list[int], run_dir: Path) -> tuple[list[np.ndarray], list[Message]]:
@@ -76,7 +59,7 @@ def _replies(data, sizes: list[int], run_dir: Path) -> tuple[list[np.ndarray], l
         site = load_site(settings, pid, {}, family.val_fraction(), state=RecordDict())
         trained, metrics = family.fit(start, site, {}, seed=pid)
         content = RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord(metrics)})
-        replies.append(Message(content, reply_to=_incoming(pid + 1, start)))
+        replies.append(Message(content, reply_to=server_message(start, MessageType.TRAIN, {}, pid)))
     return start, replies
 
 
