@@ -11,23 +11,25 @@ import pandas as pd
 import pytest
 from flwr.app import ConfigRecord
 from generated import binary_data
+from sklearn.preprocessing import StandardScaler
 
 from fedad import rundir
 from fedad.config import compose, make_settings
 from fedad.data.prepared import PreparedData
 from fedad.evaluation import comparison, fairness
 from fedad.evaluation.metrics import compute_metrics
-from fedad.federated import personalize
+from fedad.federated import personalize, shards
 from fedad.federated.families.classifier import local_model, train_local
 from fedad.federated.families.registry import family_for
 from fedad.federated.local_only import site_alone
 from fedad.federated.simulation import run_federated
-from fedad.federated.task import load_site
+from fedad.federated.task import Site, load_site
 from fedad.models.inference import predict
 
 SITES = 3
 AUDITED = ("macro_f1", "fpr", "recall")
-# A small real run: three sites fine-tune the global model, each also trains alone.
+# A small real run: three sites fine-tune the global model, each also trains alone, and the
+# model trained on their pooled rows is the central reference.
 RUN = [
     "model=logistic",
     "partition=iid",
@@ -38,6 +40,7 @@ RUN = [
     "decision.rule=argmax",
     "personalize=finetune",
     "personalize.epochs=2",
+    "simulation.central_sites=true",
 ]
 
 
@@ -104,6 +107,38 @@ def test_alone_columns_are_each_site_alone_on_its_own_slice(run, data):
             assert _same(clients.loc[pid, f"alone_{metric}"], own[metric]), (pid, metric)
     # The lone sites' rows on the global test set are those sites too.
     assert models[1].info["fairness"] == fairness.audit(clients.reset_index())
+
+
+@pytest.mark.slow
+def test_central_columns_are_a_model_of_the_pooled_rows_without_any_slice(run, data):
+    run_dir, settings, _ = run
+    clients = pd.read_csv(run_dir / rundir.CLIENTS_FILE).set_index("client")
+    settings = {**settings, "strategy.name": "local"}
+    family = family_for(settings)
+    family.init_runtime()
+    shards_ = [
+        shards.read_shard(shards.shard_path(str(run_dir), pid), "test")[0] for pid in range(SITES)
+    ]
+    scaler = StandardScaler().fit(np.concatenate(shards_))
+    pooled = ConfigRecord(
+        {"scale-mean": scaler.mean_.tolist(), "scale-std": scaler.scale_.tolist()}
+    )
+    sites = [load_site(settings, pid, pooled, family.val_fraction()) for pid in range(SITES)]
+    rows = [np.concatenate([getattr(s, part) for s in sites]) for part in ("X_train", "y_train")]
+    # Every training row of every site, and no row of any site's test slice.
+    assert len(rows[1]) == sum(len(shard) for shard in shards_) - sum(len(s.y_test) for s in sites)
+    empty = np.empty((0, rows[0].shape[1]))
+    center = Site(*rows, empty, np.empty(0), empty, np.empty(0))
+    family.seed_initial(int(settings["seed"]))
+    arrays = family.initial_arrays()
+    for server_round in (1, 2):
+        arrays, _ = family.fit(
+            arrays, center, {}, seed=int(settings["seed"]) + 1000 * server_round + SITES
+        )
+    for pid, site in enumerate(sites):
+        scored = compute_metrics(site.y_test, family.scores(arrays, site.X_test), data.class_names)
+        for metric in AUDITED:
+            assert _same(clients.loc[pid, f"central_{metric}"], scored[metric]), (pid, metric)
 
 
 @pytest.mark.slow

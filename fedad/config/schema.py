@@ -45,6 +45,7 @@ class SimulationConfig:
     checkpoint_every: int = MISSING
     scaling: str = MISSING
     local_sites: int = MISSING
+    central_sites: bool = MISSING
     final_eval_fraction: float | None = MISSING
     stop: StopConfig = MISSING
     client_resources: dict[str, float] = MISSING

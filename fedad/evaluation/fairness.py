@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,9 @@ import pandas as pd
 from fedad import rundir
 
 # The models a site can be served by, as clients.csv names their columns: the global model's
-# metrics have no prefix (clients.csv's columns since before the audit), a personal model's and
-# the site alone's carry theirs.
-MODELS = {"global": "", "personal": "personal_", "alone": "alone_"}
+# metrics have no prefix (clients.csv's columns since before the audit), a personal model's, the
+# site alone's and the central model's (every site's training rows pooled) carry theirs.
+MODELS = {"global": "", "personal": "personal_", "alone": "alone_", "central": "central_"}
 # The metrics audited, and whether a higher value is better (the FPR: lower is better).
 AUDITED = {"macro_f1": True, "fpr": False, "recall": True}
 # The share of sites at the worse end that the percentile marks.
@@ -92,6 +93,37 @@ def _spread(clients: pd.DataFrame, model: str, metric: str) -> dict[str, Any]:
     }
 
 
+def record(run_dir: str | Path, model: str, per_site: Mapping[int, Mapping[str, Any]]) -> bool:
+    """Write ``model``'s metrics at each site into the run's ``clients.csv``.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder.
+    model : str
+        One of :data:`MODELS` but ``global`` (whose columns the server writes).
+    per_site : Mapping[int, Mapping]
+        Metrics on each site's own test slice, by site; a site left out keeps
+        the columns empty, and the model's earlier columns are replaced.
+
+    Returns
+    -------
+    bool
+        False where the run wrote no ``clients.csv`` (nothing to add to).
+    """
+    path = Path(run_dir) / rundir.CLIENTS_FILE
+    if not path.is_file():
+        return False
+    prefix = MODELS[model]
+    clients = pd.read_csv(path)
+    scored = pd.DataFrame.from_dict(dict(per_site), orient="index").add_prefix(prefix)
+    clients = clients.drop(columns=[c for c in clients if c.startswith(prefix)])
+    clients = clients.join(scored, on="client")
+    with rundir.atomic(path, "w") as file:
+        clients.to_csv(file, index=False)
+    return True
+
+
 def audit_run(run_dir: str | Path) -> dict[str, Any] | None:
     """Audit a run's ``clients.csv`` and write the audit to ``sites.md``; None without it.
 
@@ -122,8 +154,9 @@ def to_markdown(summary: dict[str, Any], clients: pd.DataFrame) -> str:
         "",
         "Each model is scored at each site on the site's own held-out test slice (never the "
         "server's global test set, which no personal model reaches): the global model, the "
-        "site's personal model (any personalize but none) and the site trained alone "
-        "(local_<model>). Worst = lowest macro-F1 and recall, highest FPR; p10 = the "
+        "site's personal model (any personalize but none), the site trained alone "
+        "(local_<model>) and the model trained centrally on every site's training rows pooled "
+        "(simulation.central_sites). Worst = lowest macro-F1 and recall, highest FPR; p10 = the "
         f"{PERCENTILE}th percentile of the sites from that worse end; spread = best - worst.",
         "",
         "| model | metric | worst (site) | p10 | median | best | spread | sites |",

@@ -8,13 +8,10 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from flwr.app import ConfigRecord
 
-from fedad import rundir
 from fedad.config import Settings
 from fedad.data import scaling
 from fedad.data.prepared import PreparedData
@@ -138,9 +135,7 @@ def site_alone(
     family.seed_initial(seed)
     arrays = family.initial_arrays()
     site = load_site(settings, pid, ConfigRecord(), family.val_fraction(), reader=LOCAL_READER)
-    for server_round in range(1, int(settings["simulation.num_rounds"]) + 1):
-        arrays, _ = family.fit(arrays, site, {}, seed=seed + 1000 * server_round + pid)
-    family.after_evaluate(family.site_metrics(arrays, site, family.evaluate_config()))
+    arrays = train_rounds(family, arrays, site, settings, pid)
     own = family.metrics(arrays, site.X_test, site.y_test, family.evaluate_config())
     X_site, _ = shards.read_shard(shards.shard_path(str(settings["run-dir"]), pid), LOCAL_READER)
     mean, std = site_scaling(X_site, ConfigRecord())
@@ -157,21 +152,30 @@ def site_alone(
     return pid, metrics, scores, time.perf_counter() - started, own
 
 
-def _audit_sites(run_dir: str, own: dict[int, dict]) -> dict | None:
-    """Add each site alone's metrics on its slice to ``clients.csv``; audit the sites.
+def train_rounds(
+    family: Family, arrays: list[np.ndarray], site: Site, settings: Settings, key: int
+) -> list[np.ndarray]:
+    """Train ``site`` from ``arrays`` for the run's rounds, as one site with no server would.
 
-    The columns are the global model's, prefixed ``alone_``; a site not trained
-    alone keeps them empty. None where the run wrote no ``clients.csv``.
+    Each round is one :meth:`~fedad.federated.families.base.Family.fit` (the
+    run's local epochs), reseeded from the run's seed, the round and ``key``
+    (the site's id); the family then takes the site's own evaluation (the
+    autoencoder's threshold).
     """
-    path = Path(run_dir) / rundir.CLIENTS_FILE
-    if not path.is_file():
+    seed = int(settings["seed"])
+    for server_round in range(1, int(settings["simulation.num_rounds"]) + 1):
+        arrays, _ = family.fit(arrays, site, {}, seed=seed + 1000 * server_round + key)
+    family.after_evaluate(family.site_metrics(arrays, site, family.evaluate_config()))
+    return arrays
+
+
+def _audit_sites(run_dir: str, own: dict[int, dict]) -> dict | None:
+    """Add each site alone's metrics on its slice to ``clients.csv`` (``alone_``); audit the sites.
+
+    None where the run wrote no ``clients.csv``.
+    """
+    if not fairness.record(run_dir, "alone", own):
         return None
-    clients = pd.read_csv(path)
-    alone = pd.DataFrame.from_dict(own, orient="index").add_prefix("alone_")
-    clients = clients.drop(columns=[c for c in clients if c.startswith("alone_")])
-    clients = clients.join(alone, on="client")
-    with rundir.atomic(path, "w") as file:
-        clients.to_csv(file, index=False)
     return fairness.audit_run(run_dir)
 
 

@@ -21,10 +21,20 @@ from fedad.config import content, make_settings
 from fedad.data import scaling
 from fedad.data.prepared import PreparedData
 from fedad.errors import FedadError
+from fedad.evaluation import fairness
 from fedad.evaluation.comparison import ModelResult
 from fedad.evaluation.decision import decide
 from fedad.evaluation.metrics import TABLE_METRICS, attack_success_rate, compute_metrics
-from fedad.federated import attacks, checkpoint, privacy, secagg, shards, site_state, stopping
+from fedad.federated import (
+    attacks,
+    checkpoint,
+    pooled_sites,
+    privacy,
+    secagg,
+    shards,
+    site_state,
+    stopping,
+)
 from fedad.federated import client_app as plain_client
 from fedad.federated.families.registry import family_class, load_scorer
 from fedad.federated.histogram import cohort
@@ -114,7 +124,9 @@ def run_federated(
     list[ModelResult]
         The federated model (a :class:`FederatedResult`), then each site alone
         (:func:`fedad.federated.local_only.train_alone`: the mean over the sites
-        and the worst site; none with ``simulation.local_sites=0``).
+        and the worst site; none with ``simulation.local_sites=0``). With
+        ``simulation.central_sites``, ``clients.csv`` also scores the model trained
+        on the sites' pooled rows (:func:`fedad.federated.pooled_sites.score_sites`).
 
     Raises
     ------
@@ -206,6 +218,9 @@ def run_federated(
         clients=pd.read_csv(run_dir / rundir.CLIENTS_FILE),
     )
     sizes = [len(p) for p in partitions]
+    if sim.central_sites:
+        pooled_sites.score_sites(settings, len(partitions))
+        fairness.audit_run(run_dir)
     alone = train_alone(settings, data, sizes, int(sim.local_sites)) if int(sim.local_sites) else []
     return [federated, *alone]
 

@@ -186,13 +186,13 @@ def site_spread(sites: pd.DataFrame, path: Path) -> Path:
 
 
 def site_scores(rows: pd.DataFrame, path: Path) -> Path:
-    """Each site's macro-F1 on its own slice: the global, personal and lone models, per job.
+    """Each site's macro-F1 on its own slice: the global, personal, lone and central models.
 
     Parameters
     ----------
     rows : pd.DataFrame
         :func:`fedad.report.sites.site_rows`: ``job``, ``client``, ``model``
-        (``global``, ``personal``, ``alone``) and ``macro_f1``.
+        (a key of :data:`~fedad.evaluation.fairness.MODELS`) and ``macro_f1``.
     path : Path
         Image file to write.
 
@@ -203,7 +203,7 @@ def site_scores(rows: pd.DataFrame, path: Path) -> Path:
     """
     jobs = list(dict.fromkeys(rows["job"]))
     fig, axes = plt.subplots(len(jobs), 1, figsize=(7, 2.6 * len(jobs)), squeeze=False)
-    markers = {"global": "o", "personal": "^", "alone": "s"}
+    markers = {"global": "o", "personal": "^", "alone": "s", "central": "D"}
     for ax, job in zip(axes[:, 0], jobs, strict=True):
         one = rows[rows["job"] == job]
         # Sites in the order of the global model's score: the worst served on the left.

@@ -30,7 +30,7 @@ def site_rows(root: Path, jobs: Sequence[str]) -> pd.DataFrame:
     Returns
     -------
     pd.DataFrame
-        ``job``, ``client``, ``model`` (``global``, ``personal``, ``alone``) and
+        ``job``, ``client``, ``model`` (a key of :data:`~fedad.evaluation.fairness.MODELS`) and
         the audited metrics; empty when no job wrote ``clients.csv``.
     """
     frames = []
@@ -101,7 +101,9 @@ def write(root: Path, out_dir: Path, done_jobs: Sequence[str]) -> list[str]:
         "",
         "Every site scored on its own held-out test slice (`clients.csv`; never the global test "
         "set, which no personal model reaches): the global model, the site's personal model "
-        "(any `personalize` but `none`) and the site trained alone (`local_<model>`). "
+        "(any `personalize` but `none`), the site trained alone (`local_<model>`) and the "
+        "central reference, trained on every site's training rows pooled "
+        "(`simulation.central_sites`). "
         "Worst = the lowest macro-F1 and recall, the highest FPR; p10 = the 10th percentile of "
         "the sites from that worse end; spread = best - worst; worse than alone = sites where "
         "the model's macro-F1 is below the site's own model.",

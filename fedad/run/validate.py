@@ -74,6 +74,7 @@ def validate(cfg: DictConfig) -> None:
         checks.number(sim, "checkpoint_every", "simulation", whole=True, low=0),
         checks.choice(sim, "scaling", "simulation", SCALINGS),
         checks.number(sim, "local_sites", "simulation", whole=True, low=0),
+        checks.flag(sim, "central_sites", "simulation"),
         None
         if sim.get("final_eval_fraction") is None
         else checks.number(sim, "final_eval_fraction", "simulation", low=0, high=1, low_open=True),
