@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +20,11 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
 from generated import binary_data
+from messages import server_message
 
 from fedad.config import compose
 from fedad.data.prepared import PreparedData
@@ -92,22 +91,6 @@ def test_the_target_fills_the_knob_of_every_option_and_the_defaults_stay():
     assert privacy.settings_of(flat) == resolved
 
 
-def _incoming(node: int) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=0,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=MessageType.TRAIN,
-    )
-    content = {"arrays": ArrayRecord([np.zeros(40, np.float32)]), "config": ConfigRecord({})}
-    return Message(metadata=metadata, content=RecordDict(content))
-
-
 def _release(strategy: privacy.Private, server_round: int) -> None:
     """One round's aggregation of three sites' updates (released: the budget is spent)."""
     replies = []
@@ -116,7 +99,8 @@ def _release(strategy: privacy.Private, server_round: int) -> None:
         # As the sites' mods send them: a weight alike, the clipped bit (adaptive clipping).
         metrics = MetricRecord({"num-examples": 10, privacy.WEIGHT_KEY: 1.0, "norm_bit": 1})
         content = RecordDict({"arrays": update, "metrics": metrics})
-        replies.append(Message(content, reply_to=_incoming(node)))
+        sent = server_message([np.zeros(40, np.float32)], MessageType.TRAIN, {}, node - 1)
+        replies.append(Message(content, reply_to=sent))
     arrays, _ = strategy.aggregate_train(server_round, replies)
     assert arrays is not None
 

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 from flwr.serverapp.strategy import FedAvg
 from generated import binary_data
-from test_personalize import server_message
+from messages import server_message
 
 from fedad.config import compose, make_settings
 from fedad.data.prepared import PreparedData

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, MessageType
 from flwr.serverapp.strategy import FedAvg
+from messages import server_message
 from test_personalize import (
     SITES,
     SMALL,
     initial_model,
     same_metrics,
-    server_message,
     site_context,
     site_settings,
     small_data,

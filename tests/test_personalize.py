@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import Context, MessageType, RecordDict
+from messages import server_message
 from sklearn.datasets import make_classification
 
 from fedad.config import compose
@@ -61,23 +61,6 @@ def site_settings(data: PreparedData, run_dir: Path, *overrides: str) -> dict:
     cfg = compose([*SMALL, *overrides])
     parts = np.array_split(np.random.default_rng(0).permutation(len(data.y_train)), SITES)
     return prepare_sites(cfg, data, parts, run_dir)
-
-
-def server_message(arrays: list[np.ndarray], kind: str, config: dict, pid: int) -> Message:
-    """A message as site ``pid`` receives it from the server."""
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"{kind}-{pid}-{time.monotonic_ns()}",
-        src_node_id=0,
-        dst_node_id=pid + 1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=kind,
-    )
-    content = {"arrays": ArrayRecord(arrays), "config": ConfigRecord(config)}
-    return Message(metadata=metadata, content=RecordDict(content))
 
 
 def site_context(pid: int) -> Context:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 
 import keras
 import numpy as np
@@ -19,16 +18,15 @@ import pandas as pd
 import pytest
 from flwr.app import (
     ArrayRecord,
-    ConfigRecord,
     Context,
     Error,
     Message,
     MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
 from generated import binary_data
+from messages import server_message
 
 from fedad.config import compose
 from fedad.data.prepared import PreparedData
@@ -86,23 +84,6 @@ def test_epsilon_grows_with_the_rounds_and_shrinks_as_the_noise_grows():
     assert by_noise[2] < 10 < by_noise[1]  # noise 2 keeps 10 rounds below epsilon 10
 
 
-def _incoming(arrays: list[np.ndarray], config: dict | None = None, node: int = 1) -> Message:
-    """A message as a site receives it from the server."""
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=0,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=MessageType.TRAIN,
-    )
-    content = {"arrays": ArrayRecord(arrays), "config": ConfigRecord(config or {})}
-    return Message(metadata=metadata, content=RecordDict(content))
-
-
 def _reply(msg: Message, arrays: list[np.ndarray], **metrics) -> Message:
     content = {
         "arrays": ArrayRecord(arrays),
@@ -126,7 +107,7 @@ def test_client_side_clipping_mod_clips_the_update_and_weighs_the_reply_alike():
     trained = [np.full((50, 4), 0.3, np.float32), np.full(4, 0.3, np.float32)]
     client = {**CENTRAL, "name": "client", "clipping_norm": 0.7}
     settings, context = _context(client)
-    msg = _incoming(sent, {"clipping_norm": 0.7})
+    msg = server_message(sent, MessageType.TRAIN, {"clipping_norm": 0.7}, 0)
     reply = privacy.train_mod(settings)(msg, context, lambda m, c: _reply(m, trained))
     out = reply.content["arrays"].to_numpy_ndarrays()
     assert _norm(out, sent) == pytest.approx(0.7, rel=1e-5)
@@ -144,7 +125,9 @@ def test_local_dp_mod_sends_a_clipped_update_with_the_calibrated_noise():
     trained = [np.full(20000, 0.01, np.float32)]  # norm 1.41, clipped to 0.5
     settings, context = _context(LOCAL)
     state = np.random.get_state()
-    reply = privacy.train_mod(settings)(_incoming(sent), context, lambda m, c: _reply(m, trained))
+    reply = privacy.train_mod(settings)(
+        server_message(sent, MessageType.TRAIN, {}, 0), context, lambda m, c: _reply(m, trained)
+    )
     assert all(np.array_equal(a, b) for a, b in zip(state, np.random.get_state(), strict=True))
     out = reply.content["arrays"].to_numpy_ndarrays()[0]
     clipped = 0.01 * 0.5 / math.sqrt(20000 * 0.01**2)
@@ -165,7 +148,7 @@ def _round(strategy, updates: list[np.ndarray], error: bool = False):
     sent = [np.zeros(400, np.float32)]
     replies = []
     for node, update in enumerate(updates, start=1):
-        msg = _incoming(sent, node=node)
+        msg = server_message(sent, MessageType.TRAIN, {}, node - 1)
         metrics = {privacy.WEIGHT_KEY: 1.0, "norm_bit": 1}  # as adaptiveclipping_mod adds it
         replies.append(_reply(msg, [update.astype(np.float32)], **metrics))
     if error:

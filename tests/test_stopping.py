@@ -15,14 +15,14 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from generated import binary_data
+from messages import server_message
 
 from fedad import rundir
 from fedad.config import FLOWER_KEYS, compose, content, make_settings
@@ -257,18 +257,7 @@ def test_an_autoencoder_stops_and_keeps_its_best_round_threshold(data, partition
 
 def _reply(metrics: dict, node: int = 1) -> Message:
     """A site's evaluate reply, as the server receives it."""
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=0,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=MessageType.EVALUATE,
-    )
-    incoming = Message(metadata=metadata, content=RecordDict({"config": ConfigRecord()}))
+    incoming = server_message([], MessageType.EVALUATE, {}, node - 1)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=incoming)
 
 
