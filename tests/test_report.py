@@ -6,12 +6,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from fedad.errors import FedadError
 from fedad.report import collect, summarize
 from fedad.report.__main__ import main, write_report
+from fedad.report.tables import finished_jobs, group_keys, job_gaps
 from fedad.versions import __version__
 
 METRICS = ("accuracy", "precision", "recall", "f1", "macro_f1", "roc_auc", "pr_auc", "fpr")
@@ -463,3 +465,33 @@ def test_the_sites_section_audits_every_model_of_each_site(tmp_path):
     assert table.loc["global", "worse_than_alone"] == 2
     assert table.loc["personal", "worse_than_alone"] == 1
     assert "| global | 4 | 0.400 |" in text and "2 of 4" in text
+
+
+def test_gaps_are_taken_against_the_twin_the_comparison_names(tmp_path):
+    root = tmp_path / "multirun"
+    models = {
+        "federated_xgboost": (0.8, "federated"),
+        "xgboost_pinned": (0.8, "supervised"),
+        "xgboost": (0.83, "supervised"),
+    }
+    for seed in (0, 1):
+        job = make_run(
+            root / str(seed),
+            ["strategy=fedxgb_histogram", f"seed={seed}"],
+            {"strategy": "fedxgb_histogram", "seed": seed, "model": "xgboost"},
+            models,
+        )
+        # As a histogram run's comparison names it: the pinned twin, not TWINS' xgboost.
+        comparison = pd.read_csv(job / "comparison.csv")
+        comparison["twin"] = np.where(comparison["federated"], "xgboost_pinned", None)
+        comparison.to_csv(job / "comparison.csv", index=False)
+    done = finished_jobs(collect(root))
+    gaps = job_gaps(done, group_keys(done))
+    assert gaps["reference"].tolist() == ["xgboost_pinned", "xgboost_pinned"]
+    assert gaps["gap"].tolist() == [0.0, 0.0]
+    # Without the name (an older comparison), TWINS' twin is the reference.
+    for seed in (0, 1):
+        comparison = pd.read_csv(root / str(seed) / "comparison.csv")
+        comparison.drop(columns="twin").to_csv(root / str(seed) / "comparison.csv", index=False)
+    done = finished_jobs(collect(root))
+    assert job_gaps(done, group_keys(done))["reference"].tolist() == ["xgboost", "xgboost"]

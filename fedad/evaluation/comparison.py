@@ -96,8 +96,11 @@ BUDGETS = (
 # same models' argmax metrics beside them (the rule and threshold in "decision").
 ARGMAX = ("argmax_macro_f1", "argmax_fpr")
 DECISION = ("decision", "threshold", *ARGMAX)
-# The columns of a comparison a report reads back beside results.json's metrics.
-REPORTED = (*ARGMAX, *KEPT, "rounds_run")
+# The columns of a comparison a report reads back beside results.json's metrics: numbers, and
+# names (each federated row's twin, which the report's gaps are taken against as the
+# comparison's are).
+NAMES = ("twin",)
+REPORTED = (*ARGMAX, *KEPT, "rounds_run", *NAMES)
 # The whole-number columns: every budget but the cap's text, and the rounds kept and reached.
 COUNTS = (*(b for b in BUDGETS if b != "twin_cap"), "kept_round", "reach_round")
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from fedad import rundir
 from fedad.errors import FedadError
-from fedad.evaluation.comparison import KEPT
+from fedad.evaluation.comparison import KEPT, NAMES
 from fedad.evaluation.metrics import METRIC_NAMES
 from fedad.models.catalog import TWINS, local_name, model_of
 from fedad.report.jobs import read_job, read_table
@@ -94,7 +94,7 @@ def collect(path: str | os.PathLike) -> pd.DataFrame:
             rows.append({**head, **model, **tail})
     order = ["job", "status", *columns, "model", "kind", "federated", *METRICS, *extras]
     tidy = pd.DataFrame(rows).reindex(columns=[*order, *_JOB_FIELDS])
-    for metric in [*METRICS, *extras]:
+    for metric in [*METRICS, *(e for e in extras if e not in NAMES)]:
         tidy[metric] = pd.to_numeric(tidy[metric], errors="coerce")
     return tidy
 
@@ -181,9 +181,10 @@ def sort(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def job_gaps(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Per job and federated model: its gaps to its centralized twin, and its gain over alone.
 
-    The twin is :data:`fedad.models.catalog.TWINS`' (``xgboost`` for
-    ``federated_xgboost``, ``central_<model>`` otherwise); a job without it is
-    compared with its best centralized model. The gain over going alone is
+    The twin is the one the job's comparison names (a histogram run's
+    ``xgboost_pinned``), else :data:`fedad.models.catalog.TWINS`' (``xgboost``
+    for ``federated_xgboost``, ``central_<model>`` otherwise); a job without it
+    is compared with its best centralized model. The gain over going alone is
     the federated macro-F1 minus the mean of the sites trained alone
     (``local_<model>``), where the job has them.
     """
@@ -195,7 +196,10 @@ def job_gaps(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
             continue
         for _, fed in models[models["federated"]].iterrows():
             family = model_of(fed["model"])
-            twin = central[central["model"] == TWINS.get(family, f"central_{family}")]
+            named = fed.get("twin")
+            if not isinstance(named, str):
+                named = TWINS.get(family, f"central_{family}")
+            twin = central[central["model"] == named]
             ref = twin.iloc[0] if len(twin) else central.loc[central["macro_f1"].idxmax()]
             alone = models[models["model"] == local_name(family)]
             rows.append(
