@@ -105,9 +105,12 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         if cfg.federated:
             models += _federated(cfg, prepared, run_dir, resume, engine)
             _record(results, models, run_dir)
-    finally:
+    except BaseException:
         if engine is not None:
-            engine.close()
+            engine.close(keep=False)  # a multirun's next job starts afresh
+        raise
+    if engine is not None:
+        engine.close()
     models += _baselines(cfg, prepared)
     if prepared.data.sources_test is not None:
         results["cross_source"] = cross_source_matrix(cfg, prepared.data, models, run_dir)
@@ -149,7 +152,11 @@ def _start_engine(cfg: DictConfig) -> EngineStart:
     # run without federated training (or a bad setting) does not need.
     from fedad.federated.simulation import start_engine
 
-    return start_engine(cfg)
+    engine = start_engine(cfg)
+    # A multirun's jobs run one after another in this process: one whose simulation ends
+    # normally leaves Ray and the actors to the next (EngineStart.keep).
+    engine.keep = _sweeping()
+    return engine
 
 
 def _baselines(cfg: DictConfig, prepared: RunData) -> list[ModelResult]:
@@ -197,10 +204,15 @@ def _baselines(cfg: DictConfig, prepared: RunData) -> list[ModelResult]:
 def _cache_dir(cfg: DictConfig) -> Path | None:
     """Baselines are shared by the jobs of one sweep; a single run computes its own."""
     if cfg.baselines_cache == "auto":
-        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        if not _sweeping():
             return None
         return Path(to_absolute_path(HydraConfig.get().sweep.dir)) / "baseline_cache"
     return Path(to_absolute_path(cfg.baselines_cache)) if cfg.baselines_cache else None
+
+
+def _sweeping() -> bool:
+    """Whether this is a job of a Hydra multirun (its jobs share this process)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _record(results: dict, models: list[ModelResult], run_dir: Path) -> None:

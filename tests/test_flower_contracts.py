@@ -264,3 +264,34 @@ def test_secaggplus_messages():
         "ConfigRecord.count_bytes counts str/bytes by length, numbers as 8 and bools as 1 byte",
         "fedad.federated.grid.config_bytes counts as it does (and where it raises: empty values)",
     )
+
+
+def test_ray_backend_terminate():
+    needed = (
+        "fedad.federated.engine._backend_adopts replaces it in a Hydra multirun, so that the next "
+        "job can have the actors and Ray (EngineStart.keep); simulate() ends them itself"
+    )
+    terminate = inspect.getsource(RayBackend.terminate)
+    _contract(
+        "terminate_all_actors()" in terminate and "ray.shutdown()" in terminate,
+        "RayBackend.terminate ends the pool's actors and shuts Ray down",
+        needed,
+    )
+    params = list(inspect.signature(RayBackend.terminate).parameters)
+    _contract(params == ["self"], f"RayBackend.terminate() takes {params[1:]}", needed)
+    _contract(
+        "backend.terminate()" in inspect.getsource(vce_api.run_api),
+        "vce_api.run_api ends the simulation with backend.terminate()",
+        needed,
+    )
+    _contract(
+        "if not ray.is_initialized()" in inspect.getsource(RayBackend.init_ray),
+        "RayBackend.init_ray starts Ray only where none is running",
+        "fedad.federated.engine.simulate starts Ray itself (_start_ray), or a kept engine's runs",
+    )
+    pool = inspect.getsource(BasicActorPool)
+    _contract(
+        "self.num_actors = 0" in pool and "self.num_actors += num_actors" in pool,
+        "BasicActorPool.num_actors counts the actors added (idle in .pool or busy)",
+        "fedad.federated.engine.simulate keeps a multirun's actors only when all are idle",
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import copy
 import logging
 import os
 import signal
@@ -23,8 +25,6 @@ from flwr.supercore.date import now
 from fedad.federated.histogram.cohort import LEAN_ACTOR_HOOK, ray_cpus
 
 if TYPE_CHECKING:
-    from types import FrameType
-
     from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 
 # Flower's simulation modules import TensorFlow (flwr.simulation.ray_transport.utils does, for
@@ -49,6 +49,8 @@ class _DropMessage(logging.Filter):
 logging.getLogger("ray._private.worker").addFilter(_DropMessage("SIGTERM handler is not set"))
 # How often Ray retries a client task whose actor died or was restarting.
 ACTOR_TASK_RETRIES = 2
+# The engine a Hydra multirun's job ended with (EngineStart.keep), left to the next job.
+_kept: list[EngineStart] = []
 
 
 def simulate(
@@ -107,9 +109,12 @@ def simulate(
     once: Ray shuts down and the process exits (status 130), since Flower's
     threads still waiting on a client task would never return.
     ``ray.shutdown()`` runs in every case, so no Ray process outlives the
-    simulation and the next run in the same process (a Hydra multirun) starts
-    clean. An actor whose process dies (a crashed site) is restarted by Ray;
-    the message it was running comes back as an error reply.
+    simulation and the next run in the same process starts clean, except
+    where ``started.keep`` is set (a Hydra multirun's job): a simulation that
+    ends normally, with every actor idle, then leaves Ray and the actors
+    running (Flower's backend ends neither) for :meth:`EngineStart.close` to
+    keep for the next job. An actor whose process dies (a crashed site) is
+    restarted by Ray; the message it was running comes back as an error reply.
     """
     init_args, resources = ray_options(client_resources, ray_init_args, address, cohort)
     backend_config = {"client_resources": resources, "init_args": init_args}
@@ -124,6 +129,8 @@ def simulate(
     if stop is None:
         stop = threading.Event()
     interrupts = _Interrupts(stop)
+    keep = started is not None and started.keep
+    pool, ended = None, False
     try:
         pool = started.take() if started is not None else None
         from flwr.simulation import run_simulation
@@ -134,7 +141,7 @@ def simulate(
         with (
             _pickup_from_waiting_nodes(partitions),
             _actors_killed_at_the_end(),
-            _backend_adopts(pool),
+            _backend_adopts(pool, keep),
             _a_worker_per_actor(pool),
         ):
             run_simulation(
@@ -143,6 +150,7 @@ def simulate(
                 num_supernodes=num_clients,
                 backend_config=backend_config,
             )
+        ended = not interrupts.count
     except Exception:
         if not interrupts.count:
             raise
@@ -153,7 +161,10 @@ def simulate(
         quiet["flwr"].removeFilter(deprecation)
         for name, logger in quiet.items():
             logger.setLevel(levels[name])
-        ray.shutdown()
+        if not (keep and ended and cast("EngineStart", started).hold()):
+            if keep and pool is not None:  # Flower's backend left them (_backend_adopts)
+                _kill_actors(pool)
+            ray.shutdown()
         if interrupts.count > 1:
             sys.stdout.flush()
             logging.shutdown()
@@ -178,6 +189,14 @@ class EngineStart:
         imports its first message would otherwise wait for.
     cohort : int
         As :func:`simulate` gets it.
+
+    Notes
+    -----
+    A Hydra multirun sets ``keep`` (``fedad.simulate``): a job whose
+    simulation ended normally then keeps Ray and the actors (``kept``) when it
+    closes, and the next job's start adopts them if its settings define the
+    same actors (``defines``), else ends them and starts afresh. The
+    process's exit ends a kept engine. ``pids`` are its actors' process ids.
     """
 
     def __init__(
@@ -192,14 +211,31 @@ class EngineStart:
             client_resources, ray_init_args, address, cohort
         )
         self.warm_up = warm_up
+        # What defines the actors: Ray's and their options, the cohort and the warm-up (a new
+        # partial each job: equal when its parts are). A copy: ray.init adds to _system_config.
+        warm = (w.func, w.args, w.keywords) if isinstance(w := warm_up, partial) else w
+        self.defines = copy.deepcopy((self.init_args, self.resources, cohort, warm))
         self.pool: BasicActorPool | None = None
         self.error: BaseException | None = None
-        self.taken = False
+        self.taken = self.keep = self.kept = False
+        self.pids: list[int] = []
         self.started_at = time.perf_counter()
         self._started = threading.Event()
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fedad-engine-start", daemon=True)
-        self._thread.start()
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="fedad-engine-start", daemon=True)
+        previous = _kept.pop() if _kept else None
+        if previous is not None:
+            atexit.unregister(previous.end)
+            if previous.defines == self.defines and ray.is_initialized():
+                # The previous job's Ray, actors and the thread that holds Ray's daemons.
+                self.pool, self.closed = previous.pool, previous.closed
+                self.thread = previous.thread
+                self._started.set()
+                log.info("engine reused from the previous job: actor pids %s", previous.pids)
+                return
+            log.info("engine settings changed: ending the previous job's Ray and actors")
+            previous.end()
+        self.thread.start()
 
     def _run(self) -> None:
         try:
@@ -219,8 +255,8 @@ class EngineStart:
         finally:
             self._started.set()
         # Ray's daemons are started to die with the thread that started them
-        # (PR_SET_PDEATHSIG), not with the process: this one lives until close().
-        self._closed.wait()
+        # (PR_SET_PDEATHSIG), not with the process: this one lives until close() or end().
+        self.closed.wait()
 
     def take(self) -> BasicActorPool:
         """Wait for the start; the pool for :func:`simulate` (an error in the start is raised)."""
@@ -237,30 +273,64 @@ class EngineStart:
         if self.error is not None:
             raise self.error
         # The pool holds Ray actor handles (Flower types them as the actor class).
-        actors: list[Any] = cast("BasicActorPool", self.pool).pool
-        ray.get([actor.__ray_ready__.remote() for actor in actors])
+        ray.get([actor.__ray_ready__.remote() for actor in cast(Any, self.pool).pool])
         return time.perf_counter() - self.started_at
 
-    def close(self) -> None:
-        """End the actors and Ray unless a simulation took them (it ends them itself)."""
+    def close(self, keep: bool = True) -> None:
+        """End the actors and Ray unless a simulation took them (it ends them itself) or kept them.
+
+        ``keep=False`` (the job failed after its simulation) ends kept ones too.
+        """
         self._started.wait()
-        if not self.taken:
-            if self.pool is not None:
+        if self.kept and keep:
+            _kept.append(self)
+            atexit.register(self.end)  # after Ray's own exit handler (ray.shutdown): runs first
+            return
+        self.end(engine=self.kept or not self.taken)
+
+    def end(self, engine: bool = True) -> None:
+        """End the thread that holds Ray's daemons; with ``engine``, the actors and Ray first."""
+        if engine:
+            if self.pool is not None and ray.is_initialized():
                 _kill_actors(self.pool)
             ray.shutdown()
-        self._closed.set()
-        self._thread.join()
+        self.closed.set()
+        self.thread.join()
+
+    def hold(self) -> bool:
+        """Keep the actors of a simulation that ended normally if all are idle (``kept``).
+
+        Their process ids go to ``pids`` and the log, where a later job's show
+        whether it reused them.
+        """
+        pool: Any = self.pool  # Flower types its Ray actor handles as the actor class
+        # flower-internal: test_actor_pool
+        if pool._future_to_actor or len(pool.pool) != pool.num_actors:
+            return False
+        try:
+            calls = [actor.__ray_call__.remote(lambda _: os.getpid()) for actor in pool.pool]
+            self.pids = ray.get(calls, timeout=60)
+        except Exception as error:
+            log.warning("the engine is not kept for the next job: %s", error)
+            return False
+        log.info("engine kept for the next job: actor pids %s", self.pids)
+        self.kept = True
+        return True
 
 
 @contextmanager
-def _backend_adopts(pool: BasicActorPool | None) -> Iterator[None]:
-    """Let Flower's Ray backend use ``pool`` (an :class:`EngineStart`'s) instead of building one."""
+def _backend_adopts(pool: BasicActorPool | None, keep: bool = False) -> Iterator[None]:
+    """Let Flower's Ray backend use ``pool`` (an :class:`EngineStart`'s) instead of building one.
+
+    With ``keep`` (a multirun's job) the backend ends neither the actors nor
+    Ray when the simulation ends: :func:`simulate` keeps or ends them.
+    """
     if pool is None:
         yield
         return
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-    flower_build = RayBackend.build
+    flower_build, flower_terminate = RayBackend.build, RayBackend.terminate
 
     def adopt(backend, app_fn) -> None:
         # flower-internal: test_ray_backend
@@ -269,10 +339,13 @@ def _backend_adopts(pool: BasicActorPool | None) -> Iterator[None]:
 
     # A patched method: mypy allows no assignment to a method, hence the cast.
     cast(Any, RayBackend).build = adopt
+    # flower-internal: test_ray_backend_terminate
+    cast(Any, RayBackend).terminate = (lambda backend: None) if keep else flower_terminate
     try:
         yield
     finally:
         cast(Any, RayBackend).build = flower_build
+        cast(Any, RayBackend).terminate = flower_terminate
 
 
 @contextmanager
@@ -333,10 +406,8 @@ def ray_options(
         # Ray prestarts an idle worker per CPU, but the actors need this job's runtime
         # env (the PYTHONPATH _start_ray sets), so Ray starts other workers for them
         # and the prestarted ones only take CPU from the actors while they start.
-        init_args.setdefault(
-            "_system_config",
-            {"enable_worker_prestart": False, "prestart_worker_first_driver": False},
-        )
+        prestart = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+        init_args.setdefault("_system_config", prestart)
     resources = {k: float(v) for k, v in client_resources.items()}
     # Flower hands these to Ray's actor options. Without restarts a dead actor
     # stays in Flower's pool and fails every message it gets afterwards; without
@@ -445,11 +516,8 @@ def _actors_killed_at_the_end() -> Iterator[None]:
 def _kill_actors(pool: BasicActorPool) -> None:
     """End every actor of ``pool``, idle or busy, with no task to retry (see above)."""
     # Ray actor handles (Flower types them as the actor class), idle and busy.
-    actors: list[Any] = [
-        *pool.pool,
-        # flower-internal: test_actor_pool
-        *pool._future_to_actor.values(),
-    ]
+    # flower-internal: test_actor_pool
+    actors: list[Any] = [*pool.pool, *pool._future_to_actor.values()]
     for actor in actors:
         ray.kill(actor, no_restart=True)
 
@@ -473,9 +541,7 @@ class _Interrupts:
         self.stop = stop
         self.count = 0
         self.name = ""
-        self.previous: dict[
-            signal.Signals, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
-        ] = {}
+        self.previous: dict[signal.Signals, Any] = {}  # the handlers install() replaced
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():

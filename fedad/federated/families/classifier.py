@@ -20,7 +20,9 @@ from fedad.federated.task import Site, balanced_weights
 from fedad.models.inference import SERVER_BATCH, predict
 from fedad.models.keras_models import TrainingSteps, build_model, run_epochs
 
-_RUNTIME_READY = False
+# The global seed init_runtime set in this process (None: not yet); an actor a multirun's
+# next job reuses (fedad.federated.engine.EngineStart.keep) gets that job's seed.
+_RUNTIME_SEED: int | None = None
 # One compiled model and its compiled steps per actor process, reused by every client the
 # actor runs: building and tracing a Keras model costs seconds, a message costs milliseconds.
 _MODELS: dict[str, ProximalModel] = {}
@@ -361,19 +363,22 @@ def init_runtime(settings: Settings) -> None:
     :func:`train_local` sets; the fixed global seed keeps any other draw
     reproducible. Setting it once matters: setting it clears TensorFlow's
     caches, and every traced function then has to be instantiated again,
-    which costs more than a small site's training.
+    which costs more than a small site's training: it is set again only for
+    another seed (a later job of a multirun that reuses this actor).
     """
-    global _RUNTIME_READY
-    if _RUNTIME_READY:
+    global _RUNTIME_SEED
+    seed = int(settings.get("seed", 0))
+    if seed == _RUNTIME_SEED:
         return
-    threads = int(settings.get("client-threads", 1))
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:
-        # TensorFlow already ran in this process (the driver, a test session): its
-        # pools are fixed for the process's life, and only their size differs.
-        pass
-    tf.config.experimental.enable_op_determinism()
-    tf.random.set_seed(int(settings.get("seed", 0)))
-    _RUNTIME_READY = True
+    if _RUNTIME_SEED is None:
+        threads = int(settings.get("client-threads", 1))
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:
+            # TensorFlow already ran in this process (the driver, a test session): its
+            # pools are fixed for the process's life, and only their size differs.
+            pass
+        tf.config.experimental.enable_op_determinism()
+    tf.random.set_seed(seed)
+    _RUNTIME_SEED = seed
